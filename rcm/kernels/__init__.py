@@ -1,9 +1,10 @@
-"""Attention ops. Placeholder (plain math) until the op registration lands; same signature."""
+"""Attention: the one op with a custom differentiation rule. See ops.py for the contract."""
+
 import torch
 
+from .ops import BACKENDS, attention, resolve_backend, set_backend
 
-def attention(q, k, v, *, scale=None, backend=None):
-    """softmax(scale * q k^T) v over layout [B, L, H, D]."""
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    s = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * scale
-    return torch.einsum("bhqk,bkhd->bqhd", s.softmax(-1), v.float()).to(q.dtype)
+if torch.distributed.is_available():
+    from . import sharding  # noqa: F401  (registers DTensor sharding rules)
+
+__all__ = ["BACKENDS", "attention", "resolve_backend", "set_backend"]
