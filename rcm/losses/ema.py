@@ -1,0 +1,69 @@
+"""EDM2 power-function EMA (RCM_METHOD.md §4), σ_rel = 0.1.
+
+    γ: largest real root of γ³ + 7γ² + (16 − σ_rel⁻²)γ + (12 − σ_rel⁻²)      (σ_rel = 0.1 → γ ≈ 6.9372)
+    β(n) = (1 − 1/(n + 1))^(γ + 1), β = 0 for n < 1                         (n = k_S, student iterations)
+    θ_ema ← β θ_ema + (1 − β) θ                                              after each student step
+"""
+from __future__ import annotations
+
+from typing import Mapping, Union
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+__all__ = ["ema_update_", "power_ema_beta", "power_ema_gamma"]
+
+
+def power_ema_gamma(sigma_rel: float = 0.1) -> float:
+    """The power-function exponent γ whose EMA has relative standard deviation ``sigma_rel``."""
+    if not sigma_rel > 0:
+        raise ValueError(f"sigma_rel must be > 0, got {sigma_rel}")
+    t = sigma_rel ** -2
+    roots = np.roots([1.0, 7.0, 16.0 - t, 12.0 - t])
+    gamma = float(roots[np.abs(roots.imag) < 1e-9].real.max())
+    if not gamma > -1:  # the power-function profile needs γ > −1
+        raise ValueError(f"sigma_rel={sigma_rel} is too large for a power-function EMA (γ = {gamma:.4g} ≤ −1)")
+    return gamma
+
+
+def power_ema_beta(n: int, gamma: float) -> float:
+    """β(n) = (1 − 1/(n + 1))^(γ + 1) after n student steps; 0 for n < 1 (the EMA copies θ)."""
+    if n < 1:
+        return 0.0
+    return (1.0 - 1.0 / (n + 1)) ** (gamma + 1)
+
+
+Weights = Union[nn.Module, Mapping[str, Tensor]]
+
+
+def _tensors(weights: Weights) -> dict[str, Tensor]:
+    if isinstance(weights, nn.Module):
+        return {**dict(weights.named_parameters()), **dict(weights.named_buffers())}
+    return dict(weights)
+
+
+@torch.no_grad()
+def ema_update_(ema: Weights, live: Weights, beta: float) -> None:
+    """θ_ema ← β θ_ema + (1 − β) θ, in place, over two modules or two name→tensor dicts.
+
+    Floating tensors are averaged in the EMA's dtype (fp32 EMA of bf16 live weights, as the
+    reference); other tensors (integer buffers) are copied. Names must match exactly."""
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    ema_t, live_t = _tensors(ema), _tensors(live)
+    if ema_t.keys() != live_t.keys():
+        missing, extra = sorted(live_t.keys() - ema_t.keys()), sorted(ema_t.keys() - live_t.keys())
+        raise ValueError(f"ema and live weights differ: missing in ema {missing[:5]}, extra in ema {extra[:5]}")
+    averaged, targets = [], []
+    for name, e in ema_t.items():
+        w = live_t[name]
+        if e.shape != w.shape:
+            raise ValueError(f"ema[{name!r}] has shape {tuple(e.shape)}, live has {tuple(w.shape)}")
+        if e.is_floating_point():
+            averaged.append(e)
+            targets.append(w.to(e.dtype))
+        else:
+            e.copy_(w)
+    if averaged:
+        torch._foreach_lerp_(averaged, targets, 1.0 - beta)

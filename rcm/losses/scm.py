@@ -1,0 +1,94 @@
+"""sCM loss: continuous-time consistency distillation through an exact JVP (RCM_METHOD.md §2).
+
+    t ~ p_G,  ε ~ N(0, I),  x_t = c x0 + s ε                                           (float64)
+    F_tea = F_u + w (F_c − F_u)                                    teacher PF-ODE velocity, no grad
+    cs·dF/dt = jvp(F_θ⁻, (x_t, t), (c s F_tea, c s))               whole student denoiser, no grad
+    g  = −c √(1 − r² s²) (F_θ⁻ − F_tea) − r c s x_t − cs·dF/dt     r: tangent warmup
+    ĝ  = g / (‖g‖ + 0.1)                                            per-sample norm, float64
+    L  = λ Σ_{C,T,H,W} (F_θ − F_θ⁻ − ĝ)²                             F_θ from a separate grad forward
+
+At r = 1, g = c · df_θ⁻/dt with f = c x_t − s F the consistency function: descending L moves F_θ
+against the consistency defect along the teacher's ODE.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from rcm.losses.common import check_like, check_sample, draw_normal, per_sample, per_sample_sum
+from rcm.losses.config import SCMConfig
+from rcm.models.trigflow import check_time, classifier_free_guidance, trigflow_denoise
+
+__all__ = ["normalize_tangent", "scm_loss", "tangent_warmup_ratio"]
+
+
+def tangent_warmup_ratio(iteration: int, tangent_warmup: int) -> float:
+    """r = min(1, iteration/tangent_warmup), or 1 without warmup (§2.4)."""
+    if iteration < 0:
+        raise ValueError(f"iteration must be >= 0, got {iteration}")
+    return 1.0 if tangent_warmup <= 0 else min(1.0, iteration / tangent_warmup)
+
+
+def normalize_tangent(g: Tensor, eps: float = 0.1) -> Tensor:
+    """ĝ = g/(‖g‖₂ + eps), the L2 norm per sample over all of C, T, H, W, in float64 (§2.6)."""
+    g = g.to(torch.float64)
+    return g / per_sample(g.flatten(1).norm(dim=1) + eps, g)
+
+
+def scm_loss(student: Callable, teacher: Callable, x0: Tensor, context: Any, negative_context: Any = None,
+             *, iteration: int, config: SCMConfig = SCMConfig(), generator: torch.Generator | None = None,
+             t: Tensor | None = None, noise: Tensor | None = None) -> tuple[Tensor, dict[str, Any]]:
+    """Per-sample sCM loss [B] (float64) and diagnostics.
+
+    student, teacher: networks ``net(x, timestep, context) -> v``, typically ``FunctionalNet``s, so the
+        loss is a pure function of their parameter dicts. Gradients flow into the student only.
+    x0: clean data [B, C, T, H, W]. context / negative_context: conditioning of the teacher and
+        student / the teacher's CFG negative (required when ``config.guidance > 1``).
+    iteration: raw trainer iteration, for the tangent warmup.
+    t [B], noise (shape of x0): the draws; taken from ``generator`` when not given (t first, then ε).
+
+    Diagnostics (detached): ``g_norm`` [B] (‖g‖ before normalization), ``nonfinite`` (number of
+    samples zeroed by the guard), ``warmup_ratio`` r.
+    """
+    batch = check_sample(x0, "x0")
+    if t is None:
+        t = config.time_dist.sample(batch, generator, x0.device)
+    check_time(t, batch, "t")
+    if noise is None:
+        noise = draw_normal(x0.shape, generator, x0.device)
+    check_like(noise, x0, "noise", "x0")
+
+    t = t.to(torch.float64)
+    cos_t, sin_t = torch.cos(t), torch.sin(t)
+    c, s = per_sample(cos_t, x0), per_sample(sin_t, x0)
+    x_t = c * x0.to(torch.float64) + s * noise.to(torch.float64)
+
+    def student_F(x: Tensor, time: Tensor) -> Tensor:
+        return trigflow_denoise(student, x, time, context).F
+
+    with torch.no_grad():
+        teacher_guided = classifier_free_guidance(teacher, config.guidance, negative_context)
+        F_teacher = trigflow_denoise(teacher_guided, x_t, t, context).F
+        # sCM's JVP rearrangement: both tangents pre-multiplied by c·s, so the output tangent is
+        # c·s·dF/dt along dx_t/dt = F_tea, through the wrapper *and* the network.
+        _, cs_dF_dt = torch.func.jvp(student_F, (x_t, t), (c * s * F_teacher, cos_t * sin_t))
+
+    F_theta = student_F(x_t, t)  # separate forward, with grad
+    F_minus = F_theta.detach()
+    r = tangent_warmup_ratio(iteration, config.tangent_warmup)
+    g = -c * torch.sqrt(1 - (r * s) ** 2) * (F_minus - F_teacher) - r * c * s * x_t - cs_dF_dt
+
+    # A non-finite g or F_θ zeroes that sample's g, F_θ and F_θ⁻: its loss and gradient are exactly 0.
+    # (torch.where passes a zero gradient to the masked branch; masking the loss instead would not.)
+    finite = torch.isfinite(g).flatten(1).all(1) & torch.isfinite(F_minus).flatten(1).all(1)
+    keep = per_sample(finite, g)
+    g = torch.where(keep, g, 0.0)
+    F_theta = torch.where(keep, F_theta, 0.0)
+    F_minus = torch.where(keep, F_minus, 0.0)
+
+    g_norm = g.flatten(1).norm(dim=1)
+    g_hat = normalize_tangent(g, config.tangent_norm_eps)
+    loss = config.loss_scale * per_sample_sum((F_theta - F_minus - g_hat) ** 2)
+    return loss, {"g_norm": g_norm, "nonfinite": (~finite).sum(), "warmup_ratio": r}
