@@ -1,0 +1,294 @@
+"""The distillation loop: sCM, DMD2 or rCM over any task (a teacher, its data and its evaluation).
+
+One iteration is a student or a critic iteration (RCM_METHOD.md §3.1). A student iteration backpropagates
+each loss term as it is produced (the sCM graph is freed before the DMD rollout), then takes one optimizer
+step and updates the power-function EMA; a critic iteration trains the fake score. Everything a resumed
+run needs (models, optimizers, schedulers, EMA, counters, every RNG state, the data position) is in the
+checkpoint, so a run killed at any point and resumed continues exactly as if never stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from rcm.checkpoint import load_latest, save_checkpoint
+from rcm.losses import (
+    DMDConfig,
+    RCMConfig,
+    SCMConfig,
+    critic_loss,
+    ema_update_,
+    power_ema_beta,
+    power_ema_gamma,
+    rcm_phase,
+    student_iteration_count,
+    student_losses,
+)
+
+Method = Literal["rcm", "scm", "dmd2"]
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW with a linear learning-rate warmup (the reference: factor 1e-6 → 1 over `warmup` steps of
+    this optimizer, then constant)."""
+
+    lr: float = 2e-6
+    betas: tuple[float, float] = (0.0, 0.999)
+    weight_decay: float = 0.01
+    eps: float = 1e-8
+    warmup: int = 100
+
+    def __post_init__(self):
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive number, got {self.lr}")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must lie in [0, 1), got {self.betas}")
+        if self.weight_decay < 0 or self.eps <= 0 or self.warmup < 0:
+            raise ValueError(f"need weight_decay >= 0, eps > 0, warmup >= 0; got {self}")
+
+
+def method_config(method: Method, base: RCMConfig) -> RCMConfig:
+    """The loss settings of a method: rCM as given; sCM without the DMD term; DMD2 without the sCM term."""
+    if method == "rcm":
+        return base
+    if method == "scm":
+        return dataclasses.replace(base, dmd=dataclasses.replace(base.dmd, loss_scale=0.0))
+    if method == "dmd2":
+        scm = dataclasses.replace(base.scm, loss_scale=0.0, tangent_warmup=0)
+        return dataclasses.replace(base, scm=scm)
+    raise ValueError(f"method must be one of rcm, scm, dmd2; got {method!r}")
+
+
+class Task(Protocol):
+    """What the loop needs from a model family (the digits demo, Wan2.1)."""
+
+    def build_teacher(self) -> nn.Module: ...
+
+    def next_batch(self) -> tuple[Tensor, Any]:
+        """(x0 [B, C, T, H, W], context) for one iteration."""
+
+    def negative_context(self, context: Any) -> Any:
+        """The CFG negative (null label / negative prompt) matching `context`."""
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+@dataclass
+class TrainState:
+    """The models and optimizers of a run; `iteration` is the next iteration to run."""
+
+    student: nn.Module
+    teacher: nn.Module
+    fake_score: nn.Module | None
+    ema: nn.Module
+    student_optimizer: torch.optim.Optimizer
+    critic_optimizer: torch.optim.Optimizer | None
+    student_scheduler: torch.optim.lr_scheduler.LRScheduler
+    critic_scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    generator: torch.Generator
+    iteration: int = 0
+    nonfinite_in_a_row: int = 0
+    skipped_steps: int = 0
+
+
+def _optimizer(params, cfg: OptimizerConfig):
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, eps=cfg.eps)
+    start = 1e-6
+    ramp = (lambda n: start + (1 - start) * min(1.0, n / cfg.warmup)) if cfg.warmup > 0 else (lambda n: 1.0)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, ramp)
+
+
+def init_state(teacher: nn.Module, loss: RCMConfig, student_optim: OptimizerConfig, critic_optim: OptimizerConfig,
+               seed: int, device: torch.device) -> TrainState:
+    """Student, fake score and EMA start as copies of the teacher, which is frozen."""
+    teacher = teacher.to(device).requires_grad_(False).eval()
+    student = copy.deepcopy(teacher).requires_grad_(True).train()
+    ema = copy.deepcopy(teacher).float()
+    fake = copy.deepcopy(teacher).requires_grad_(True).train() if loss.dmd_enabled else None
+    s_opt, s_sched = _optimizer(student.parameters(), student_optim)
+    c_opt, c_sched = _optimizer(fake.parameters(), critic_optim) if fake is not None else (None, None)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    return TrainState(student, teacher, fake, ema, s_opt, c_opt, s_sched, c_sched, generator)
+
+
+def state_dict(state: TrainState) -> dict:
+    opt = lambda o: None if o is None else o.state_dict()  # noqa: E731
+    return {
+        "iteration": state.iteration,
+        "nonfinite_in_a_row": state.nonfinite_in_a_row,
+        "skipped_steps": state.skipped_steps,
+        "student": state.student.state_dict(),
+        "ema": state.ema.state_dict(),
+        "fake_score": None if state.fake_score is None else state.fake_score.state_dict(),
+        "student_optimizer": state.student_optimizer.state_dict(),
+        "critic_optimizer": opt(state.critic_optimizer),
+        "student_scheduler": state.student_scheduler.state_dict(),
+        "critic_scheduler": opt(state.critic_scheduler),
+        "generator": state.generator.get_state(),
+        "torch_rng": torch.get_rng_state(),
+    }
+
+
+def load_state_dict(state: TrainState, saved: dict) -> None:
+    state.iteration = saved["iteration"]
+    state.nonfinite_in_a_row = saved["nonfinite_in_a_row"]
+    state.skipped_steps = saved["skipped_steps"]
+    state.student.load_state_dict(saved["student"])
+    state.ema.load_state_dict(saved["ema"])
+    if state.fake_score is not None:
+        state.fake_score.load_state_dict(saved["fake_score"])
+        state.critic_optimizer.load_state_dict(saved["critic_optimizer"])
+        state.critic_scheduler.load_state_dict(saved["critic_scheduler"])
+    state.student_optimizer.load_state_dict(saved["student_optimizer"])
+    state.student_scheduler.load_state_dict(saved["student_scheduler"])
+    state.generator.set_state(saved["generator"])
+    torch.set_rng_state(saved["torch_rng"])
+
+
+def _grads_finite(module: nn.Module) -> bool:
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    return all(bool(torch.isfinite(g).all()) for g in grads)
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps with non-finite losses or gradients."""
+
+
+def train_step(state: TrainState, task: Task, loss: RCMConfig, ema_gamma: float, max_nonfinite: int) -> dict:
+    """Run iteration `state.iteration` and advance it. Returns the logged scalars."""
+    k = state.iteration
+    phase = rcm_phase(k, loss)
+    x0, context = task.next_batch()
+    negative = task.negative_context(context)
+    logs: dict[str, Any] = {"iteration": k, "phase": phase}
+    if phase == "student":
+        module, optimizer, scheduler = state.student, state.student_optimizer, state.student_scheduler
+        optimizer.zero_grad(set_to_none=True)
+        finite = True
+        terms = student_losses(state.student, state.teacher, state.fake_score, x0, context, negative,
+                               iteration=k, config=loss, generator=state.generator)
+        for name, per_sample, diagnostics in terms:
+            total = per_sample.sum()
+            logs[f"loss_{name}"] = total.item()
+            logs.update({f"{name}_{key}": _scalar(v) for key, v in diagnostics.items()})
+            if not torch.isfinite(total):
+                finite = False
+                break
+            if total.requires_grad:
+                total.backward()
+    else:
+        module, optimizer, scheduler = state.fake_score, state.critic_optimizer, state.critic_scheduler
+        optimizer.zero_grad(set_to_none=True)
+        per_sample, diagnostics = critic_loss(state.student, state.fake_score, x0, context, iteration=k,
+                                              config=loss, generator=state.generator)
+        total = per_sample.sum()
+        logs["loss_critic"] = total.item()
+        logs.update({f"critic_{key}": _scalar(v) for key, v in diagnostics.items()})
+        finite = bool(torch.isfinite(total))
+        if finite:
+            total.backward()
+
+    finite = finite and _grads_finite(module)
+    if finite:
+        optimizer.step()
+        scheduler.step()
+        state.nonfinite_in_a_row = 0
+        if phase == "student":
+            n = student_iteration_count(k, loss.scm.tangent_warmup, loss.student_update_freq)
+            ema_update_(state.ema, state.student, power_ema_beta(n, ema_gamma))
+    else:
+        state.nonfinite_in_a_row += 1
+        state.skipped_steps += 1
+        logs["skipped"] = True
+        if state.nonfinite_in_a_row >= max_nonfinite:
+            raise NonFiniteError(
+                f"{state.nonfinite_in_a_row} consecutive {phase} steps had non-finite losses or gradients "
+                f"(last at iteration {k}); stopping. The last good checkpoint is kept.")
+    optimizer.zero_grad(set_to_none=True)
+    state.iteration = k + 1
+    return logs
+
+
+def _scalar(v: Any) -> Any:
+    if isinstance(v, Tensor):
+        return v.detach().double().mean().item() if v.numel() else 0.0
+    return v
+
+
+@dataclass
+class LoopConfig:
+    """How long to train and how often to save."""
+
+    iterations: int = 400
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    max_nonfinite_steps: int = 5
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.iterations < 0 or self.checkpoint_every < 1 or self.keep_checkpoints < 1 or self.max_nonfinite_steps < 1:
+            raise ValueError(f"invalid loop settings: {self}")
+
+
+def run_loop(state: TrainState, task: Task, loss: RCMConfig, loop: LoopConfig, run_dir: Path,
+             config_record: dict, progress=None, stop_after: int | None = None) -> TrainState:
+    """Train from `state.iteration` to `loop.iterations`, checkpointing into `run_dir/checkpoints`.
+
+    `stop_after`: return after this many iterations (tests of interruption); the loop itself is resumable
+    from any checkpoint. Logs go to `run_dir/log.jsonl` (one JSON object per logged iteration).
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_dir = run_dir / "checkpoints"
+    gamma = power_ema_gamma(config_record.get("ema_sigma_rel", 0.1))
+    log_path = run_dir / "log.jsonl"
+    done = 0
+    start = time.perf_counter()
+
+    def save():
+        save_checkpoint(ckpt_dir, state.iteration,
+                        {"train": state_dict(state), "task": task.state_dict(), "config": config_record},
+                        keep=loop.keep_checkpoints)
+
+    while state.iteration < loop.iterations:
+        logs = train_step(state, task, loss, gamma, loop.max_nonfinite_steps)
+        done += 1
+        if progress is not None:
+            progress(state.iteration, loop.iterations, logs)
+        if logs["iteration"] % loop.log_every == 0 or logs.get("skipped"):
+            logs["seconds"] = round(time.perf_counter() - start, 3)
+            with open(log_path, "a") as f:
+                f.write(json.dumps(logs) + "\n")
+        if state.iteration % loop.checkpoint_every == 0 or state.iteration == loop.iterations:
+            save()
+        if stop_after is not None and done >= stop_after:
+            break
+    return state
+
+
+def resume_if_possible(state: TrainState, task: Task, run_dir: Path, config_record: dict) -> bool:
+    """Load the newest good checkpoint of `run_dir` into `state` and `task`; False if there is none."""
+    found = load_latest(run_dir / "checkpoints")
+    if found is None:
+        return False
+    saved, path = found
+    if saved.get("config", {}).get("fingerprint") != config_record.get("fingerprint"):
+        raise ValueError(
+            f"{path} was written by a run with different settings; use another --out-dir or --no-resume.\n"
+            f"  saved: {saved.get('config', {}).get('fingerprint')}\n  now:   {config_record.get('fingerprint')}")
+    load_state_dict(state, saved["train"])
+    task.load_state_dict(saved["task"])
+    return True
