@@ -372,6 +372,8 @@ _BWD_CFG_OTHER = {(d, lo): Cfg(32, 64, 4, 2) if d < 256 else Cfg(16, 32, 4, 1)
 # Interpreter (CPU CI): small tiles, so that small test shapes still cover several blocks.
 _INTERP_CFG = Cfg(32, 16, 4, 1)
 
+# Last compiled kernels launched (registers, spills, shared memory for the notes).
+LAST: dict = {}
 # Hook for the device sweep and tests: {"jvp"|"fwd"|"bwd": Cfg} overrides the tables.
 OVERRIDE: dict = {}
 
@@ -493,7 +495,7 @@ def _fwd_launch(q, k, v, q_dot, k_dot, v_dot, scale, cfg):
     kd = k_dot if k_dot is not None else k
     vd = v_dot if v_dot is not None else v
     grid = (triton.cdiv(Lq, bm), B * H)
-    _fwd_kernel[grid](
+    LAST["fwd"] = _fwd_kernel[grid](
         q, k, v, qd, kd, vd, out, out_dot, lse,
         *_s4(q), *_s4(k), *_s4(v), *_s4(qd), *_s4(kd), *_s4(vd),
         out.stride(0), out.stride(1), out.stride(2),
@@ -599,12 +601,12 @@ def _bwd_triton(grad_out, q, k, v, out, lse, scale):
     dv = torch.empty((B, Lk, H, D), device=q.device, dtype=v.dtype)
     common = dict(D=D, PREC=_dot_precision(q.dtype), UPCAST=_interpreted(),
                   num_warps=warps, num_stages=stages)
-    _bwd_dkdv_kernel[(triton.cdiv(Lk, bn), B * H)](
+    LAST["dkdv"] = _bwd_dkdv_kernel[(triton.cdiv(Lk, bn), B * H)](
         q, k, v, grad_out, lse, delta, dk, dv,
         *_s4(q), *_s4(k), *_s4(v), *_s4(grad_out), dk.stride(0), dk.stride(1), dk.stride(2),
         H, Lq, Lk, float(scale), float(scale) * LOG2E, BLOCK_M=bm, BLOCK_N=bn, **common)
     # the dq kernel walks keys: its query block plays the role of bn and vice versa
-    _bwd_dq_kernel[(triton.cdiv(Lq, bn), B * H)](
+    LAST["dq"] = _bwd_dq_kernel[(triton.cdiv(Lq, bn), B * H)](
         q, k, v, grad_out, lse, delta, dq,
         *_s4(q), *_s4(k), *_s4(v), *_s4(grad_out), dq.stride(0), dq.stride(1), dq.stride(2),
         H, Lq, Lk, float(scale), float(scale) * LOG2E, BLOCK_M=bn, BLOCK_N=bm, **common)
@@ -617,6 +619,17 @@ def _bwd_flash(grad_out, q, k, v, out, lse, scale):
     dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
         _to_bhld(grad_out), _to_bhld(q), _to_bhld(k), _to_bhld(v), _to_bhld(out),
         lse.contiguous(), None, None, Lq, Lk, 0.0, False, empty, empty, scale=scale)
+    return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+
+
+def _bwd_cudnn(grad_out, q, k, v, out, lse, scale):
+    B, Lq, H, _ = q.shape
+    Lk = k.shape[1]
+    z = torch.zeros((), dtype=torch.int64, device=q.device)
+    e = torch.empty(0, device=q.device, dtype=q.dtype)
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+        _to_bhld(grad_out), _to_bhld(q), _to_bhld(k), _to_bhld(v), _to_bhld(out),
+        lse.reshape(B, H, Lq, 1), z, z, e, e, e, Lq, Lk, 0.0, False, scale=scale)
     return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
 
 
@@ -633,4 +646,6 @@ def backward(grad_out, q, k, v, out, lse, scale: float):
     route = backward_route(q)
     if route == "flash" and _sdpa_ok(q, k, v, grad_out, out):
         return _bwd_flash(grad_out, q, k, v, out, lse, scale)
+    if route == "cudnn" and _sdpa_ok(q, k, v, grad_out, out):
+        return _bwd_cudnn(grad_out, q, k, v, out, lse, scale)
     return _bwd_triton(grad_out, q, k, v, out, lse, scale)
