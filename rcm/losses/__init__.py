@@ -25,7 +25,7 @@ from rcm.losses.rcm import (
     student_iteration_count,
     student_losses,
 )
-from rcm.losses.scm import normalize_tangent, scm_loss, tangent_warmup_ratio
+from rcm.losses.scm import normalize_tangent, scm_jvp, scm_loss, scm_target, tangent_warmup_ratio
 
 __all__ = [
     "DMDConfig",
@@ -47,7 +47,9 @@ __all__ = [
     "rcm_phase",
     "rollout_steps",
     "rollout_times",
+    "scm_jvp",
     "scm_loss",
+    "scm_target",
     "student_iteration_count",
     "student_losses",
     "tangent_warmup_ratio",

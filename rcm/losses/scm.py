@@ -7,8 +7,8 @@
     ĝ  = g / (‖g‖ + 0.1)                                            per-sample norm, float64
     L  = λ Σ_{C,T,H,W} (F_θ − F_θ⁻ − ĝ)²                             F_θ from a separate grad forward
 
-At r = 1, g = c · df_θ⁻/dt with f = c x_t − s F the consistency function: descending L moves F_θ
-against the consistency defect along the teacher's ODE.
+At r = 1, g = c · df_θ⁻/dt with f = c x_t − s F the consistency function: a descent step moves F_θ
+along ĝ, which lowers the change of f along the teacher's ODE (∂f/∂F = −s).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from rcm.losses.common import check_like, check_sample, draw_normal, per_sample,
 from rcm.losses.config import SCMConfig
 from rcm.models.trigflow import check_time, classifier_free_guidance, trigflow_denoise
 
-__all__ = ["normalize_tangent", "scm_loss", "tangent_warmup_ratio"]
+__all__ = ["normalize_tangent", "scm_jvp", "scm_loss", "scm_target", "tangent_warmup_ratio"]
 
 
 def tangent_warmup_ratio(iteration: int, tangent_warmup: int) -> float:
@@ -35,6 +35,39 @@ def normalize_tangent(g: Tensor, eps: float = 0.1) -> Tensor:
     """ĝ = g/(‖g‖₂ + eps), the L2 norm per sample over all of C, T, H, W, in float64 (§2.6)."""
     g = g.to(torch.float64)
     return g / per_sample(g.flatten(1).norm(dim=1) + eps, g)
+
+
+def scm_jvp(student: Callable, x_t: Tensor, t: Tensor, context: Any, F_teacher: Tensor) -> Tensor:
+    """c s dF_θ⁻/dt = c s (∂_x F_θ⁻ · F_tea + ∂_t F_θ⁻) at (x_t, t), float64, no grad (§2.3).
+
+    One ``torch.func.jvp`` of the whole student denoiser (wrapper + network) w.r.t. (x_t, t) with the
+    tangents pre-multiplied by c s (sCM's "JVP rearrangement"): (c s F_tea, c s). The primal is dropped.
+    """
+    x_t, t = x_t.to(torch.float64), t.to(torch.float64)
+    cs = torch.cos(t) * torch.sin(t)
+
+    def student_F(x: Tensor, time: Tensor) -> Tensor:
+        return trigflow_denoise(student, x, time, context).F
+
+    with torch.no_grad():
+        _, cs_dF_dt = torch.func.jvp(student_F, (x_t, t), (per_sample(cs, x_t) * F_teacher, cs))
+    return cs_dF_dt
+
+
+def scm_target(x_t: Tensor, t: Tensor, F_teacher: Tensor, F_minus: Tensor, cs_dF_dt: Tensor, *,
+               warmup_ratio: float = 1.0) -> Tensor:
+    """The sCM target g (float64), §2.4:
+
+        g = −c √(1 − r² s²) (F_θ⁻ − F_tea) − r c s x_t − c s dF_θ⁻/dt
+
+    At r = 1 it is c · df_θ⁻/dt along the teacher's PF-ODE, f = c x_t − s F the consistency function.
+    The warmup form (r only on the x_t term, first coefficient c √(1 − r² s²), the JVP term never
+    scaled) is the reference's, not the sCM paper's.
+    """
+    t = t.to(torch.float64)
+    c, s = per_sample(torch.cos(t), x_t), per_sample(torch.sin(t), x_t)
+    r = warmup_ratio
+    return -c * torch.sqrt(1 - (r * s) ** 2) * (F_minus - F_teacher) - r * c * s * x_t - cs_dF_dt
 
 
 def scm_loss(student: Callable, teacher: Callable, x0: Tensor, context: Any, negative_context: Any = None,
@@ -61,24 +94,16 @@ def scm_loss(student: Callable, teacher: Callable, x0: Tensor, context: Any, neg
     check_like(noise, x0, "noise", "x0")
 
     t = t.to(torch.float64)
-    cos_t, sin_t = torch.cos(t), torch.sin(t)
-    c, s = per_sample(cos_t, x0), per_sample(sin_t, x0)
-    x_t = c * x0.to(torch.float64) + s * noise.to(torch.float64)
-
-    def student_F(x: Tensor, time: Tensor) -> Tensor:
-        return trigflow_denoise(student, x, time, context).F
+    x_t = per_sample(torch.cos(t), x0) * x0.to(torch.float64) + per_sample(torch.sin(t), x0) * noise.to(torch.float64)
 
     with torch.no_grad():
         teacher_guided = classifier_free_guidance(teacher, config.guidance, negative_context)
         F_teacher = trigflow_denoise(teacher_guided, x_t, t, context).F
-        # sCM's JVP rearrangement: both tangents pre-multiplied by c·s, so the output tangent is
-        # c·s·dF/dt along dx_t/dt = F_tea, through the wrapper *and* the network.
-        _, cs_dF_dt = torch.func.jvp(student_F, (x_t, t), (c * s * F_teacher, cos_t * sin_t))
-
-    F_theta = student_F(x_t, t)  # separate forward, with grad
+    cs_dF_dt = scm_jvp(student, x_t, t, context, F_teacher)  # before the grad forward: lower peak memory
+    F_theta = trigflow_denoise(student, x_t, t, context).F  # separate forward, with grad
     F_minus = F_theta.detach()
     r = tangent_warmup_ratio(iteration, config.tangent_warmup)
-    g = -c * torch.sqrt(1 - (r * s) ** 2) * (F_minus - F_teacher) - r * c * s * x_t - cs_dF_dt
+    g = scm_target(x_t, t, F_teacher, F_minus, cs_dF_dt, warmup_ratio=r)
 
     # A non-finite g or F_θ zeroes that sample's g, F_θ and F_θ⁻: its loss and gradient are exactly 0.
     # (torch.where passes a zero gradient to the masked branch; masking the loss instead would not.)

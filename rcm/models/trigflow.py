@@ -2,9 +2,9 @@
 
 One noise level, three clocks:
 
-    TrigFlow   t ∈ [0, π/2]   x_t = cos t · x0 + sin t · ε           PF-ODE  dx_t/dt = F = cos t · ε − sin t · x0
-    RF         ρ ∈ [0, 1]     x_ρ = (1 − ρ) x0 + ρ ε  (Wan's "sigma")  network  v ≈ ε − x0 from (x_ρ, 1000ρ)
-    EDM        σ = tan t      (σ_d = 1)
+    TrigFlow  t ∈ [0, π/2]  x_t = cos t · x0 + sin t · ε    PF-ODE dx_t/dt = F = cos t · ε − sin t · x0
+    RF        ρ ∈ [0, 1]    x_ρ = (1 − ρ) x0 + ρ ε          (Wan's "sigma"); network v ≈ ε − x0 from (x_ρ, 1000ρ)
+    EDM       σ = tan t     (σ_d = 1)
 
     ρ = σ/(1 + σ) = sin t/(cos t + sin t),   x_ρ = x_t/(cos t + sin t)
 

@@ -1,0 +1,62 @@
+"""Few-step consistency sampler of the distilled student, TrigFlow form (RCM_METHOD.md §5.2).
+
+    x = z;  for t_i in [arctan σ_max, mid…]:  x̂0 = f(x, t_i);  x ← cos t_{i+1} x̂0 + sin t_{i+1} z_i
+    return x̂0 at the last step (t_N = 0), through nan_to_num
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from rcm.models.trigflow import trigflow_denoise
+
+__all__ = ["sample_consistency", "student_denoiser"]
+
+Denoiser = Callable[[Tensor, Tensor], Tensor]  # (x_t [B, ...], t [B]) -> x̂0
+
+
+def student_denoiser(net: Callable, context: Any) -> Denoiser:
+    """The consistency function f(x_t, t) = x̂0 of a network ``net(x, timestep, context) -> v``."""
+    return lambda x_t, t: trigflow_denoise(net, x_t, t, context).x0
+
+
+def _check_times(times: Tensor, name: str) -> None:
+    if not isinstance(times, Tensor) or times.ndim != 1 or times.numel() < 2:
+        raise ValueError(f"{name} must be a 1-D tensor of at least 2 times, got "
+                         f"{tuple(times.shape) if isinstance(times, Tensor) else type(times).__name__}")
+    if times[-1] != 0 or (times[1:] > times[:-1]).any():
+        raise ValueError(f"{name} must be non-increasing and end at 0, got {times.tolist()}")
+
+
+@torch.no_grad()
+def sample_consistency(denoiser: Denoiser, noise: Tensor, times: Tensor, *,
+                       generator: torch.Generator | None = None,
+                       progress: Callable[[int, int], None] | None = None) -> Tensor:
+    """Sample with a consistency function ``denoiser(x_t, t) -> x̂0`` over TrigFlow ``times``
+    (from ``consistency_times``), starting at x = ``noise`` as the reference does (not sin t_0 · z).
+
+    Every intermediate step re-noises with fresh z from ``generator`` (fp32 draws). ``progress(i, n)``
+    is called after step i of n. Returns float64 samples shaped like ``noise``.
+    """
+    _check_times(times, "times")
+    if not isinstance(noise, Tensor) or not noise.is_floating_point() or noise.ndim < 2:
+        raise ValueError(f"noise must be a floating tensor [B, ...], got "
+                         f"{tuple(noise.shape) if isinstance(noise, Tensor) else type(noise).__name__}")
+    num_steps = times.numel() - 1
+    if num_steps > 1 and not isinstance(generator, torch.Generator):
+        raise ValueError("generator must be a torch.Generator for the re-noising of a multi-step sampler")
+    times = times.to(device=noise.device, dtype=torch.float64)
+    batch = noise.shape[0]
+    view = (-1, *([1] * (noise.ndim - 1)))
+    x = noise.to(torch.float64)
+    for i in range(num_steps):
+        x0 = denoiser(x, times[i].expand(batch)).to(torch.float64)
+        if i + 1 < num_steps:
+            z = torch.randn(noise.shape, generator=generator, device=generator.device, dtype=torch.float32)
+            t_next = times[i + 1].expand(batch).reshape(view)
+            x = torch.cos(t_next) * x0 + torch.sin(t_next) * z.to(x0.device, torch.float64)
+        if progress is not None:
+            progress(i + 1, num_steps)
+    return torch.nan_to_num(x0)  # as the reference: NaN → 0, ±inf → the largest finite float64
