@@ -162,7 +162,8 @@ def jfa_check(shape, mm):
     B, H, L, D = shape
     sc = D ** -0.5
     xs = [t[n].transpose(1, 2).contiguous() for n in ("q", "k", "v", "qd", "kd", "vd")]
-    fn = lambda: torch.func.jvp(lambda a, b, c: jfa(a, b, c, sm_scale=sc), tuple(xs[:3]), tuple(xs[3:]))  # noqa
+    from jvp_flash_attention.jvp_attention import JVPAttn
+    fn = lambda: torch.func.jvp(lambda a, b, c: JVPAttn.fwd_dual(a, b, c, sm_scale=sc), tuple(xs[:3]), tuple(xs[3:]))  # noqa
     try:
         t0 = time.perf_counter()
         o, od = fn()
@@ -200,6 +201,21 @@ def main(stage):
                   Cfg(128, 128, 8, 2)):
             variant("bwd", c, S1, mm)
         jfa_check(S1, mm)
+    if stage == "jvp2":
+        S3 = (1, 12, 4096, 256)
+        v128 = [Cfg(128, 64, 8, 2), Cfg(128, 64, 8, 2, early=True), Cfg(128, 64, 8, 2, lazy=False),
+                Cfg(128, 64, 8, 2, lazy=False, early=True), Cfg(128, 32, 8, 3), Cfg(128, 64, 8, 1)]
+        res = [(variant("jvp", c, S1, mm) or 0, c) for c in v128]
+        for _, c in sorted(res, key=lambda x: -x[0])[:2]:
+            variant("jvp", c, S2, mm)
+        for c in (Cfg(128, 64, 8, 2), Cfg(128, 64, 8, 2, early=True), Cfg(64, 64, 4, 3),
+                  Cfg(64, 64, 4, 3, tma=True), Cfg(128, 128, 8, 2), Cfg(64, 128, 4, 2)):
+            variant("jvp", c, S4, mm)
+        for c in (Cfg(64, 32, 8, 2), Cfg(64, 64, 8, 1), Cfg(64, 32, 4, 2)):
+            variant("jvp", c, S3, mm)
+        variant("jvp", Cfg(128, 64, 8, 2), S1, mm, torch.float16)
+        for c in (Cfg(64, 32, 4, 1), Cfg(32, 32, 4, 2), Cfg(64, 16, 4, 2)):
+            variant("jvp", c, (1, 12, 4096, 128), mm, torch.float32)
     rec(what="done", elapsed=round(time.time() - T0, 1))
 
 

@@ -116,11 +116,12 @@ def test_interpreter_strided_and_saturated():
 
 
 @interp
-def test_interpreter_tma_path():
-    # the tensor-descriptor path (taken on Hopper) also runs in the interpreter
+@pytest.mark.parametrize("cfg", [dict(tma=True), dict(early=True), dict(lazy=False)])
+def test_interpreter_kernel_variants(cfg):
+    # the tensor-descriptor path (taken on Hopper) and the other variants also run interpreted
     old = ta._tma_ok, dict(ta.OVERRIDE)
     ta._tma_ok = lambda *ts: all(t is None or t.stride(-1) == 1 for t in ts)
-    ta.OVERRIDE["jvp"] = ta.Cfg(32, 16, 4, 1, True, True)
+    ta.OVERRIDE["jvp"] = ta.Cfg(32, 16, 4, 1)._replace(**cfg)
     try:
         check_all(1, 21, 45, 1, 64, torch.float32, "cpu", 1e-5, backward=False)
     finally:

@@ -87,17 +87,37 @@ def _load_kv(src, start_n, Lk, s_row, s_col, BLOCK: tl.constexpr, D: tl.constexp
 
 
 @triton.jit
+def _sdot(q, qd, k, kd_base, start_n, Lk, s_kdl, s_kdd, BLOCK_N: tl.constexpr, D: tl.constexpr,
+          MASK: tl.constexpr, TMA: tl.constexpr, HAS_QD: tl.constexpr, HAS_KD: tl.constexpr,
+          PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """Unscaled tangent logits Qdot K^T + Q Kdot^T of one key block (one fp32 accumulator)."""
+    if HAS_QD:
+        sd = _mma(qd, tl.trans(k), None, PREC, UPCAST)
+        if HAS_KD:
+            kd = _load_kv(kd_base, start_n, Lk, s_kdl, s_kdd, BLOCK_N, D, MASK, TMA)
+            sd = _mma(q, tl.trans(kd), sd, PREC, UPCAST)
+    else:
+        kd = _load_kv(kd_base, start_n, Lk, s_kdl, s_kdd, BLOCK_N, D, MASK, TMA)
+        sd = _mma(q, tl.trans(kd), None, PREC, UPCAST)
+    return sd
+
+
+@triton.jit
 def _fwd_block(
     acc, acc_t, m_i, l_i, r_i, q, qd, k_base, kd_base, v_base, vd_base, start_n, Lk,
     s_kl, s_kd, s_kdl, s_kdd, s_vl, s_vd, s_vdl, s_vdd, qk_scale, scale,
     D: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
     HAS_QD: tl.constexpr, HAS_KD: tl.constexpr, HAS_VD: tl.constexpr,
     LAZY: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr,
+    EARLY: tl.constexpr,
 ):
     JVP: tl.constexpr = HAS_QD or HAS_KD or HAS_VD
     HAS_SD: tl.constexpr = HAS_QD or HAS_KD
     k = _load_kv(k_base, start_n, Lk, s_kl, s_kd, BLOCK_N, D, MASK, TMA)
     s = _mma(q, tl.trans(k), None, PREC, UPCAST)  # [M, N] fp32, unscaled
+    if EARLY and HAS_SD:  # issue the tangent-logit matmuls before the softmax math
+        sd = _sdot(q, qd, k, kd_base, start_n, Lk, s_kdl, s_kdd, BLOCK_N, D, MASK, TMA,
+                   HAS_QD, HAS_KD, PREC, UPCAST)
     if MASK:
         offs_n = start_n + tl.arange(0, BLOCK_N)
         s = tl.where(offs_n[None, :] < Lk, s, float("-inf"))
@@ -127,14 +147,9 @@ def _fwd_block(
     v = _load_kv(v_base, start_n, Lk, s_vl, s_vd, BLOCK_N, D, MASK, TMA)
     p_lo = p.to(v.dtype)
     if HAS_SD:
-        if HAS_QD:
-            sd = _mma(qd, tl.trans(k), None, PREC, UPCAST)
-            if HAS_KD:
-                kd = _load_kv(kd_base, start_n, Lk, s_kdl, s_kdd, BLOCK_N, D, MASK, TMA)
-                sd = _mma(q, tl.trans(kd), sd, PREC, UPCAST)
-        else:
-            kd = _load_kv(kd_base, start_n, Lk, s_kdl, s_kdd, BLOCK_N, D, MASK, TMA)
-            sd = _mma(q, tl.trans(kd), None, PREC, UPCAST)
+        if not EARLY:
+            sd = _sdot(q, qd, k, kd_base, start_n, Lk, s_kdl, s_kdd, BLOCK_N, D, MASK, TMA,
+                       HAS_QD, HAS_KD, PREC, UPCAST)
         # masked key columns: k = kd = 0 there, so sd = 0 and p = 0: h = 0.
         h = p * (sd * scale)
         r_i += tl.sum(h, 1)
@@ -160,6 +175,7 @@ def _fwd_kernel(
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_QD: tl.constexpr, HAS_KD: tl.constexpr, HAS_VD: tl.constexpr,
     LAZY: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr,
+    EARLY: tl.constexpr,
 ):
     JVP: tl.constexpr = HAS_QD or HAS_KD or HAS_VD
     pid_m = tl.program_id(0)
@@ -198,12 +214,12 @@ def _fwd_kernel(
         acc, acc_t, m_i, l_i, r_i = _fwd_block(
             acc, acc_t, m_i, l_i, r_i, q, qd, k_base, kd_base, v_base, vd_base, start_n, Lk,
             s_kl, s_kd, s_kdl, s_kdd, s_vl, s_vd, s_vdl, s_vdd, qk_scale, scale,
-            D, BLOCK_N, False, HAS_QD, HAS_KD, HAS_VD, LAZY, PREC, UPCAST, TMA)
+            D, BLOCK_N, False, HAS_QD, HAS_KD, HAS_VD, LAZY, PREC, UPCAST, TMA, EARLY)
     if n_full < Lk:
         acc, acc_t, m_i, l_i, r_i = _fwd_block(
             acc, acc_t, m_i, l_i, r_i, q, qd, k_base, kd_base, v_base, vd_base, n_full, Lk,
             s_kl, s_kd, s_kdl, s_kdd, s_vl, s_vd, s_vdl, s_vdd, qk_scale, scale,
-            D, BLOCK_N, True, HAS_QD, HAS_KD, HAS_VD, LAZY, PREC, UPCAST, TMA)
+            D, BLOCK_N, True, HAS_QD, HAS_KD, HAS_VD, LAZY, PREC, UPCAST, TMA, EARLY)
 
     l_rcp = 1.0 / l_i
     o = acc * l_rcp[:, None]
@@ -337,31 +353,40 @@ class Cfg(NamedTuple):
     stages: int
     lazy: bool = True  # lazy rescaling of the running max (forward kernels only)
     tma: bool = False  # K/V tiles through tensor descriptors (forward kernels only)
+    early: bool = False  # JVP: issue the tangent-logit matmuls before the softmax math
 
 
-# Tables keyed by (head dim, 16-bit dtype?) for sm_90 (H100/H200). Figures: docs/kernels.md.
+# Tables keyed by (head dim, 16-bit dtype?) for sm_90 (H100/H200), from the device sweeps in
+# docs/kernels.md (H100, triton 3.6). Fused JVP, bf16, D=128, BM=128 / 8 warps (two consumer
+# warpgroups): BN=64, 2 stages, pointer loads: 568 TFLOP/s at 2x24x4096 (0.71x matmul) and 573 at
+# 1x12x32760; the same through tensor descriptors 538 / 544; BN=32: 454; BM=64 / 4 warps: 469;
+# BN=128 (1 stage, 158 spills): 258; 3 stages: over the 227 KiB of shared memory.
 _JVP_CFG_SM90 = {
-    (64, True): Cfg(128, 64, 8, 3),
+    (64, True): Cfg(64, 64, 4, 3, tma=True),
     (128, True): Cfg(128, 64, 8, 2),
     (256, True): Cfg(64, 32, 8, 2),
     (64, False): Cfg(64, 32, 4, 2),
-    (128, False): Cfg(64, 32, 4, 2),
+    (128, False): Cfg(64, 32, 4, 1),
     (256, False): Cfg(32, 16, 4, 1),
 }
+# Primal forward (used for fp32, and where SDPA refuses the inputs): BN=128, 3 stages, descriptors:
+# 458 TFLOP/s at 2x24x4096x128 (cuDNN: 607, so 16-bit inputs route there, see forward()).
 _FWD_CFG_SM90 = {
-    (64, True): Cfg(128, 64, 8, 3),
-    (128, True): Cfg(128, 128, 8, 2),
+    (64, True): Cfg(128, 64, 8, 3, tma=True),
+    (128, True): Cfg(128, 128, 8, 3, tma=True),
     (256, True): Cfg(128, 64, 8, 2),
     (64, False): Cfg(64, 32, 4, 2),
-    (128, False): Cfg(64, 32, 4, 2),
+    (128, False): Cfg(64, 32, 4, 1),
     (256, False): Cfg(32, 32, 4, 1),
 }
+# Backward: dkdv with 128 keys a program, 64 query rows a step, 8 warps, 3 stages: 338 TFLOP/s at
+# 2x24x4096x128 (SDPA flash backward: 300; 2 stages 316; 4 warps 334; 128 rows/step: 149).
 _BWD_CFG_SM90 = {
-    (64, True): Cfg(64, 128, 8, 2),
-    (128, True): Cfg(64, 128, 8, 2),
+    (64, True): Cfg(64, 128, 8, 3),
+    (128, True): Cfg(64, 128, 8, 3),
     (256, True): Cfg(32, 64, 8, 1),
     (64, False): Cfg(32, 64, 4, 2),
-    (128, False): Cfg(32, 64, 4, 2),
+    (128, False): Cfg(32, 64, 4, 1),
     (256, False): Cfg(16, 32, 4, 1),
 }
 # Pre-Hopper and unknown GPUs: conservative tiles (not measured: no such machine here).
@@ -386,6 +411,9 @@ def _dot_precision(dtype: torch.dtype) -> str:
 def _cfg(kind: str, q: torch.Tensor) -> Cfg:
     if kind in OVERRIDE:
         return OVERRIDE[kind]
+    found = _WORKING.get((kind, q.shape[-1], q.dtype, q.device))
+    if found is not None:
+        return found
     key = (q.shape[-1], q.dtype != torch.float32)
     if _interpreted() or q.device.type != "cuda":
         return _INTERP_CFG
@@ -395,6 +423,36 @@ def _cfg(kind: str, q: torch.Tensor) -> Cfg:
     if kind == "fwd":
         return (_FWD_CFG_SM90 if sm90 else _FWD_CFG_OTHER)[key]
     return (_BWD_CFG_SM90 if sm90 else _BWD_CFG_OTHER)[key]
+
+
+# (kind, D, dtype, device) -> the config that last compiled within the chip's resources
+_WORKING: dict = {}
+
+
+def _smaller(c: Cfg) -> Optional[Cfg]:
+    """Next config down when one exceeds shared memory or registers (other GPUs, fp32)."""
+    if c.stages > 1:
+        return c._replace(stages=c.stages - 1)
+    if c.bn > 16:
+        return c._replace(bn=c.bn // 2)
+    if c.bm > 16:
+        return c._replace(bm=c.bm // 2, warps=max(4, c.warps // 2))
+    return None
+
+
+def _with_fallback(kind: str, q: torch.Tensor, launch):
+    """launch(cfg) with the table's config; on OutOfResources walk down to one that fits."""
+    cfg = _cfg(kind, q)
+    while True:
+        try:
+            res = launch(cfg)
+        except triton.runtime.errors.OutOfResources:
+            cfg = _smaller(cfg) if kind not in OVERRIDE else None
+            if cfg is None:
+                raise
+            continue
+        _WORKING[(kind, q.shape[-1], q.dtype, q.device)] = cfg
+        return res
 
 
 _ALLOCATOR_SET = False
@@ -485,7 +543,7 @@ def _s4(t):
 def _fwd_launch(q, k, v, q_dot, k_dot, v_dot, scale, cfg):
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
-    bm, bn, warps, stages, lazy, tma = cfg
+    bm, bn, warps, stages, lazy, tma, early = cfg
     tma = tma and _tma_ok(k, v, k_dot, v_dot)
     jvp = q_dot is not None or k_dot is not None or v_dot is not None
     out = torch.empty((B, Lq, H, D), device=q.device, dtype=q.dtype)
@@ -503,7 +561,7 @@ def _fwd_launch(q, k, v, q_dot, k_dot, v_dot, scale, cfg):
         D=D, BLOCK_M=bm, BLOCK_N=bn,
         HAS_QD=q_dot is not None, HAS_KD=k_dot is not None, HAS_VD=v_dot is not None,
         LAZY=lazy, PREC=_dot_precision(q.dtype), UPCAST=_interpreted(), TMA=tma,
-        num_warps=warps, num_stages=stages,
+        EARLY=early, num_warps=warps, num_stages=stages,
     )
     return out, (out_dot if jvp else None), lse
 
@@ -521,16 +579,26 @@ def forward_jvp(q, k, v, q_dot, k_dot, v_dot, scale: float):
     if q_dot is None and k_dot is None and v_dot is None:
         out, lse = forward(q, k, v, scale)
         return out, torch.zeros_like(out), lse
-    return _fwd_launch(q, k, v, q_dot, k_dot, v_dot, scale, _cfg("jvp", q))
+    return _with_fallback(
+        "jvp", q, lambda cfg: _fwd_launch(q, k, v, q_dot, k_dot, v_dot, scale, cfg))
 
 
 # ---- primal forward: routing ------------------------------------------------------------------
-# Routing is decided by the measurements in docs/kernels.md (H100, torch 2.11, triton 3.6);
-# FWD_ROUTE is one of "triton", "cudnn", "flash" ("auto" = the measured choice below).
+# Measured on the H100 (torch 2.11, triton 3.6, docs/kernels.md), 2x24x4096x128 bf16, forward only:
+#   SDPA cuDNN 607 TFLOP/s (0.679 ms) > our Triton forward 458 > SDPA flash 344.
+# So 16-bit inputs with a unit last stride go to cuDNN (its logsumexp is the natural-log LSE,
+# equal to ours within 2e-6); fp32 (no cuDNN/flash kernel), other strides, and any input cuDNN
+# refuses run the Triton kernel. The optional flash-attn package (FlashAttention-2, the same
+# kernels as SDPA flash, 344) would be slower than cuDNN, so it is only taken when asked for
+# (RCM_ATTN_FWD=flash_attn); it is not installed on the device and was not measured here.
+# RCM_ATTN_FWD / RCM_ATTN_BWD = triton | cudnn | flash | flash_attn override the measured choice.
 FWD_ROUTE = os.environ.get("RCM_ATTN_FWD", "auto")
 BWD_ROUTE = os.environ.get("RCM_ATTN_BWD", "auto")
-_MEASURED_FWD = "triton"  # replaced by the device measurement, see docs/kernels.md
+_MEASURED_FWD = "cudnn"
+# Backward: our Triton kernels 338 TFLOP/s (3.05 ms) vs SDPA flash backward 300 (3.44 ms) at
+# 2x24x4096x128 bf16; the cuDNN backward op could not be called with our saved LSE.
 _MEASURED_BWD = "triton"
+_REFUSED: set = set()  # (route, D, dtype) that raised once: not tried again
 
 
 def _sdpa_ok(q, k, v, *more):
@@ -547,39 +615,47 @@ def _fwd_cudnn(q, k, v, scale):
     res = torch.ops.aten._scaled_dot_product_cudnn_attention(
         _to_bhld(q), _to_bhld(k), _to_bhld(v), None, True, 0.0, False, False, scale=scale)
     out, lse = res[0], res[1]
-    # out is [B, H, Lq, D] (its memory may be [B, Lq, H, D]); lse [B, H, Lq] (or [..., 1])
+    # out: [B, H, Lq, D] whose memory is [B, Lq, H, D]; lse: [B, H, Lq] (or [B, H, Lq, 1])
     return out.transpose(1, 2), lse.reshape(q.shape[0], q.shape[2], q.shape[1]).float()
 
 
 def _fwd_flash(q, k, v, scale):
     res = torch.ops.aten._scaled_dot_product_flash_attention(
         _to_bhld(q), _to_bhld(k), _to_bhld(v), 0.0, False, False, scale=scale)
-    out, lse = res[0], res[1]
-    return out.transpose(1, 2), lse.float()
+    return res[0].transpose(1, 2), res[1].float()
 
 
 def _fwd_flash_attn_pkg(q, k, v, scale):
-    from flash_attn.flash_attn_interface import _flash_attn_forward  # optional extra
-    res = _flash_attn_forward(q, k, v, 0.0, scale, False, -1, -1, 0.0, None, False)
-    return res[0], res[1]
+    from flash_attn import flash_attn_func  # optional extra, [B, L, H, D] natively
+
+    out, lse, _ = flash_attn_func(q, k, v, softmax_scale=scale, return_attn_probs=True)
+    return out, lse.float()
+
+
+_FWD_ROUTES = {"cudnn": _fwd_cudnn, "flash": _fwd_flash, "flash_attn": _fwd_flash_attn_pkg}
 
 
 def forward_route(q) -> str:
-    route = FWD_ROUTE if FWD_ROUTE != "auto" else _MEASURED_FWD
-    return route
+    return FWD_ROUTE if FWD_ROUTE != "auto" else _MEASURED_FWD
+
+
+def _forward_triton(q, k, v, scale):
+    out, _, lse = _with_fallback(
+        "fwd", q, lambda cfg: _fwd_launch(q, k, v, None, None, None, scale, cfg))
+    return out, lse
 
 
 def forward(q, k, v, scale: float):
     """Primal attention. Returns (out [B, Lq, H, D] in q.dtype, lse [B, H, Lq] fp32 natural log)."""
     _check(q, k, v)
     route = forward_route(q)
-    if route != "triton" and _sdpa_ok(q, k, v):
-        if route == "cudnn":
-            return _fwd_cudnn(q, k, v, scale)
-        if route == "flash":
-            return _fwd_flash(q, k, v, scale)
-    out, _, lse = _fwd_launch(q, k, v, None, None, None, scale, _cfg("fwd", q))
-    return out, lse
+    key = (route, q.shape[-1], q.dtype)
+    if route in _FWD_ROUTES and key not in _REFUSED and _sdpa_ok(q, k, v):
+        try:
+            return _FWD_ROUTES[route](q, k, v, scale)
+        except (RuntimeError, ImportError):  # refused inputs / package absent: Triton instead
+            _REFUSED.add(key)
+    return _forward_triton(q, k, v, scale)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -588,9 +664,13 @@ def forward(q, k, v, scale: float):
 
 
 def _bwd_triton(grad_out, q, k, v, out, lse, scale):
+    return _with_fallback("bwd", q, lambda cfg: _bwd_launch(grad_out, q, k, v, out, lse, scale, cfg))
+
+
+def _bwd_launch(grad_out, q, k, v, out, lse, scale, cfg):
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
-    bm, bn, warps, stages = _cfg("bwd", q)[:4]
+    bm, bn, warps, stages = cfg[:4]
     delta = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
     lse = lse.contiguous()
     dm = 64 if not _interpreted() else 32
@@ -622,17 +702,6 @@ def _bwd_flash(grad_out, q, k, v, out, lse, scale):
     return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
 
 
-def _bwd_cudnn(grad_out, q, k, v, out, lse, scale):
-    B, Lq, H, _ = q.shape
-    Lk = k.shape[1]
-    z = torch.zeros((), dtype=torch.int64, device=q.device)
-    e = torch.empty(0, device=q.device, dtype=q.dtype)
-    dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-        _to_bhld(grad_out), _to_bhld(q), _to_bhld(k), _to_bhld(v), _to_bhld(out),
-        lse.reshape(B, H, Lq, 1), z, z, e, e, e, Lq, Lk, 0.0, False, scale=scale)
-    return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
-
-
 def backward_route(q) -> str:
     return BWD_ROUTE if BWD_ROUTE != "auto" else _MEASURED_BWD
 
@@ -646,6 +715,4 @@ def backward(grad_out, q, k, v, out, lse, scale: float):
     route = backward_route(q)
     if route == "flash" and _sdpa_ok(q, k, v, grad_out, out):
         return _bwd_flash(grad_out, q, k, v, out, lse, scale)
-    if route == "cudnn" and _sdpa_ok(q, k, v, grad_out, out):
-        return _bwd_cudnn(grad_out, q, k, v, out, lse, scale)
     return _bwd_triton(grad_out, q, k, v, out, lse, scale)
