@@ -313,7 +313,7 @@ def run_attention_bench(shapes: Optional[Iterable] = None, dtype: str = "bf16",
             print(f"fused JVP {r['shape']}: {r['tflops']:.0f} TFLOP/s = {r.get('x_matmul', 0):.3f} x matmul;"
                   f" first call {r['first_call_s']:.2f} s; peak extra {r['peak_over_outputs']:.2f} x outputs;"
                   f" err out {r['err_out']:.1e} tangent {r['err_tangent']:.1e};"
-                  + "".join(f" {k}: {v:.1f}x slower" for k, v in others.items()))
+                  + "".join(f"; {v:.1f}x the speed of {k}" for k, v in others.items()))
     if out_json:
         with open(out_json, "w") as f:
             json.dump(dict(device=torch.cuda.get_device_name() if cuda else "cpu",
