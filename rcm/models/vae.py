@@ -455,7 +455,9 @@ class WanVAE(nn.Module):
         b, _, t, h, w = video.shape
         tf, sf = cfg.temporal_factor, cfg.spatial_factor
         if b < 1 or (t - 1) % tf or t < 1:
-            raise ValueError(f"video must have 1 + {tf}k frames (1, 5, 9, ...), got T={t} in shape {tuple(video.shape)}")
+            raise ValueError(
+                f"video must have 1 + {tf}k frames (1, 5, 9, ...), got T={t} in shape {tuple(video.shape)}"
+            )
         if h < sf or w < sf or h % sf or w % sf:
             raise ValueError(f"video height and width must be positive multiples of {sf}, got H={h}, W={w}")
         p = self._param()
@@ -498,7 +500,8 @@ def _describe(x) -> str:
 #   encoder.conv_in                        encoder.conv1                          encoder.conv_in
 #   encoder.stages.{i}.blocks.{j}          encoder.downsamples.{i(n+1)+j}         encoder.down_blocks.{i(n+1)+j}
 #   encoder.stages.{i}.downsample          encoder.downsamples.{i(n+1)+n}         encoder.down_blocks.{i(n+1)+n}
-#   {en,de}coder.mid.block1/attn/block2    {en,de}coder.middle.0/1/2              {en,de}coder.mid_block.resnets.0/attentions.0/resnets.1
+#   {en,de}coder.mid.block1/attn/block2    {en,de}coder.middle.0/1/2              {en,de}coder.mid_block.resnets.0/
+#                                                                                   attentions.0/resnets.1
 #   {en,de}coder.norm_out.weight           {en,de}coder.head.0.gamma              {en,de}coder.norm_out.gamma
 #   {en,de}coder.conv_out                  {en,de}coder.head.2                    {en,de}coder.conv_out
 #   quant_conv / post_quant_conv           conv1 / conv2                          quant_conv / post_quant_conv
@@ -650,7 +653,7 @@ def detect_vae_layout(keys) -> str:
 
     if has("encoder.stages.") or has("decoder.stages.") or has("encoder.mid."):
         return "ours"
-    if has("encoder.downsamples.") or has("decoder.upsamples.") or has("encoder.middle.") or "encoder.conv1.weight" in keys:
+    if any(has(p) for p in ("encoder.downsamples.", "decoder.upsamples.", "encoder.middle.", "encoder.conv1.")):
         return "official"
     if has("encoder.down_blocks.") or has("decoder.up_blocks.") or has("encoder.mid_block."):
         return "diffusers"
@@ -689,7 +692,9 @@ def load_state_dict_strict(
         def listing(title, items, note=""):
             if not items:
                 return []
-            shown = [f"    {x}" for x in items[:20]] + ([f"    ... and {len(items) - 20} more"] if len(items) > 20 else [])
+            shown = [f"    {x}" for x in items[:20]]
+            if len(items) > 20:
+                shown.append(f"    ... and {len(items) - 20} more")
             return [f"  {title} ({len(items)}{note}):", *shown]
 
         lines = [f"{what} checkpoint {source} does not match the model:"]
@@ -721,7 +726,9 @@ def _read_safetensors(files: list[Path], device) -> dict[str, Tensor]:
                 for k in fh.keys():
                     sd[k] = fh.get_tensor(k)
         except Exception as e:  # safetensors raises its own error type on a bad header / short file
-            raise ValueError(f"could not read {f} ({type(e).__name__}: {e}); the file may be truncated or corrupt") from e
+            raise ValueError(
+                f"could not read {f} ({type(e).__name__}: {e}); the file may be truncated or corrupt"
+            ) from e
     return sd
 
 
