@@ -216,6 +216,11 @@ def main(stage):
         variant("jvp", Cfg(128, 64, 8, 2), S1, mm, torch.float16)
         for c in (Cfg(64, 32, 4, 1), Cfg(32, 32, 4, 2), Cfg(64, 16, 4, 2)):
             variant("jvp", c, (1, 12, 4096, 128), mm, torch.float32)
+    if stage == "d256":
+        for c in (Cfg(64, 16, 8, 2), Cfg(64, 16, 4, 2), Cfg(64, 32, 8, 1, early=True)):
+            variant("jvp", c, (1, 12, 4096, 256), mm)
+        for c in (Cfg(32, 32, 4, 2), Cfg(64, 32, 4, 1), Cfg(32, 16, 4, 2)):
+            variant("fwd", c, (1, 12, 4096, 128), mm, torch.float32)
     rec(what="done", elapsed=round(time.time() - T0, 1))
 
 

@@ -17,7 +17,7 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --fo
 while [ $# -gt 0 ]; do
   case "$1" in
     sweep)
-      stage=all; case "$2" in jvp|jvp2|fwd|all) stage=$2; shift;; esac
+      stage=all; case "$2" in jvp|jvp2|d256|fwd|all) stage=$2; shift;; esac
       timeout ${SWEEP_TIMEOUT:-450} python3 scripts/attention_sweep.py $stage 2>&1 | tee -a "$OUT/sweep.log" ;;
     tests)
       timeout ${TESTS_TIMEOUT:-300} python3 -m pytest -q -m gpu -n 8 -p no:cacheprovider \

@@ -76,11 +76,17 @@ def check_all(B, Lq, Lk, H, D, dtype, device, tol, tangents=(True, True, True), 
     assert lse.shape == (B, H, Lq)
     errs = dict(out=rel(out, o_ref), out_dot=rel(out_dot, od_ref), lse=rel(lse, lse_ref))
     o2, lse2 = ta.forward(q, k, v, scale)
+    # fresh contiguous outputs: the op layer's .contiguous() must never copy
+    assert all(t.is_contiguous() for t in (out, out_dot, lse, o2, lse2))
     errs.update(fwd=rel(o2, o_ref), fwd_lse=rel(lse2, lse_ref))
     if backward:
         dq, dk, dv = ta.backward(go, q, k, v, o2, lse2, scale)
         assert dq.shape == q.shape and dk.shape == k.shape and dq.dtype == dtype
+        assert dq.is_contiguous() and dk.is_contiguous() and dv.is_contiguous()
         errs.update(dq=rel(dq, grads[0]), dk=rel(dk, grads[1]), dv=rel(dv, grads[2]))
+        if device == "cuda":  # the Triton backward too, also where backward() routes to cuDNN
+            dq, dk, dv = ta._bwd_triton(go, q, k, v, out, lse, scale)
+            errs.update(dq_t=rel(dq, grads[0]), dk_t=rel(dk, grads[1]), dv_t=rel(dv, grads[2]))
     bad = {n: e for n, e in errs.items() if not e <= (tol if "lse" not in n else 1e-5 + tol / 10)}
     assert not bad, f"errors over {tol}: {bad} (all: {errs})"
     return errs

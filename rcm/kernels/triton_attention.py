@@ -360,13 +360,15 @@ class Cfg(NamedTuple):
 # docs/kernels.md (H100, triton 3.6). Fused JVP, bf16, D=128, BM=128 / 8 warps (two consumer
 # warpgroups): BN=64, 2 stages, pointer loads: 568 TFLOP/s at 2x24x4096 (0.71x matmul) and 573 at
 # 1x12x32760; the same through tensor descriptors 538 / 544; BN=32: 454; BM=64 / 4 warps: 469;
-# BN=128 (1 stage, 158 spills): 258; 3 stages: over the 227 KiB of shared memory.
+# BN=128 (1 stage, 158 spills): 258; 3 stages: over the 227 KiB of shared memory. Issuing the
+# tangent-logit matmuls before the softmax (early): 578 / 596. D=64: BM=64 / 4 warps / 3 stages
+# 471 (no spills), BM=128 / BN=128 475 (spills). D=256 and fp32 spill heavily: correct, slow.
 _JVP_CFG_SM90 = {
     (64, True): Cfg(64, 64, 4, 3, tma=True),
-    (128, True): Cfg(128, 64, 8, 2),
-    (256, True): Cfg(64, 32, 8, 2),
+    (128, True): Cfg(128, 64, 8, 2, early=True),
+    (256, True): Cfg(64, 16, 8, 2),
     (64, False): Cfg(64, 32, 4, 2),
-    (128, False): Cfg(64, 32, 4, 1),
+    (128, False): Cfg(32, 32, 4, 2),
     (256, False): Cfg(32, 16, 4, 1),
 }
 # Primal forward (used for fp32, and where SDPA refuses the inputs): BN=128, 3 stages, descriptors:
@@ -595,9 +597,12 @@ def forward_jvp(q, k, v, q_dot, k_dot, v_dot, scale: float):
 FWD_ROUTE = os.environ.get("RCM_ATTN_FWD", "auto")
 BWD_ROUTE = os.environ.get("RCM_ATTN_BWD", "auto")
 _MEASURED_FWD = "cudnn"
-# Backward: our Triton kernels 338 TFLOP/s (3.05 ms) vs SDPA flash backward 300 (3.44 ms) at
-# 2x24x4096x128 bf16; the cuDNN backward op could not be called with our saved LSE.
-_MEASURED_BWD = "triton"
+# Backward, bf16 (bench, H100): SDPA cuDNN backward 519 / 544 TFLOP/s at 2x24x4096x128 /
+# 1x12x32760x128, our Triton kernels 339 / 353, SDPA flash 304 / 317. So 16-bit inputs with unit
+# last stride go to the cuDNN backward op, fed with our natural-log LSE (the same statistic its
+# forward returns); anything it refuses, fp32 and other strides run the Triton kernels. cuDNN's
+# peak extra memory is 1.67x the gradients (fp32 dQ accumulator) against our 1.01x.
+_MEASURED_BWD = "cudnn"
 _REFUSED: set = set()  # (route, D, dtype) that raised once: not tried again
 
 
@@ -702,6 +707,18 @@ def _bwd_flash(grad_out, q, k, v, out, lse, scale):
     return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
 
 
+def _bwd_cudnn(grad_out, q, k, v, out, lse, scale):
+    Lq, Lk = q.shape[1], k.shape[1]
+    z = torch.zeros((), dtype=torch.int64, device=q.device)  # philox seed/offset: no dropout
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+        _to_bhld(grad_out), _to_bhld(q), _to_bhld(k), _to_bhld(v), _to_bhld(out), lse,
+        z, z, None, None, None, Lq, Lk, 0.0, False, scale=scale)
+    return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+
+
+_BWD_ROUTES = {"cudnn": _bwd_cudnn, "flash": lambda *a: _bwd_flash(*a)}
+
+
 def backward_route(q) -> str:
     return BWD_ROUTE if BWD_ROUTE != "auto" else _MEASURED_BWD
 
@@ -713,6 +730,10 @@ def backward(grad_out, q, k, v, out, lse, scale: float):
     if out.shape != q.shape:
         raise ValueError(f"rcm triton attention: out {tuple(out.shape)} must have q's shape")
     route = backward_route(q)
-    if route == "flash" and _sdpa_ok(q, k, v, grad_out, out):
-        return _bwd_flash(grad_out, q, k, v, out, lse, scale)
+    key = ("bwd-" + route, q.shape[-1], q.dtype)
+    if route in _BWD_ROUTES and key not in _REFUSED and _sdpa_ok(q, k, v, grad_out, out):
+        try:
+            return _BWD_ROUTES[route](grad_out, q, k, v, out, lse.contiguous(), scale)
+        except RuntimeError:  # inputs the library refuses: Triton instead
+            _REFUSED.add(key)
     return _bwd_triton(grad_out, q, k, v, out, lse, scale)
