@@ -216,6 +216,30 @@ def main(stage):
         variant("jvp", Cfg(128, 64, 8, 2), S1, mm, torch.float16)
         for c in (Cfg(64, 32, 4, 1), Cfg(32, 32, 4, 2), Cfg(64, 16, 4, 2)):
             variant("jvp", c, (1, 12, 4096, 128), mm, torch.float32)
+    if stage == "cudnnbwd":
+        t, ref = data(S1)
+        q, k, v, go = t["q"], t["k"], t["v"], t["go"]
+        o, lse = ta.forward(q, k, v, 128 ** -0.5)
+        res = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, True, 0.0, False, False,
+            scale=128 ** -0.5)
+        rec(what="cudnn fwd outputs", items=[(type(x).__name__, getattr(x, "shape", x) if not isinstance(x, torch.Tensor) else
+                                               (list(x.shape), str(x.dtype), str(x.device), list(x.stride())))
+                                              for x in res])
+        try:  # exactly the autograd formula's arguments
+            r = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+                go.transpose(1, 2), q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), res[0], res[1],
+                res[6], res[7], None, res[2], res[3], res[4], res[5], 0.0, False, scale=128 ** -0.5)
+            rec(what="cudnn bwd (own outputs)", e_dq=ref.err("dq", r[0], "bhld"), e_dk=ref.err("dk", r[1], "bhld"),
+                strides=[list(x.stride()) for x in r])
+        except Exception as e:
+            rec(what="cudnn bwd (own outputs) failed", err=str(e)[:400])
+        try:
+            r = ta._bwd_cudnn(go, q, k, v, o, lse, 128 ** -0.5)
+            rec(what="_bwd_cudnn", form=ta._CUDNN_BWD_FORM, e_dq=ref.err("dq", r[0]), e_dk=ref.err("dk", r[1]),
+                e_dv=ref.err("dv", r[2]), ms=bench(lambda: ta._bwd_cudnn(go, q, k, v, o, lse, 128 ** -0.5)))
+        except Exception as e:
+            rec(what="_bwd_cudnn failed", err=str(e)[:900])
     if stage == "d256":
         for c in (Cfg(64, 16, 8, 2), Cfg(64, 16, 4, 2), Cfg(64, 32, 8, 1, early=True)):
             variant("jvp", c, (1, 12, 4096, 256), mm)

@@ -17,13 +17,13 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --fo
 while [ $# -gt 0 ]; do
   case "$1" in
     sweep)
-      stage=all; case "$2" in jvp|jvp2|d256|fwd|all) stage=$2; shift;; esac
+      stage=all; case "$2" in jvp|jvp2|d256|cudnnbwd|fwd|all) stage=$2; shift;; esac
       timeout ${SWEEP_TIMEOUT:-450} python3 scripts/attention_sweep.py $stage 2>&1 | tee -a "$OUT/sweep.log" ;;
     tests)
       timeout ${TESTS_TIMEOUT:-300} python3 -m pytest -q -m gpu -n 8 -p no:cacheprovider \
         tests/test_triton_attention.py 2>&1 | tee -a "$OUT/tests.log" | tail -40 ;;
     bench)
-      timeout ${BENCH_TIMEOUT:-400} python3 -m rcm.bench_attention --out-json "$OUT/bench.json" 2>&1 \
+      timeout ${BENCH_TIMEOUT:-400} python3 -m rcm.bench_attention --out-json "$OUT/bench.json" $BENCH_ARGS 2>&1 \
         | tee -a "$OUT/bench.log" ;;
     *) echo "unknown mode $1"; exit 2 ;;
   esac

@@ -366,7 +366,7 @@ class Cfg(NamedTuple):
 _JVP_CFG_SM90 = {
     (64, True): Cfg(64, 64, 4, 3, tma=True),
     (128, True): Cfg(128, 64, 8, 2, early=True),
-    (256, True): Cfg(64, 16, 8, 2),
+    (256, True): Cfg(64, 64, 8, 1),
     (64, False): Cfg(64, 32, 4, 2),
     (128, False): Cfg(32, 32, 4, 2),
     (256, False): Cfg(32, 16, 4, 1),
@@ -378,7 +378,7 @@ _FWD_CFG_SM90 = {
     (128, True): Cfg(128, 128, 8, 3, tma=True),
     (256, True): Cfg(128, 64, 8, 2),
     (64, False): Cfg(64, 32, 4, 2),
-    (128, False): Cfg(64, 32, 4, 1),
+    (128, False): Cfg(32, 32, 4, 2),
     (256, False): Cfg(32, 32, 4, 1),
 }
 # Backward: dkdv with 128 keys a program, 64 query rows a step, 8 warps, 3 stages: 338 TFLOP/s at
@@ -707,13 +707,43 @@ def _bwd_flash(grad_out, q, k, v, out, lse, scale):
     return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
 
 
-def _bwd_cudnn(grad_out, q, k, v, out, lse, scale):
+def _bwd_cudnn_call(grad_out, q, k, v, out, lse, scale, form):
+    """The private ATen cuDNN backward; `form` = (lse as [B,H,L,1]?, philox tensors on CPU?)."""
     Lq, Lk = q.shape[1], k.shape[1]
-    z = torch.zeros((), dtype=torch.int64, device=q.device)  # philox seed/offset: no dropout
+    z = torch.zeros((), dtype=torch.int64, device="cpu" if form[1] else q.device)
     dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-        _to_bhld(grad_out), _to_bhld(q), _to_bhld(k), _to_bhld(v), _to_bhld(out), lse,
-        z, z, None, None, None, Lq, Lk, 0.0, False, scale=scale)
+        _to_bhld(grad_out), _to_bhld(q), _to_bhld(k), _to_bhld(v), _to_bhld(out),
+        lse.unsqueeze(-1) if form[0] else lse, z, z, None, None, None, Lq, Lk, 0.0, False,
+        scale=scale)
     return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+
+
+_CUDNN_BWD_FORM: dict = {}  # (D, dtype) -> argument form checked against the Triton backward
+
+
+def _bwd_cudnn(grad_out, q, k, v, out, lse, scale):
+    """cuDNN backward through an undocumented private op: its argument conventions are found and
+    checked once per (D, dtype) against our Triton backward on the caller's inputs; any mismatch
+    or error refuses the route (RuntimeError, caught by backward())."""
+    key = (q.shape[-1], q.dtype)
+    if key in _CUDNN_BWD_FORM:
+        return _bwd_cudnn_call(grad_out, q, k, v, out, lse, scale, _CUDNN_BWD_FORM[key])
+    ref = _bwd_triton(grad_out, q, k, v, out, lse, scale)
+    errors = []
+    for form in ((False, False), (True, False), (False, True), (True, True)):
+        try:
+            got = _bwd_cudnn_call(grad_out, q, k, v, out, lse, scale, form)
+        except RuntimeError as e:
+            errors.append(f"{form}: {str(e).splitlines()[0][:200]}")
+            continue
+        err = max(((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+                  for a, b in zip(got, ref))
+        if err < 2e-2:
+            _CUDNN_BWD_FORM[key] = form
+            return got
+        errors.append(f"{form}: gradients differ from the Triton backward by {err:.2e}")
+    LAST["cudnn_bwd_errors"] = errors
+    raise RuntimeError("cuDNN backward refused: " + " | ".join(errors))
 
 
 _BWD_ROUTES = {"cudnn": _bwd_cudnn, "flash": lambda *a: _bwd_flash(*a)}
