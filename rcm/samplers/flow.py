@@ -75,7 +75,8 @@ def sample_unipc(velocity: Velocity, noise: Tensor, rf_times: Tensor, *, order: 
     steps and on the final one (lower_order_final). Returns float64 samples.
 
     With α = 1 − ρ, σ = ρ, λ = log α − log σ and h = λ_t − λ_s, step s → t from x̂0 history m:
-        x_t = (σ_t/σ_s) x_s − α_t expm1(−h) m_0 − α_t B(h) Σ_k ρ_k D_k,   D_k = (m_k − m_0)/r_k
+        x_t = (σ_t/σ_s) x_s − α_t expm1(−h) m_0 − α_t B(h) Σ_k a_k D_k,   D_k = (m_k − m_0)/r_k,
+    r_k = (λ_k − λ_s)/h, and a_k from UniPC's order conditions (a = 1/2 at order 2).
     The corrector re-does the step that produced x_s once x̂0(x_s) is known (no extra evaluation).
     """
     _check(noise, rf_times)
@@ -83,7 +84,7 @@ def sample_unipc(velocity: Velocity, noise: Tensor, rf_times: Tensor, *, order: 
         raise ValueError(f"order must be an int >= 1, got {order!r}")
     sigma = rf_times.tolist()
     if sigma[0] >= 1:
-        raise ValueError(f"rf_times[0] must be < 1 for UniPC (λ = log((1 − ρ)/ρ) is −inf at ρ = 1)")
+        raise ValueError("rf_times[0] must be < 1 for UniPC (λ = log((1 − ρ)/ρ) is −inf at ρ = 1)")
     num_steps = len(sigma) - 1
     lam = [math.log(1 - s) - math.log(s) if s > 0 else math.inf for s in sigma]
 
