@@ -131,6 +131,26 @@ def test_causality(pair):
     assert rel(ours.decode(z[:, :, :2]), x[:, :, :5]) <= 1e-5
 
 
+def test_large_batches_are_sliced_and_huge_chunks_refused(pair):
+    ours, _ = pair
+    video = video_like(3, 5, 16, 8, seed=7)
+    z, x = ours.encode(video), ours.decode(ours.encode(video))
+    limit = ours._largest_activation(5, 16, 8)  # room for one sample of one 5-frame chunk
+    ours.MAX_ACTIVATION_ELEMENTS = limit
+    try:
+        assert ours._batch_slice(3, 1, 2, 16, 8) == 1
+        assert rel(ours.encode(video), z) <= 1e-5 and rel(ours.decode(z), x) <= 1e-5
+        with pytest.raises(ValueError, match="chunk_size=None gives chunks of 9 frames"):
+            ours.decode(torch.zeros(1, 16, 3, 2, 1), chunk_size=None)
+    finally:
+        del ours.MAX_ACTIVATION_ELEMENTS
+    with torch.device("meta"):
+        full = WanVAE()
+    assert full._batch_slice(8, 1, 21, 480, 832) >= 2  # Wan's chunks at 480p: several samples at a time
+    with pytest.raises(ValueError, match="smaller chunk_size"):  # one pass over 81 frames at 480p
+        full._batch_slice(1, None, 21, 480, 832)
+
+
 def test_encode_decode_validation(pair):
     ours, _ = pair
     with pytest.raises(ValueError, match="video.*1 \\+ 4k frames"):

@@ -439,13 +439,41 @@ class WanVAE(nn.Module):
     def _param(self) -> Tensor:
         return self.quant_conv.weight
 
+    # Some CUDA kernel silently computes garbage on very large activations: on an H100 (torch 2.11), a
+    # one-pass bf16 decode of 81 frames at 480p (activations of ~6e9 elements) came out wrong, one of
+    # 41 frames (~3e9) right. Chunks are kept under 2^31 elements, the usual int32-indexing bound: a
+    # batch is split into slices of samples (samples are independent), and a chunk too large for one
+    # sample is an error asking for a smaller chunk_size.
+    MAX_ACTIVATION_ELEMENTS = 2**31 - 1
+
+    def _largest_activation(self, chunk_frames: int, height: int, width: int) -> int:
+        """An upper bound on the elements of any activation of one sample for a chunk of
+        ``chunk_frames`` pixel frames: the full-resolution ones dominate (channels base*max(1, m0, m1))."""
+        cfg = self.config
+        channels = cfg.base_dim * max(1, *cfg.dim_mult[:2])
+        return channels * (chunk_frames + 2) * (height + 2) * (width + 2)
+
+    def _batch_slice(self, b: int, chunk_size: int | None, num_latent: int, height: int, width: int) -> int:
+        tf = self.config.temporal_factor
+        chunks = _latent_chunks(num_latent, chunk_size)
+        frames = max(1 + tf * (e - 1) - (0 if s == 0 else 1 + tf * (s - 1)) for s, e in chunks)
+        per_sample = self._largest_activation(frames, height, width)
+        if per_sample > self.MAX_ACTIVATION_ELEMENTS:
+            raise ValueError(
+                f"chunk_size={chunk_size} gives chunks of {frames} frames at {height}x{width}, activations of "
+                f"~{per_sample:.2e} elements per sample, over 2^31 (large activations have given wrong results "
+                f"on CUDA); use a smaller chunk_size (1 is Wan's)"
+            )
+        return max(1, min(b, self.MAX_ACTIVATION_ELEMENTS // per_sample))
+
     @torch.no_grad()
     def encode(self, video: Tensor, *, chunk_size: int | None = 1) -> Tensor:
         """``video [B, 3, T, H, W]`` in [-1, 1], ``T = 1 + 4k``, ``H, W`` multiples of 8 ->
         normalized latent mean ``[B, 16, 1 + k, H/8, W/8]`` (float32).
 
         ``chunk_size``: latent frames per chunk (1: Wan's schedule, the first frame then 4 frames at a
-        time); ``None``: the whole clip in one pass (fastest, most memory). All give the same result."""
+        time; memory grows with it); ``None``: the whole clip in one pass (small clips only). All give
+        the same result. Large batches are processed in slices of samples."""
         cfg = self.config
         _check_chunk_size(chunk_size)
         if not isinstance(video, Tensor) or video.ndim != 5 or video.shape[1] != 3:
@@ -460,15 +488,19 @@ class WanVAE(nn.Module):
             )
         if h < sf or w < sf or h % sf or w % sf:
             raise ValueError(f"video height and width must be positive multiples of {sf}, got H={h}, W={w}")
+        n = cfg.latent_frames(t)
+        step = self._batch_slice(b, chunk_size, n, h, w)
         p = self._param()
-        x = video.to(device=p.device, dtype=p.dtype)
-        cache: Cache = {}
-        outs = []
-        for s, e in _latent_chunks(cfg.latent_frames(t), chunk_size):
-            f0 = 0 if s == 0 else 1 + tf * (s - 1)
-            outs.append(self.encoder(x[:, :, f0 : 1 + tf * (e - 1)], cache))
-        moments = self.quant_conv(torch.cat(outs, dim=2))
-        return self.normalize(moments[:, : cfg.z_dim])
+        latents = []
+        for part in video.split(step):
+            x = part.to(device=p.device, dtype=p.dtype)
+            cache: Cache = {}
+            outs = []
+            for s, e in _latent_chunks(n, chunk_size):
+                f0 = 0 if s == 0 else 1 + tf * (s - 1)
+                outs.append(self.encoder(x[:, :, f0 : 1 + tf * (e - 1)], cache))
+            latents.append(self.normalize(self.quant_conv(torch.cat(outs, dim=2))[:, : cfg.z_dim]))
+        return torch.cat(latents)
 
     @torch.no_grad()
     def decode(self, latent: Tensor, *, chunk_size: int | None = 1) -> Tensor:
@@ -480,11 +512,17 @@ class WanVAE(nn.Module):
             raise ValueError(f"latent must be a [B, {cfg.z_dim}, T, h, w] tensor, got {_describe(latent)}")
         if not latent.is_floating_point() or min(latent.shape) < 1:
             raise ValueError(f"latent must be a non-empty floating-point tensor, got {_describe(latent)}")
+        b, _, n, h, w = latent.shape
+        sf = cfg.spatial_factor
+        step = self._batch_slice(b, chunk_size, n, h * sf, w * sf)
         p = self._param()
-        x = self.post_quant_conv(self.denormalize(latent.to(p.device)).to(p.dtype))
-        cache: Cache = {}
-        outs = [self.decoder(x[:, :, s:e], cache) for s, e in _latent_chunks(x.shape[2], chunk_size)]
-        return torch.cat(outs, dim=2).float().clamp_(-1.0, 1.0)
+        videos = []
+        for part in latent.split(step):
+            x = self.post_quant_conv(self.denormalize(part.to(p.device)).to(p.dtype))
+            cache: Cache = {}
+            outs = [self.decoder(x[:, :, s:e], cache) for s, e in _latent_chunks(n, chunk_size)]
+            videos.append(torch.cat(outs, dim=2).float().clamp_(-1.0, 1.0))
+        return torch.cat(videos)
 
 
 def _describe(x) -> str:
