@@ -61,8 +61,13 @@ def backward_simulation(student: Callable, context: Any, noise: Tensor, num_step
     x = noise
     for i in range(num_steps):
         last = i == num_steps - 1
+        # a sample gone non-finite is fed as 0 (so the grad call's activations stay finite) and comes
+        # out as NaN, for the DMD guard to zero
+        finite = torch.isfinite(x).flatten(1).all(1)
+        x = torch.where(per_sample(finite, x), x, 0.0)
         with torch.set_grad_enabled(with_grad and last):
             x0 = trigflow_denoise(student, x, times[i], context).x0.to(torch.float32)
+            x0 = torch.where(per_sample(finite, x0), x0, math.nan)
         if not last:
             z = draw_normal(noise.shape, generator, noise.device, name="rollout noise")
             t_next = times[i + 1]

@@ -95,6 +95,11 @@ def scm_loss(student: Callable, teacher: Callable, x0: Tensor, context: Any, neg
 
     t = t.to(torch.float64)
     x_t = per_sample(torch.cos(t), x0) * x0.to(torch.float64) + per_sample(torch.sin(t), x0) * noise.to(torch.float64)
+    # A non-finite input sample never reaches a network: its zero loss gradient times NaN activations
+    # would still poison every weight gradient (0·NaN in the weight-gradient matmuls). It is zeroed
+    # below like any other non-finite sample.
+    finite_input = torch.isfinite(x_t).flatten(1).all(1)
+    x_t = torch.where(per_sample(finite_input, x_t), x_t, 0.0)
 
     with torch.no_grad():
         teacher_guided = classifier_free_guidance(teacher, config.guidance, negative_context)
@@ -107,7 +112,7 @@ def scm_loss(student: Callable, teacher: Callable, x0: Tensor, context: Any, neg
 
     # A non-finite g or F_θ zeroes that sample's g, F_θ and F_θ⁻: its loss and gradient are exactly 0.
     # (torch.where passes a zero gradient to the masked branch; masking the loss instead would not.)
-    finite = torch.isfinite(g).flatten(1).all(1) & torch.isfinite(F_minus).flatten(1).all(1)
+    finite = finite_input & torch.isfinite(g).flatten(1).all(1) & torch.isfinite(F_minus).flatten(1).all(1)
     keep = per_sample(finite, g)
     g = torch.where(keep, g, 0.0)
     F_theta = torch.where(keep, F_theta, 0.0)
