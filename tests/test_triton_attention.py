@@ -211,3 +211,16 @@ def test_gpu_no_recompile_for_new_length():
         ta.forward_jvp(x, x, x, x, x, x, 0.1)
         torch.cuda.synchronize()
         assert time.perf_counter() - t0 < 0.5, f"L={L} took {time.perf_counter() - t0:.2f}s: recompiled?"
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("D,Lq,Lk", [(128, 1000, 1000), (64, 333, 1537), (128, 2048, 512)])
+def test_gpu_cudnn_backward_route(dtype, D, Lq, Lk):
+    # the opt-in route (RCM_ATTN_BWD=cudnn) called directly, so a fallback cannot hide a failure
+    q, k, v, _, _, _, go = make(1, Lq, Lk, 2, D, dtype, "cuda")
+    out, lse = ta.forward(q, k, v, D ** -0.5)
+    _, _, _, grads = reference(q, k, v, None, None, None, go, D ** -0.5)
+    for g, ref in zip(ta._bwd_cudnn(go, q, k, v, out, lse, D ** -0.5), grads):
+        assert rel(g, ref) < GPU_TOL[dtype]

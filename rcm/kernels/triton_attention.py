@@ -744,7 +744,10 @@ def backward(grad_out, q, k, v, out, lse, scale: float):
     key = ("bwd-" + route, q.shape[-1], q.dtype)
     if route in _BWD_ROUTES and key not in _REFUSED and _sdpa_ok(q, k, v, grad_out, out):
         try:
-            return _BWD_ROUTES[route](grad_out, q, k, v, out, lse.contiguous(), scale)
+            res = _BWD_ROUTES[route](grad_out, q, k, v, out, lse.contiguous(), scale)
+            LAST["bwd_route"] = route
+            return res
         except RuntimeError:  # inputs the library refuses: Triton instead
             _REFUSED.add(key)
+    LAST["bwd_route"] = "triton"
     return _bwd_triton(grad_out, q, k, v, out, lse, scale)
