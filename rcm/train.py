@@ -184,7 +184,9 @@ def train_step(state: TrainState, task: Task, loss: RCMConfig, ema_gamma: float,
             total = per_sample.sum()
             logs[f"loss_{name}"] = total.item()
             logs.update({f"{name}_{key}": _scalar(v) for key, v in diagnostics.items()})
-            if not torch.isfinite(total):
+            # A term whose every sample was zeroed by the per-sample guard carries no signal: the step is
+            # non-finite as a whole (stepping would only apply weight decay and age Adam's moments).
+            if not torch.isfinite(total) or int(diagnostics.get("nonfinite", 0)) == per_sample.shape[0]:
                 finite = False
                 break
             if total.requires_grad:

@@ -78,6 +78,7 @@ def student_losses(student: Callable, teacher: Callable, fake_score: Callable | 
                    ) -> Iterator[tuple[str, Tensor, dict[str, Any]]]:
     """Yield ``(name, per-sample loss [B], diagnostics)`` of a student iteration: "scm", then "dmd".
 
+    "scm" is skipped when its loss scale is 0 (DMD2 alone).
     "dmd" comes only with the regularizer enabled and from ``iteration >= tangent_warmup`` on; its
     rollout length follows the student counter k_S. Random draws come from ``generator`` in order.
     Raises ValueError if ``iteration`` is a critic iteration of the schedule.
@@ -85,9 +86,10 @@ def student_losses(student: Callable, teacher: Callable, fake_score: Callable | 
     if rcm_phase(iteration, config) != "student":
         raise ValueError(f"iteration {iteration} is a critic iteration of the rCM schedule "
                          f"(warmup {config.scm.tangent_warmup}, freq {config.student_update_freq})")
-    loss, diagnostics = scm_loss(student, teacher, x0, context, negative_context, iteration=iteration,
-                                 config=config.scm, generator=generator)
-    yield "scm", loss, diagnostics
+    if config.scm.loss_scale > 0:  # 0: DMD2 alone, no JVP pass at all
+        loss, diagnostics = scm_loss(student, teacher, x0, context, negative_context, iteration=iteration,
+                                     config=config.scm, generator=generator)
+        yield "scm", loss, diagnostics
     if not config.dmd_enabled or iteration < config.scm.tangent_warmup:
         return
     if fake_score is None:
