@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 import rcm.kernels
+from rcm.models.checkpoint import dit_state_dict_to_diffusers
 from rcm.models.wan import (
     WAN_CONFIGS,
     WanBlock,
@@ -429,23 +430,7 @@ def test_matches_diffusers_wan_transformer():
         in_channels=TINY.in_dim, out_channels=TINY.out_dim, text_dim=TINY.text_dim, freq_dim=TINY.freq_dim,
         ffn_dim=TINY.ffn_dim, num_layers=TINY.num_layers, cross_attn_norm=True,
         qk_norm="rms_norm_across_heads", eps=TINY.eps)
-    # Official -> diffusers names (diffusers' scripts/convert_wan_to_diffusers.py), first match wins.
-    renames = [
-        ("time_embedding.0", "condition_embedder.time_embedder.linear_1"),
-        ("time_embedding.2", "condition_embedder.time_embedder.linear_2"),
-        ("text_embedding.0", "condition_embedder.text_embedder.linear_1"),
-        ("text_embedding.2", "condition_embedder.text_embedder.linear_2"),
-        ("time_projection.1", "condition_embedder.time_proj"), ("head.modulation", "scale_shift_table"),
-        ("head.head", "proj_out"), ("modulation", "scale_shift_table"), ("ffn.0", "ffn.net.0.proj"),
-        ("ffn.2", "ffn.net.2"), ("self_attn.o", "attn1.to_out.0"), ("cross_attn.o", "attn2.to_out.0"),
-        ("self_attn.norm_", "attn1.norm_"), ("cross_attn.norm_", "attn2.norm_"), ("self_attn.", "attn1.to_"),
-        ("cross_attn.", "attn2.to_"), ("norm3", "norm2"),
-    ]
-
-    def rename(k):
-        return next((k.replace(a, b) for a, b in renames if a in k), k)
-
-    ref.load_state_dict({rename(k): v for k, v in model.state_dict().items()}, strict=True)
+    ref.load_state_dict(dit_state_dict_to_diffusers(model.state_dict()), strict=True)  # rcm.models.checkpoint
     x, t, c = make_inputs()
     with torch.no_grad():
         ours, theirs = model(x, t, c), ref(x, t, c).sample

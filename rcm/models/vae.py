@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .checkpoint import load_state_dict_strict, read_state_dict
+
 __all__ = [
     "WAN21_LATENTS_MEAN",
     "WAN21_LATENTS_STD",
@@ -703,93 +705,6 @@ def detect_vae_layout(keys) -> str:
 # Loading
 
 
-def load_state_dict_strict(
-    model: nn.Module,
-    state_dict: Mapping[str, Tensor],
-    *,
-    what: str,
-    source: str,
-    dtype: torch.dtype | None = None,
-    device: torch.device | str | None = None,
-    rename_for_report: Callable[[str], str] = lambda k: k,
-) -> nn.Module:
-    """Checks ``state_dict`` against ``model`` (which may live on the meta device) and loads it with
-    ``assign=True``, casting floating tensors to ``dtype`` and moving them to ``device``. Missing,
-    unexpected and shape-mismatched keys are all listed in one ``ValueError`` (named through
-    ``rename_for_report``, i.e. as the file spells them)."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = sorted(k for k in expected if k not in state_dict)
-    unexpected = sorted(k for k in state_dict if k not in expected)
-    mismatched = sorted(
-        (k, tuple(state_dict[k].shape), expected[k])
-        for k in expected
-        if k in state_dict and tuple(state_dict[k].shape) != expected[k]
-    )
-    if missing or unexpected or mismatched:
-
-        def listing(title, items, note=""):
-            if not items:
-                return []
-            shown = [f"    {x}" for x in items[:20]]
-            if len(items) > 20:
-                shown.append(f"    ... and {len(items) - 20} more")
-            return [f"  {title} ({len(items)}{note}):", *shown]
-
-        lines = [f"{what} checkpoint {source} does not match the model:"]
-        lines += listing("missing keys", sorted(rename_for_report(k) for k in missing))
-        lines += listing("unexpected keys", sorted(rename_for_report(k) for k in unexpected))
-        lines += listing(
-            "shape mismatches",
-            sorted(f"{rename_for_report(k)}: {list(a)} vs {list(b)}" for k, a, b in mismatched),
-            note=", file vs model",
-        )
-        if mismatched:
-            lines.append("  (shape mismatches usually mean another architecture: check the config)")
-        raise ValueError("\n".join(lines))
-
-    def prepare(t: Tensor) -> Tensor:
-        return t.to(device=device, dtype=dtype if (dtype is not None and t.is_floating_point()) else t.dtype)
-
-    model.load_state_dict({k: prepare(v) for k, v in state_dict.items()}, strict=True, assign=True)
-    return model
-
-
-def _read_safetensors(files: list[Path], device) -> dict[str, Tensor]:
-    from safetensors import safe_open
-
-    sd = {}
-    for f in files:
-        try:
-            with safe_open(str(f), framework="pt", device=str(device) if device is not None else "cpu") as fh:
-                for k in fh.keys():
-                    sd[k] = fh.get_tensor(k)
-        except Exception as e:  # safetensors raises its own error type on a bad header / short file
-            raise ValueError(
-                f"could not read {f} ({type(e).__name__}: {e}); the file may be truncated or corrupt"
-            ) from e
-    return sd
-
-
-def read_state_dict(path: str | Path, device: torch.device | str | None = None) -> dict[str, Tensor]:
-    """Reads a ``.safetensors`` file or a ``torch.save`` file (``.pth/.pt/.bin``, weights only, mmap)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint file at {path}")
-    if path.suffix == ".safetensors":
-        return _read_safetensors([path], device)
-    try:
-        obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as e:
-        raise ValueError(
-            f"could not read {path} ({type(e).__name__}: {e}); the file may be truncated or corrupt"
-        ) from e
-    while isinstance(obj, Mapping) and len(obj) == 1 and next(iter(obj)) in ("state_dict", "model", "module"):
-        obj = next(iter(obj.values()))
-    if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise ValueError(f"{path} does not hold a state dict of tensors (got {type(obj).__name__})")
-    return dict(obj)
-
-
 def _diffusers_folder(path: Path) -> tuple[Path, list[Path]]:
     folder = path / "vae" if not (path / "config.json").exists() and (path / "vae").is_dir() else path
     if not (folder / "config.json").exists():
@@ -827,7 +742,7 @@ def load_vae(
         folder, files = _diffusers_folder(path)
         if config is None:
             config = WanVAEConfig.from_diffusers(json.loads((folder / "config.json").read_text()))
-        sd = _read_safetensors(files, "cpu")
+        sd = read_state_dict(files)
         layout, source = "diffusers", str(folder)
     else:
         sd = read_state_dict(path)
