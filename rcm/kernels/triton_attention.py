@@ -499,8 +499,6 @@ def supports(q, k, v) -> Optional[str]:
         return f"dtype {q.dtype} not in bf16/fp16/fp32"
     if not (q.device == k.device == v.device):
         return f"devices differ: q {q.device}, k {k.device}, v {v.device}"
-    if q.device.type != "cuda" and not _interpreted():
-        return f"tensors on {q.device.type}, the Triton kernels need CUDA (or TRITON_INTERPRET=1)"
     if k.shape != v.shape:
         return f"k {tuple(k.shape)} and v {tuple(v.shape)} shapes differ"
     bq, lq, hq, dq = q.shape
@@ -515,6 +513,8 @@ def supports(q, k, v) -> Optional[str]:
         return f"empty sequence (Lq={lq}, Lk={lk})"
     if bq * hq >= 2**31 or triton.cdiv(max(lq, lk), 16) >= 2**31:
         return "grid too large"
+    if q.device.type != "cuda" and not _interpreted():
+        return f"tensors on {q.device.type}, the Triton kernels need CUDA (or TRITON_INTERPRET=1)"
     return None
 
 
