@@ -7,7 +7,6 @@ its bf16 tolerance is looser than the GPU acceptance bound (5e-3).
 GPU (@pytest.mark.gpu): every dtype, head dims 64/128/256, Lq != Lk, tails, strided views,
 saturated softmax; skipped without CUDA.
 """
-import math
 import os
 import sys
 

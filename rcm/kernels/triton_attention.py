@@ -32,7 +32,6 @@ block, looping over key blocks); P is recomputed from the saved lse.
 """
 from __future__ import annotations
 
-import math
 import os
 from typing import NamedTuple, Optional
 
