@@ -1,0 +1,255 @@
+"""Ulysses context parallelism for the Wan DiT, applied from outside the model (RCM_METHOD.md §6, §9).
+
+With a CP group of size P, every rank gets the full inputs (x, timestep, text) and:
+
+    tokens = patch_embedding(x)[:, r·L/P : (r+1)·L/P]              sequence split (contiguous chunks)
+    self-attention, per block:
+        q, k, v = RoPE(proj(z_local), rope[chunk r])                 [B, L/P, H, D]
+        q, k, v = all_to_all(q, k, v)                                 [B, L, H/P, D]   sequence ⇄ heads
+        o       = attention(q, k, v)                                  full sequence, H/P heads
+        o       = all_to_all⁻¹(o)                                     [B, L/P, H, D]
+    cross-attention: local (sharded queries against the full text)
+    out = all_gather(head(tokens_local))                             [B, L, out] on every rank
+
+The collectives are ``torch.autograd.Function``s with all three rules: forward, ``jvp`` (the same
+collective applied to the tangent, so ``torch.func.jvp`` passes through) and ``backward`` (the inverse
+collective). Under ``torch.no_grad()`` a dual input (the sCM JVP pass) takes the
+``fwAD.unpack_dual``/``make_dual`` route instead, as ``rcm.kernels.attention`` does: primals and
+tangents travel in **one** collective.
+
+The final gather's backward keeps the local chunk of the incoming gradient: every rank of the group
+must compute the identical loss from the gathered output (identical random draws: see
+``rcm.parallel.rank_seed``). Each rank's parameter gradients then hold its own tokens' share and the
+sum over the group is the full gradient (FSDP sums over CP and averages over data-parallel ranks).
+
+Applied as: a forward hook on the patch embedding (split), a class swap of every ``WanSelfAttention``
+to ``UlyssesSelfAttention`` (same parameters and state-dict keys), a forward hook on the head (gather).
+The Wan model file is untouched.
+"""
+from __future__ import annotations
+
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from rcm import kernels
+from rcm.models.wan import WanDiT, WanSelfAttention, rope_apply
+
+__all__ = [
+    "UlyssesSelfAttention",
+    "all_to_all",
+    "apply_context_parallel",
+    "gather_sequence",
+    "heads_to_sequence",
+    "sequence_to_heads",
+    "split_sequence",
+]
+
+
+# ------------------------------------------------------------------------------------------------
+# The collectives on plain tensors.
+
+
+def all_to_all(x: Tensor, group: dist.ProcessGroup, scatter_dim: int, gather_dim: int) -> Tensor:
+    """Split ``x`` into P chunks along ``scatter_dim``, send chunk j to rank j, and concatenate the
+    chunks received (in rank order) along ``gather_dim``."""
+    world = dist.get_world_size(group)
+    if world == 1:
+        return x
+    if x.shape[scatter_dim] % world:
+        raise ValueError(f"all_to_all: dim {scatter_dim} of shape {tuple(x.shape)} is not divisible by "
+                         f"the group size {world}")
+    send = torch.stack(x.chunk(world, dim=scatter_dim)).contiguous()
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)
+    return torch.cat(recv.unbind(0), dim=gather_dim)
+
+
+def _all_gather(x: Tensor, group: dist.ProcessGroup, dim: int) -> Tensor:
+    world = dist.get_world_size(group)
+    if world == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=dim)
+
+
+def _local_chunk(x: Tensor, group: dist.ProcessGroup, dim: int) -> Tensor:
+    world = dist.get_world_size(group)
+    if x.shape[dim] % world:
+        raise ValueError(f"context parallelism: dim {dim} of shape {tuple(x.shape)} (the patch-token "
+                         f"sequence) is not divisible by the CP size {world}; choose a latent whose "
+                         f"T'·H'·W' is a multiple of cp")
+    return x.chunk(world, dim=dim)[dist.get_rank(group)]
+
+
+# ------------------------------------------------------------------------------------------------
+# Differentiable collectives: forward, forward-AD (jvp) and reverse-mode (backward) rules.
+
+
+class _AllToAll(torch.autograd.Function):
+    """``all_to_all`` of several same-shaped tensors in one collective (stacked on a new dim 0)."""
+
+    generate_vmap_rule = False
+
+    @staticmethod
+    def forward(group, scatter_dim, gather_dim, *xs):
+        return tuple(all_to_all(torch.stack(xs), group, scatter_dim + 1, gather_dim + 1).unbind(0))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.group, ctx.scatter_dim, ctx.gather_dim = inputs[:3]
+        ctx.n = len(inputs) - 3
+
+    @staticmethod
+    def backward(ctx, *grads):
+        grads = [torch.zeros_like(g) if g is None else g for g in grads]  # unused outputs
+        with torch.no_grad():
+            out = all_to_all(torch.stack(grads), ctx.group, ctx.gather_dim + 1, ctx.scatter_dim + 1)
+        return (None, None, None, *out.unbind(0))
+
+    @staticmethod
+    def jvp(ctx, _g, _s, _d, *tangents):
+        return _AllToAll.forward(ctx.group, ctx.scatter_dim, ctx.gather_dim, *_fill_tangents(ctx, tangents))
+
+
+class _GatherSequence(torch.autograd.Function):
+    """All-gather along ``dim``; backward keeps the local chunk (the loss is replicated on the group)."""
+
+    @staticmethod
+    def forward(x, group, dim):
+        return _all_gather(x, group, dim)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, ctx.group, ctx.dim = inputs
+        ctx.shape = x.shape
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _local_chunk(grad, ctx.group, ctx.dim), None, None
+
+    @staticmethod
+    def jvp(ctx, x_dot, _g, _d):
+        return _all_gather(x_dot, ctx.group, ctx.dim)
+
+
+def _fill_tangents(ctx, tangents):
+    # An input without a tangent gets None here; the collective still needs a tensor on every rank.
+    ref = next((t for t in tangents if t is not None), None)
+    return [torch.zeros_like(ref) if t is None else t for t in tangents]
+
+
+def _dual_route(xs) -> tuple[list[Tensor], list[Tensor | None]] | None:
+    """(primals, tangents) when the no-grad forward-AD route applies (a dual input, grad mode off)."""
+    if torch.is_grad_enabled():
+        return None  # the autograd.Function keeps the graph for backward (and errors through tangents)
+    duals = [fwAD.unpack_dual(x) for x in xs]
+    if all(d.tangent is None for d in duals):
+        return None
+    return [d.primal for d in duals], [d.tangent for d in duals]
+
+
+def _a2a(xs: tuple[Tensor, ...], group, scatter_dim: int, gather_dim: int) -> tuple[Tensor, ...]:
+    if dist.get_world_size(group) == 1:
+        return tuple(xs)
+    dual = _dual_route(xs)
+    if dual is not None:
+        primals, tangents = dual
+        tangents = [torch.zeros_like(p) if t is None else t for p, t in zip(primals, tangents)]
+        out = all_to_all(torch.stack(primals + tangents), group, scatter_dim + 1, gather_dim + 1).unbind(0)
+        n = len(primals)
+        return tuple(fwAD.make_dual(p, t) for p, t in zip(out[:n], out[n:]))
+    return _AllToAll.apply(group, scatter_dim, gather_dim, *xs)
+
+
+def sequence_to_heads(*xs: Tensor, group: dist.ProcessGroup) -> tuple[Tensor, ...]:
+    """``[B, L/P, H, D] -> [B, L, H/P, D]`` for each of ``xs`` (one collective for all of them)."""
+    return _a2a(xs, group, scatter_dim=2, gather_dim=1)
+
+
+def heads_to_sequence(*xs: Tensor, group: dist.ProcessGroup) -> tuple[Tensor, ...]:
+    """``[B, L, H/P, D] -> [B, L/P, H, D]``: the inverse of ``sequence_to_heads``."""
+    return _a2a(xs, group, scatter_dim=1, gather_dim=2)
+
+
+def gather_sequence(x: Tensor, group: dist.ProcessGroup, dim: int = 1) -> Tensor:
+    """The full sequence from every rank's contiguous chunk, on every rank."""
+    if dist.get_world_size(group) == 1:
+        return x
+    dual = _dual_route((x,))
+    if dual is not None:
+        (p,), (t,) = dual
+        both = _all_gather(torch.stack([p, t]), group, dim + 1)
+        return fwAD.make_dual(both[0], both[1])
+    return _GatherSequence.apply(x, group, dim)
+
+
+def split_sequence(x: Tensor, group: dist.ProcessGroup, dim: int = 1) -> Tensor:
+    """This rank's contiguous chunk of ``x`` along ``dim`` (differentiable: plain indexing)."""
+    if dist.get_world_size(group) == 1:
+        return x
+    return _local_chunk(x, group, dim)
+
+
+# ------------------------------------------------------------------------------------------------
+# Applying it to the DiT.
+
+
+class UlyssesSelfAttention(WanSelfAttention):
+    """``WanSelfAttention`` on a sequence chunk: all-to-all to full sequence / H/P heads around the
+    attention op. Same parameters, same keys; ``cp_group`` is set by ``apply_context_parallel``.
+
+    Receives the local tokens ``x [B, L/P, dim]`` and the full RoPE table ``[L, D/2, 2]``."""
+
+    cp_group: dist.ProcessGroup
+
+    def forward(self, x: Tensor, rope: Tensor) -> Tensor:
+        group = self.cp_group
+        world = dist.get_world_size(group)
+        if self.num_heads % world:
+            raise ValueError(f"context parallelism: {self.num_heads} heads are not divisible by cp={world}")
+        n = x.shape[1]
+        if rope.shape[0] != n * world:
+            raise ValueError(f"context parallelism: RoPE table has {rope.shape[0]} positions, expected "
+                             f"{n} local tokens x cp {world}")
+        rope = rope[dist.get_rank(group) * n:(dist.get_rank(group) + 1) * n]
+        heads = (self.num_heads, -1)
+        q = rope_apply(self.norm_q(self.q(x)).unflatten(-1, heads), rope)
+        k = rope_apply(self.norm_k(self.k(x)).unflatten(-1, heads), rope)
+        v = self.v(x).unflatten(-1, heads)
+        q, k, v = sequence_to_heads(q, k, v, group=group)
+        (out,) = heads_to_sequence(kernels.attention(q, k, v), group=group)
+        return self.o(out.flatten(2))
+
+
+def _dits(model: nn.Module) -> list[WanDiT]:
+    return [m for m in model.modules() if isinstance(m, WanDiT)]
+
+
+def apply_context_parallel(model: nn.Module, group: dist.ProcessGroup) -> nn.Module:
+    """Make every ``WanDiT`` inside ``model`` context-parallel over ``group`` (in place; returned).
+
+    Every rank of ``group`` must call the model with identical inputs (and tangents); each gets the
+    full output. Requirements: heads and the patch-token count L = T'·H'·W' divisible by the group
+    size. A group of size 1 leaves the model unchanged."""
+    dits = _dits(model)
+    if not dits:
+        raise ValueError(f"apply_context_parallel: no WanDiT inside {type(model).__name__}")
+    world = dist.get_world_size(group)
+    if world == 1:
+        return model
+    for dit in dits:
+        if getattr(dit, "_rcm_cp_group", None) is not None:
+            raise ValueError("apply_context_parallel: the model is already context-parallel")
+        if dit.config.num_heads % world:
+            raise ValueError(f"context parallelism: {dit.config.num_heads} heads are not divisible by cp={world}")
+        dit._rcm_cp_group = group
+        dit.patch_embedding.register_forward_hook(lambda m, args, out: split_sequence(out, group, dim=1))
+        for module in dit.modules():
+            if type(module) is WanSelfAttention:
+                module.__class__ = UlyssesSelfAttention
+                module.cp_group = group
+        dit.head.register_forward_hook(lambda m, args, out: gather_sequence(out, group, dim=1))
+    return model

@@ -1,0 +1,234 @@
+"""Sharded train-state checkpoints with ``torch.distributed.checkpoint`` (DCP), and safetensors export.
+
+A checkpoint is a DCP folder holding, as one nested state dict:
+
+    student, fake_score, ema              model state dicts (``get_state_dict``: FQN keys = the
+                                          model's own keys, DTensor shards written by their owners)
+    student_optimizer, critic_optimizer   optimizer state dicts keyed by parameter FQN
+    student_scheduler, critic_scheduler   scheduler state dicts (small objects)
+    progress                              iteration, nonfinite_in_a_row, skipped_steps
+    ranks                                 per data-parallel rank: generator and torch RNG states and
+                                          an optional ``extra`` object (e.g. the data position)
+
+DCP stores every tensor with its global shape, so a checkpoint written by N processes loads on M
+processes, sharded or not (``load_train_state`` works without a process group too). The teacher is
+not saved: it is the frozen input of the run.
+
+Random streams across a world-size change: data-parallel rank d restores the saved stream of rank d;
+a rank that did not exist gets a fresh stream derived deterministically from saved rank 0's. CP ranks
+of a group share their data-parallel rank's stream (``rank_seed``).
+"""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+
+from rcm.parallel.mesh import ParallelMesh
+
+__all__ = [
+    "export_checkpoint",
+    "export_safetensors",
+    "full_model_state_dict",
+    "load_full_model_state_dict",
+    "load_train_state",
+    "save_train_state",
+]
+
+_PROGRESS = ("iteration", "nonfinite_in_a_row", "skipped_steps")
+
+
+def _ranks(mesh: ParallelMesh | None) -> tuple[int, int]:
+    return (0, 0) if mesh is None else (mesh.dp_rank, mesh.cp_rank)
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _state_dict(state, optimizers: tuple[bool, bool]) -> dict[str, Any]:
+    """The nested state dict of a TrainState (models and optimizers through get_state_dict).
+
+    ``optimizers``: whether to include the student / critic optimizer. An optimizer that has never
+    stepped is left out: get_state_dict would initialize it (a zero-lr step: Adam's step count 1),
+    and a resumed run would then differ from an uninterrupted one."""
+    sd: dict[str, Any] = {}
+    with_student, with_critic = optimizers
+    if with_student:
+        sd["student"], sd["student_optimizer"] = get_state_dict(state.student, state.student_optimizer)
+    else:
+        sd["student"] = get_model_state_dict(state.student)
+    if state.fake_score is not None:
+        if with_critic:
+            sd["fake_score"], sd["critic_optimizer"] = get_state_dict(state.fake_score, state.critic_optimizer)
+        else:
+            sd["fake_score"] = get_model_state_dict(state.fake_score)
+        sd["critic_scheduler"] = state.critic_scheduler.state_dict()
+    sd["ema"] = get_model_state_dict(state.ema)
+    sd["student_scheduler"] = state.student_scheduler.state_dict()
+    sd["progress"] = {k: int(getattr(state, k)) for k in _PROGRESS}
+    return sd
+
+
+def _stepped(optimizer) -> bool:
+    return optimizer is not None and len(optimizer.state) > 0
+
+
+def _gather_rank_states(payload: dict, mesh: ParallelMesh | None) -> dict[int, dict]:
+    """{dp_rank: payload} from CP rank 0 of every group, the same dict on every rank."""
+    dp_rank, cp_rank = _ranks(mesh)
+    entries = [(dp_rank, cp_rank, payload)]
+    if _distributed() and dist.get_world_size() > 1:
+        entries = [None] * dist.get_world_size()
+        dist.all_gather_object(entries, (dp_rank, cp_rank, payload))
+    return {d: p for d, c, p in entries if c == 0}
+
+
+def save_train_state(path: str | Path, state, mesh: ParallelMesh | None = None, extra: Any = None) -> Path:
+    """Write ``state`` (an ``rcm.train.TrainState``, sharded or not) as a DCP checkpoint folder.
+
+    Collective: every rank calls it. ``extra``: any picklable per-rank object stored per data-parallel
+    rank (e.g. ``task.state_dict()``), returned by ``load_train_state``."""
+    path = Path(path)
+    sd = _state_dict(state, (_stepped(state.student_optimizer), _stepped(state.critic_optimizer)))
+    payload = {"generator": state.generator.get_state(), "torch_rng": torch.get_rng_state(), "extra": extra}
+    # One opaque object (identical on every rank): DCP stores it once, whatever the world size.
+    sd["ranks"] = _to_bytes({"dp_size": 1 if mesh is None else mesh.dp_size,
+                             "states": _gather_rank_states(payload, mesh)})
+    dcp.save(sd, checkpoint_id=str(path))
+    return path
+
+
+def _to_bytes(obj: Any) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def _from_bytes(data: bytes) -> Any:
+    return torch.load(io.BytesIO(data), weights_only=False)
+
+
+def _derived_generator_state(saved: torch.Tensor, index: int, device) -> torch.Tensor:
+    g = torch.Generator().set_state(saved)
+    seed = int(torch.randint(0, 2**62, (index + 1,), generator=g)[index])
+    return torch.Generator(device=device).manual_seed(seed).get_state()
+
+
+def load_train_state(path: str | Path, state, mesh: ParallelMesh | None = None) -> Any:
+    """Load a ``save_train_state`` folder into ``state`` (in place), whatever the world size that
+    wrote it. Collective. Returns this rank's saved ``extra`` (None for a data-parallel rank that
+    did not exist when saving)."""
+    path = Path(path)
+    if not (path / ".metadata").is_file():
+        raise FileNotFoundError(f"{path} is not a DCP checkpoint folder (no .metadata)")
+    keys = FileSystemReader(str(path)).read_metadata().state_dict_metadata.keys()
+    saved_opt = tuple(any(k.startswith(f"{name}.") for k in keys)
+                      for name in ("student_optimizer", "critic_optimizer"))
+    sd = _state_dict(state, saved_opt)
+    sd["ranks"] = b""
+    dcp.load(sd, checkpoint_id=str(path))
+    models = (("student", state.student, state.student_optimizer, state.student_scheduler, saved_opt[0]),
+              ("fake_score", state.fake_score, state.critic_optimizer, state.critic_scheduler, saved_opt[1]))
+    for name, model, optimizer, scheduler, with_optimizer in models:
+        if model is None:
+            continue
+        if with_optimizer:
+            opt_name = "student_optimizer" if name == "student" else "critic_optimizer"
+            set_state_dict(model, optimizer, model_state_dict=sd[name], optim_state_dict=sd[opt_name])
+        else:
+            set_model_state_dict(model, sd[name])
+            optimizer.state.clear()  # never stepped when saved: fresh again
+        scheduler.load_state_dict(sd["student_scheduler" if name == "student" else "critic_scheduler"])
+        for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+            group["lr"] = lr  # what a saved optimizer's param_groups would hold
+    set_model_state_dict(state.ema, sd["ema"])
+    for k in _PROGRESS:
+        setattr(state, k, int(sd["progress"][k]))
+
+    saved = _from_bytes(sd["ranks"])["states"]
+    dp_rank, _ = _ranks(mesh)
+    mine = saved.get(dp_rank)
+    if mine is not None:
+        state.generator.set_state(mine["generator"])
+        torch.set_rng_state(mine["torch_rng"])
+        return mine["extra"]
+    first = saved[min(saved)]
+    state.generator.set_state(_derived_generator_state(first["generator"], dp_rank, state.generator.device))
+    torch.set_rng_state(_derived_generator_state(first["torch_rng"], dp_rank, "cpu"))
+    return None
+
+
+# ------------------------------------------------------------------------------------------------
+# Full (unsharded) weights: for sampling, export and loading a teacher into a sharded model.
+
+
+def full_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's weights as plain CPU tensors (collective for a sharded model; every rank
+    gets them). Keys are the model's own (official Wan keys for a ``WanDiT``)."""
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=opts)
+
+
+def load_full_model_state_dict(model: nn.Module, full: dict[str, torch.Tensor], strict: bool = True) -> None:
+    """Load plain full weights (e.g. a teacher checkpoint) into a sharded or plain model; each rank
+    keeps its shards. Strict by default (DESIGN.md: no silent key mismatches)."""
+    opts = StateDictOptions(full_state_dict=True, strict=strict)
+    set_model_state_dict(model, full, options=opts)
+
+
+def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path, dtype: torch.dtype | None) -> Path:
+    from safetensors.torch import save_file
+
+    out = {}
+    for k, v in tensors.items():
+        v = v.detach().cpu()
+        if dtype is not None and v.is_floating_point():
+            v = v.to(dtype)
+        out[k] = v.contiguous().clone()  # no shared storage in a safetensors file
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(out, str(path))
+    return path
+
+
+def export_safetensors(model: nn.Module, path: str | Path, dtype: torch.dtype | None = None) -> Path | None:
+    """Write the whole (possibly sharded) model to one safetensors file, from rank 0. Collective.
+    Returns the path on the writing rank, None elsewhere."""
+    full = full_model_state_dict(model)
+    if _distributed() and dist.get_rank() != 0:
+        return None
+    return _save_safetensors(full, Path(path), dtype)
+
+
+def export_checkpoint(checkpoint: str | Path, path: str | Path, model: str = "ema",
+                      dtype: torch.dtype | None = None) -> Path:
+    """Convert one model (``"ema"``, ``"student"`` or ``"fake_score"``) of a ``save_train_state``
+    folder into a single safetensors file, in one process without any process group (any world size
+    wrote it). The keys are the model's own: a ``WanDiT``'s load with ``load_state_dict(strict=True)``."""
+    checkpoint = Path(checkpoint)
+    if not (checkpoint / ".metadata").is_file():
+        raise FileNotFoundError(f"{checkpoint} is not a DCP checkpoint folder (no .metadata)")
+    meta = FileSystemReader(str(checkpoint)).read_metadata()
+    prefix = model + "."
+    empty = {}
+    for key, item in meta.state_dict_metadata.items():
+        if key.startswith(prefix) and hasattr(item, "properties"):  # tensors of that model
+            empty[key] = torch.empty(item.size, dtype=item.properties.dtype)
+    if not empty:
+        models = sorted({k.split(".", 1)[0] for k in meta.state_dict_metadata})
+        raise ValueError(f"{checkpoint} has no tensors of model {model!r}; top-level entries: {models}")
+    dcp.load(empty, checkpoint_id=str(checkpoint), no_dist=True)
+    return _save_safetensors({k[len(prefix):]: v for k, v in empty.items()}, Path(path), dtype)

@@ -1,0 +1,169 @@
+"""Multi-process side of tests/test_parallel.py, launched with torchrun (gloo, CPU, tiny Wan DiT).
+
+    torchrun --standalone --nproc-per-node 2 tests/parallel_workers/worker.py train OUT
+    torchrun --standalone --nproc-per-node 2 tests/parallel_workers/worker.py resume OUT CKPT REF
+
+Each case's results are torch.save'd by rank 0 into OUT/<case>.pt; failures raise (non-zero exit).
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from parallel_workers import common  # noqa: E402
+
+from rcm.parallel import (  # noqa: E402
+    ParallelConfig,
+    build_mesh,
+    export_safetensors,
+    grads_finite,
+    init_distributed,
+    load_train_state,
+    parallelize,
+    rank_seed,
+    save_train_state,
+    shard_train_state,
+)
+from rcm.train import init_state, train_step  # noqa: E402
+
+FSDP = ParallelConfig(dp_shard=2)
+FSDP_AC = dataclasses.replace(FSDP, activation_checkpointing=True)
+CP = ParallelConfig(dp_shard=1, cp=2)
+CP_AC = dataclasses.replace(CP, activation_checkpointing=True)
+
+
+def save(out: Path, name: str, value) -> None:
+    if dist.get_rank() == 0:
+        torch.save(value, out / f"{name}.pt")
+
+
+def sharded_models(cfg: ParallelConfig):
+    mesh = build_mesh(cfg, "cpu")
+    teacher, student, fake = common.models()
+    for m in (teacher, student, fake):
+        parallelize(m, mesh)
+    return mesh, teacher, student, fake
+
+
+def case_fsdp(out: Path, cfg: ParallelConfig, name: str) -> None:
+    """Acceptance 1 and 3: the rCM student iteration on identical data on every rank."""
+    _, teacher, student, fake = sharded_models(cfg)
+    save(out, name, common.student_step(teacher, student, fake, data_seed=0))
+
+
+def case_fsdp_grad_sync(out: Path) -> None:
+    """Acceptance 1: different data per rank; the synced gradient is the mean over ranks."""
+    _, teacher, student, fake = sharded_models(FSDP)
+    result = common.student_step(teacher, student, fake, data_seed=10 + dist.get_rank())
+    finite = grads_finite(student)
+    param = student.blocks[0].ffn[0].weight
+    if dist.get_rank() == 1:  # a non-finite gradient in one rank's shard only
+        param.grad.to_local()[0, 0] = float("nan")
+    save(out, "fsdp_grad_sync", {"grads": result["grads"], "finite": finite, "after_nan": grads_finite(student)})
+
+
+def case_mixed_precision(out: Path) -> None:
+    """bf16 compute through FSDP's mixed precision: the same as the bf16 model (timestep, modulation
+    and RoPE stay fp32: FSDP must not cast forward inputs)."""
+    mesh = build_mesh(dataclasses.replace(FSDP, param_dtype="bfloat16"), "cpu")
+    dit = parallelize(common.teacher(), mesh)
+    x, timestep, context = common.dit_inputs()[:3]
+    with torch.no_grad():
+        save(out, "mixed_precision", {"out": dit(x, timestep, context),
+                                      "param_dtype": str(next(dit.parameters()).dtype)})
+
+
+def case_cp(out: Path, cfg: ParallelConfig, name: str) -> None:
+    """Acceptance 2: DiT outputs, JVP tangents and gradients with the sequence split over cp ranks,
+    then the rCM student iteration with all three networks context-parallel."""
+    mesh, teacher, student, fake = sharded_models(cfg)
+    assert mesh.cp_size == 2 and rank_seed(7, mesh) == 7  # one data-parallel rank: the same seed
+    dit = common.teacher()
+    parallelize(dit, mesh)
+    result = {"dit": common.dit_checks(dit), "rcm": common.student_step(teacher, student, fake)}
+    _, timestep, context = common.dit_inputs()[:3]
+    try:  # patch grid 1x1x3: 3 tokens, not divisible by cp = 2
+        dit(torch.zeros(2, 4, 1, 2, 6), timestep, context)
+        result["odd_sequence_error"] = None
+    except ValueError as e:
+        result["odd_sequence_error"] = str(e)
+    save(out, name, result)
+
+
+def build_state(mesh):
+    task = common.Task()
+    state = init_state(task.build_teacher(), common.LOSS, common.OPTIM, common.OPTIM, seed=7,
+                       device=torch.device("cpu"))
+    shard_train_state(state, mesh)
+    return state, task
+
+
+def steps(state, task, n: int) -> None:
+    for _ in range(n):
+        logs = train_step(state, task, common.LOSS, ema_gamma=6.94, max_nonfinite=3)
+        assert not logs.get("skipped"), logs
+        assert grads_finite(state.student)
+
+
+def case_train(out: Path) -> None:
+    """Acceptance 4, first half: train 3 iterations (2 student, 1 critic) with identical data on both
+    ranks, save with DCP, export the EMA, train one more."""
+    mesh = build_mesh(FSDP, "cpu")
+    state, task = build_state(mesh)
+    steps(state, task, 3)
+    save_train_state(out / "ckpt_2proc", state, mesh, extra=task.state_dict())
+    save(out, "train_saved", common.snapshot(state))
+    export_safetensors(state.ema, out / "ema.safetensors")
+    steps(state, task, 1)
+    save(out, "train_continued", common.snapshot(state))
+
+
+def case_resume(out: Path, checkpoint: Path) -> None:
+    """Acceptance 4, second half: load a 1-process checkpoint on 2 processes, train one iteration."""
+    mesh = build_mesh(FSDP, "cpu")
+    state, task = build_state(mesh)
+    extra = load_train_state(checkpoint, state, mesh)
+    if dist.get_rank() == 0:
+        assert extra is not None
+    else:  # a data-parallel rank that did not exist: a fresh, derived random stream
+        assert extra is None
+    streams = [None, None]
+    dist.all_gather_object(streams, state.generator.get_state())
+    assert not torch.equal(streams[0], streams[1]), "rank 1 must not repeat rank 0's random stream"
+    save(out, "resume_loaded", common.snapshot(state))
+    # The check of continued training uses rank 0's stream and data on both ranks (the single-process
+    # continuation it is compared with saw one stream); the optimizer, EMA and schedule come from DCP.
+    shared = [extra, streams[0]]
+    dist.broadcast_object_list(shared, src=0)
+    task.load_state_dict(shared[0])
+    state.generator.set_state(shared[1])
+    steps(state, task, 2)
+    save(out, "resume_continued", common.snapshot(state))
+
+
+def main() -> None:
+    command, out = sys.argv[1], Path(sys.argv[2])
+    init_distributed(FSDP, "cpu")
+    if command == "train":
+        case_fsdp(out, FSDP, "fsdp")
+        case_fsdp(out, FSDP_AC, "fsdp_ac")
+        case_fsdp_grad_sync(out)
+        case_mixed_precision(out)
+        case_cp(out, CP, "cp")
+        case_cp(out, CP_AC, "cp_ac")
+        case_train(out)
+    elif command == "resume":
+        case_resume(out, Path(sys.argv[3]))
+    else:
+        raise SystemExit(f"unknown command {command!r}")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
