@@ -508,7 +508,7 @@ def _sample_wan(cfg: SampleConfig, console) -> SampleResult:
         torch.cuda.empty_cache()
 
     # 4. Decode and write.
-    paths, vae_seconds = [], 0.0
+    paths, decode_seconds = [], []
     with _progress(console) as progress:
         task = progress.add_task("VAE decode", total=num_samples)
         for i, latent in enumerate(latents):
@@ -516,15 +516,16 @@ def _sample_wan(cfg: SampleConfig, console) -> SampleResult:
             t0 = time.perf_counter()
             frames = decode_videos(vae, latent, chunk_size=cfg.vae_chunk_size)[0]
             _sync(device)
-            vae_seconds += time.perf_counter() - t0
+            decode_seconds.append(time.perf_counter() - t0)
             paths.append(write_video(_numbered(save_path, i, num_samples), frames, fps=cfg.fps))
             progress.update(task, advance=1)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     result = SampleResult(
         paths, kind, dit_seconds_per_step=sum(step_times) / max(1, len(step_times)),
-        vae_decode_seconds=vae_seconds / num_samples, peak_memory_gb=peak, text_encode_seconds=text_seconds,
+        vae_decode_seconds=sum(decode_seconds) / num_samples, peak_memory_gb=peak, text_encode_seconds=text_seconds,
         extra={"tokens": tokens, "latent_shape": list(latent_shape), "height": height, "width": width,
-               "step_seconds": [round(s, 4) for s in step_times]})  # fmt: skip
+               "step_seconds": [round(s, 4) for s in step_times],
+               "decode_seconds": [round(s, 3) for s in decode_seconds]})  # fmt: skip
     line = (f"DiT {result.dit_seconds_per_step:.3f} s/step, VAE decode {result.vae_decode_seconds:.2f} s/video, "
             f"text encoding {text_seconds:.1f} s")
     if peak is not None:
