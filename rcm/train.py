@@ -294,3 +294,116 @@ def resume_if_possible(state: TrainState, task: Task, run_dir: Path, config_reco
     load_state_dict(state, saved["train"])
     task.load_state_dict(saved["task"])
     return True
+
+
+# ----------------------------------------------------------------------------------------------------------
+# `rcm distill`: the digits demo (the embedded default). Wan2.1 distillation plugs in as another task.
+
+DIGITS_LOSS = RCMConfig(
+    scm=SCMConfig(guidance=3.0, tangent_warmup=100),
+    dmd=DMDConfig(guidance=3.0),
+    student_update_freq=5,
+)
+
+
+@dataclass
+class DistillConfig:
+    """Distill a teacher into a 1-4 step student with rCM (or sCM / DMD2 alone, for comparison).
+
+    With no arguments: rCM on the shipped digits teacher, on the CPU, writing samples, metrics.json and a
+    quality/diversity table to --out-dir. Re-running the same command resumes from the last checkpoint.
+    """
+
+    method: Method = "rcm"
+    model: Literal["digits"] = "digits"
+    teacher: Path | None = None  # None: the shipped teacher (rcm/assets/digits_teacher.safetensors)
+    out_dir: Path | None = None  # None: runs/digits-<method>
+    resume: bool = True  # continue from out_dir's latest checkpoint if there is one
+    batch_size: int = 32
+    loop: LoopConfig = field(default_factory=lambda: LoopConfig(iterations=400, checkpoint_every=50))
+    loss: RCMConfig = field(default_factory=lambda: DIGITS_LOSS)
+    student_optim: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=1e-4, warmup=20))
+    critic_optim: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=1e-4, warmup=20))
+    ema_sigma_rel: float = 0.1
+    report: bool = True  # sample and score teacher and student at the end
+    report_settings: "DigitsReport" = field(default_factory=lambda: _digits_report_default())
+    threads: int = 0  # torch.set_num_threads; 0 keeps torch's default
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.teacher is not None and not Path(self.teacher).is_file():
+            raise FileNotFoundError(f"--teacher: no file at {self.teacher}")
+        if not self.ema_sigma_rel > 0:
+            raise ValueError(f"--ema-sigma-rel must be > 0, got {self.ema_sigma_rel}")
+        if self.threads < 0:
+            raise ValueError(f"--threads must be >= 0, got {self.threads}")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) if self.out_dir is not None else Path("runs") / f"{self.model}-{self.method}"
+
+
+def _digits_report_default():
+    from rcm.tasks import DigitsReport
+
+    return DigitsReport()
+
+
+def _fingerprint(cfg: DistillConfig) -> str:
+    """Everything that changes the trajectory (not the iteration count, output paths or reporting)."""
+    fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out_dir", "resume", "report",
+                                                                           "report_settings", "threads")}
+    fields["loop"] = {k: v for k, v in fields["loop"].items() if k in ("seed",)}
+    return json.dumps(fields, sort_keys=True, default=str)
+
+
+def distill(cfg: DistillConfig) -> dict:
+    """Run (or resume) a distillation, export the EMA student, and report. Returns a summary dict."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from rcm.demo import TeacherSampling, save_model
+    from rcm.tasks import DigitsTask, digits_report
+
+    console = Console()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.loop.seed)
+    run_dir = cfg.run_dir
+    loss = method_config(cfg.method, cfg.loss)
+    task = DigitsTask(cfg.teacher, cfg.batch_size, cfg.loop.seed)
+    state = init_state(task.build_teacher(), loss, cfg.student_optim, cfg.critic_optim, cfg.loop.seed,
+                       torch.device("cpu"))
+    record = {"fingerprint": _fingerprint(cfg), "ema_sigma_rel": cfg.ema_sigma_rel}
+    if cfg.resume and resume_if_possible(state, task, run_dir, record):
+        console.print(f"[bold]resumed[/] {run_dir} at iteration {state.iteration}")
+    elif not cfg.resume and (run_dir / "checkpoints").exists():
+        raise ValueError(f"{run_dir} already holds a run; use another --out-dir or drop --no-resume to continue it")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2, default=str) + "\n")
+
+    console.print(f"[bold]{cfg.method}[/] distillation of the digits teacher → {run_dir}  "
+                  f"({cfg.loop.iterations} iterations, batch {cfg.batch_size})")
+    start = time.perf_counter()
+    columns = (TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
+    with Progress(*columns, console=console, transient=False) as bar:
+        job = bar.add_task(cfg.method, total=cfg.loop.iterations, completed=state.iteration, info="")
+
+        def progress(done: int, total: int, logs: dict) -> None:
+            info = "  ".join(f"{k[5:]} {v:.3g}" for k, v in logs.items() if k.startswith("loss_"))
+            bar.update(job, completed=done, info=info)
+
+        run_loop(state, task, loss, cfg.loop, run_dir, record, progress=progress)
+    train_seconds = time.perf_counter() - start
+    student_path = run_dir / "student_ema.safetensors"
+    save_model(state.ema, student_path, {"kind": "student", "method": cfg.method, "iterations": state.iteration})
+    console.print(f"student (EMA) → {student_path}   training took {train_seconds:.0f} s")
+    summary = {"run_dir": str(run_dir), "student": str(student_path), "train_seconds": train_seconds}
+    if cfg.report:
+        teacher_sampling = TeacherSampling(guidance=loss.scm.guidance if loss.scm.guidance > 1 else loss.dmd.guidance)
+        summary["rows"] = digits_report(state.teacher, {cfg.method: state.ema.eval()}, run_dir,
+                                        cfg.report_settings, teacher_sampling, console=console)
+        console.print(f"samples → {run_dir}/samples.png, samples.gif, samples.mp4; metrics → {run_dir}/metrics.json")
+    return summary

@@ -222,8 +222,8 @@ def _(info, in_dims, grad_out, q, k, v, out, lse, scale, backend):
 # The differentiable op.
 
 
-class _AttentionFunction(torch.autograd.Function):
-    """Reverse mode through rcm::attention_backward, forward mode through rcm::attention_forward_jvp."""
+class _AttentionGradFunction(torch.autograd.Function):
+    """Reverse mode through rcm::attention_backward (no forward-mode rule: what torch.compile traces)."""
 
     generate_vmap_rule = True
 
@@ -248,6 +248,10 @@ class _AttentionFunction(torch.autograd.Function):
         with torch.no_grad():
             dq, dk, dv = attention_backward(grad_out, q, k, v, out, lse, ctx.scale, ctx.backend)
         return dq, dk, dv, None, None
+
+
+class _AttentionFunction(_AttentionGradFunction):
+    """Adds forward mode through rcm::attention_forward_jvp (eager; see `attention` for compile)."""
 
     @staticmethod
     def jvp(ctx, q_dot, k_dot, v_dot, _scale_dot, _backend_dot):
@@ -279,10 +283,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None, ba
                 *(d.primal for d in duals), *(d.tangent for d in duals), scale, backend
             )
             return fwAD.make_dual(out, out_dot)
-    if compiling:
-        # Dynamo cannot trace an autograd.Function with a custom jvp when grads are on; the custom op
-        # carries its own reverse-mode rule.
-        out, _ = attention_forward(q, k, v, scale, backend)
-        return out
-    out, _ = _AttentionFunction.apply(q, k, v, scale, backend)
+    # Dynamo cannot trace an autograd.Function with a custom jvp when grads are on, so compiled code gets
+    # the reverse-mode-only Function (forward AD under compile is handled above).
+    out, _ = (_AttentionGradFunction if compiling else _AttentionFunction).apply(q, k, v, scale, backend)
     return out

@@ -1,0 +1,122 @@
+"""Tasks: what the distillation loop trains on, and how a finished run is reported.
+
+`DigitsTask` is the embedded default: the shipped class-conditional digits teacher, real moving-digit
+clips as x0, the null label as the CFG negative, and a report comparing teacher and students on
+quality (classifier Fréchet distance), adherence (class accuracy) and diversity.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from rcm.data import ClipBatches, clip_grid, to_unit
+from rcm.demo import DEMO_SPEC, TeacherSampling, load_teacher, null_labels, sample_student, sample_teacher
+
+
+@dataclass(frozen=True)
+class DigitsReport:
+    """What the final report samples and scores."""
+
+    student_steps: tuple[int, ...] = (1, 2, 4)
+    teacher_steps: tuple[int, ...] = (1, 2, 4, 50)
+    num_per_class: int = 20  # clips per class scored for each generator
+    num_real: int = 500  # held-out real clips for FD / diversity
+    sigma_max: float = 80.0
+    seed: int = 0
+
+
+class DigitsTask:
+    """Real training clips (x0), labels as the context, the null label as the CFG negative."""
+
+    def __init__(self, teacher_path: Path | None, batch_size: int, seed: int):
+        self.teacher_path = teacher_path
+        self.batches = ClipBatches("train", batch_size=batch_size, seed=seed, spec=DEMO_SPEC)
+
+    def build_teacher(self) -> nn.Module:
+        return load_teacher(self.teacher_path)
+
+    def next_batch(self) -> tuple[Tensor, Tensor]:
+        return next(self.batches)
+
+    def negative_context(self, labels: Tensor) -> Tensor:
+        return null_labels(labels)
+
+    def state_dict(self) -> dict:
+        return {"batches": self.batches.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batches.load_state_dict(state["batches"])
+
+
+def digits_generators(teacher: nn.Module, students: dict[str, nn.Module], report: DigitsReport,
+                      teacher_sampling: TeacherSampling) -> dict:
+    """Named `(labels, generator) -> clips` callables: the teacher at each step count, each student at each."""
+    gens = {}
+    for steps in report.teacher_steps:
+        cfg = TeacherSampling(**{**teacher_sampling.__dict__, "steps": steps})
+        gens[f"teacher@{steps}"] = (lambda c: lambda labels, g: sample_teacher(teacher, labels, g, c))(cfg)
+    for name, student in students.items():
+        for steps in report.student_steps:
+            gens[f"{name}@{steps}"] = (lambda s, n: lambda labels, g: sample_student(
+                s, labels, g, steps=n, sigma_max=report.sigma_max))(student, steps)
+    return gens
+
+
+def write_samples(generators: dict, out_dir: Path, seed: int = 0, per_class: int = 1) -> dict[str, Path]:
+    """A PNG grid (one row per generator, one clip per class, frames left to right) and an animated
+    GIF and MP4 of the same clips side by side."""
+    import imageio.v2 as imageio
+
+    labels = torch.arange(10).repeat_interleave(per_class)
+    rows = {}
+    for name, gen in generators.items():
+        rows[name] = gen(labels, torch.Generator().manual_seed(seed)).float().cpu()
+    # PNG: generators stacked vertically, each a row of clips (frames left to right)
+    grids = [clip_grid(clips, nrow=1) for clips in rows.values()]  # each [h, W]
+    width = max(g.shape[1] for g in grids)
+    png = np.concatenate([np.pad(g, ((0, 4), (0, width - g.shape[1])), constant_values=255) for g in grids])
+    paths = {"png": out_dir / "samples.png", "gif": out_dir / "samples.gif", "mp4": out_dir / "samples.mp4"}
+    imageio.imwrite(paths["png"], png)
+    # animation: frame t shows every generator's clips at time t (rows: generators, columns: classes)
+    frames = []
+    for t in range(DEMO_SPEC.frames):
+        tile = torch.stack([to_unit(c[:, 0, t]) for c in rows.values()])  # [G, N, H, W]
+        g_, n, h, w = tile.shape
+        tile = torch.nn.functional.pad(tile, (1, 1, 1, 1), value=0.5).permute(0, 2, 1, 3).reshape(g_ * (h + 2), n * (w + 2))
+        tile = tile.repeat_interleave(6, 0).repeat_interleave(6, 1)
+        frames.append((tile * 255).round().to(torch.uint8).numpy())
+    imageio.mimsave(paths["gif"], frames, duration=1000 / 8, loop=0)
+    # MP4 wants even sizes divisible by 16 for most players; pad once.
+    h, w = frames[0].shape
+    ph, pw = (-h) % 16, (-w) % 16
+    writer = imageio.get_writer(paths["mp4"], fps=8, macro_block_size=1)
+    for f in frames:
+        writer.append_data(np.pad(f, ((0, ph), (0, pw)), constant_values=128))
+    writer.close()
+    (out_dir / "samples_order.txt").write_text("\n".join(rows) + "\n")
+    return paths
+
+
+def digits_report(teacher: nn.Module, students: dict[str, nn.Module], out_dir: Path, report: DigitsReport,
+                  teacher_sampling: TeacherSampling, console=None) -> list[dict]:
+    """Sample, score and write `metrics.json`, `samples.png`, `samples.gif`, `samples.mp4`; print the table."""
+    from rcm.evaluate import EvalConfig, evaluate
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    gens = digits_generators(teacher, students, report, teacher_sampling)
+    shown = {k: v for k, v in gens.items() if not k.startswith("teacher@") or k in ("teacher@50", "teacher@1")}
+    write_samples(shown, out_dir, seed=report.seed)
+    cfg = EvalConfig(num_per_class=report.num_per_class, num_real=report.num_real, seed=report.seed, spec=DEMO_SPEC)
+    start = time.perf_counter()
+    rows = evaluate(gens, cfg, console=console)
+    meta = {"eval_seconds": round(time.perf_counter() - start, 1), "eval": cfg.__dict__ | {"spec": str(cfg.spec)},
+            "report": report.__dict__, "teacher_sampling": teacher_sampling.__dict__}
+    (out_dir / "metrics.json").write_text(json.dumps({"rows": rows, **meta}, indent=2, default=str) + "\n")
+    return rows
