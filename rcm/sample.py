@@ -76,6 +76,7 @@ class SampleConfig:
     """digits: .png (grid), .gif, .mp4 or .npz (clips in [0,1] [N,T,H,W] + labels); Wan: .mp4 or .gif.
     Default samples.png / out.mp4."""
     seed: int = 0
+    """noise seed; sample i uses seed + i."""
     num_samples: int | None = None
     """digits: default one per class (or len(labels)); Wan: default 1, saved as out_0.mp4, out_1.mp4, ..."""
 
@@ -87,6 +88,7 @@ class SampleConfig:
 
     # teacher
     sampler: Literal["unipc", "euler"] = "unipc"
+    """teacher sampler (flow UniPC, order 2, or Euler)."""
     steps: int = 50
     """teacher sampling steps."""
     guidance: float | None = None
@@ -110,10 +112,13 @@ class SampleConfig:
     tokenizer_path: Path | None = None
     """umT5 tokenizer folder; default found next to the text encoder."""
     prompt: str = ""
+    """Wan: the text to generate a video of."""
     negative_prompt: str = WAN_NEGATIVE_PROMPT
     """teacher CFG negative prompt (Wan's default)."""
     resolution: Literal["480p", "720p"] = "480p"
+    """Wan video size: 480p (832x480 at 16:9) or 720p (1280x720)."""
     aspect_ratio: Literal["16:9", "9:16", "1:1"] = "16:9"
+    """Wan aspect ratio (1:1 is 624x624 / 960x960)."""
     height: int | None = None
     """explicit video height (overrides resolution/aspect-ratio; a multiple of 16)."""
     width: int | None = None
@@ -121,7 +126,9 @@ class SampleConfig:
     num_frames: int = 81
     """video frames, 1 + 4k."""
     fps: int = 16
+    """frames per second of the written video (digits: at most 8)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Wan: auto = cuda when available; bf16 on CUDA, fp32 on the CPU (digits always run on the CPU)."""
     vae_chunk_size: int = 1
     """latent frames per VAE decode chunk (1: Wan's schedule, least memory)."""
 
