@@ -28,8 +28,11 @@ from rcm.parallel import (
     apply_activation_checkpointing,
     export_checkpoint,
     grads_finite,
+    list_sharded_checkpoints,
+    load_latest_sharded_checkpoint,
     load_train_state,
     mixed_precision_policy,
+    save_sharded_checkpoint,
     save_train_state,
 )
 from rcm.train import init_state, train_step
@@ -93,7 +96,8 @@ def runs(tmp_path_factory):
     # 2 → 1: load the 2-process checkpoint into plain single-process models (no process group).
     task = common.Task()
     state = _plain_state()
-    extra = load_train_state(out / "ckpt_2proc", state)
+    extra, path = load_latest_sharded_checkpoint(out / "run_2proc", state)
+    assert path.name == "step_00000003"
     task.load_state_dict(extra)
     results["single_loaded"] = common.snapshot(state)
     _steps(state, task, 1)
@@ -138,9 +142,18 @@ def test_fsdp_rcm_student_iteration_equals_single_process(runs, reference):
     assert_close(got["grads"], reference["grads"], "grads")
 
 
-def test_fsdp_gradients_are_averaged_over_ranks(runs):
+def test_fsdp_dit_outputs_and_tangents_with_and_without_no_grad(runs):
     _, results = runs
-    got = results["fsdp_grad_sync"]
+    got, ref = results["fsdp"]["dit"], common.dit_checks(common.teacher())
+    for key in ("out", "tangent_nograd", "tangent_grad", "jvp_primal", "grads"):
+        assert_close(got[key], ref[key], key)
+
+
+@pytest.mark.parametrize("case", ["fsdp_grad_sync", "hsdp_grad_sync"])
+def test_gradients_are_averaged_over_ranks(runs, case):
+    """Different data per rank (sharded FSDP, and replicate-only HSDP = DDP-like)."""
+    _, results = runs
+    got = results[case]
     per_rank = [common.student_step(*common.models(), data_seed=10 + r)["grads"] for r in (0, 1)]
     mean = {k: (per_rank[0][k] + per_rank[1][k]) / 2 for k in per_rank[0]}
     assert_close(got["grads"], mean, "synced grads")
@@ -162,6 +175,14 @@ def test_fsdp_mixed_precision_computes_in_bf16_with_fp32_inputs(runs):
     assert_close(got["out"], ref, "bf16 output", rtol=1e-6)
     fp32 = common.teacher()(x, timestep, context).detach()
     assert rel(got["out"], fp32) > 1e-4  # it really ran in bf16
+
+
+def test_meta_device_init_and_rank0_broadcast_load(runs):
+    _, results = runs
+    x, timestep, context = common.dit_inputs()[:3]
+    with torch.no_grad():
+        ref = common.teacher()(x, timestep, context)
+    assert_close(results["meta_init"]["out"], ref, "meta init", rtol=0)
 
 
 def test_mixed_precision_policy():
@@ -260,12 +281,12 @@ def test_export_safetensors(runs):
     from safetensors.torch import load_file
 
     online = load_file(out / "ema.safetensors")  # written by the 2 sharded processes
-    offline = load_file(export_checkpoint(out / "ckpt_2proc", out / "ema_offline.safetensors"))
+    offline = load_file(export_checkpoint(out / "run_2proc" / "step_00000003", out / "ema_offline.safetensors"))
     assert_close(online, results["train_saved"]["ema"], "online export", rtol=0)
     assert_close(offline, results["train_saved"]["ema"], "offline export", rtol=0)
     WanDiT(wan_config("wan-tiny")).load_state_dict(offline, strict=True)  # official keys, complete
     with pytest.raises(ValueError, match="no tensors of model 'teacher'"):
-        export_checkpoint(out / "ckpt_2proc", out / "x.safetensors", model="teacher")
+        export_checkpoint(out / "run_2proc" / "step_00000003", out / "x.safetensors", model="teacher")
 
 
 def test_checkpoint_before_any_critic_step_resumes_exactly(tmp_path):
@@ -286,6 +307,22 @@ def test_checkpoint_before_any_critic_step_resumes_exactly(tmp_path):
 
 # ------------------------------------------------------------------------------------------------
 # Config and helpers (single process).
+
+
+def test_sharded_checkpoint_folder(tmp_path):
+    """step_N folders, the latest pointer, pruning, and a stray incomplete save ignored."""
+    task, state = common.Task(), _plain_state()
+    folder = tmp_path / "checkpoints"
+    assert load_latest_sharded_checkpoint(folder, state) is None
+    for _ in range(3):
+        _steps(state, task, 1)
+        save_sharded_checkpoint(folder, state, extra={"iteration": state.iteration}, keep=2)
+    assert [p.name for p in list_sharded_checkpoints(folder)] == ["step_00000002", "step_00000003"]
+    (folder / ".step_00000004.tmp").mkdir()  # a save killed mid-way
+    (folder / "step_00000005").mkdir()  # no .metadata: never completed
+    fresh = _plain_state()
+    extra, path = load_latest_sharded_checkpoint(folder, fresh)
+    assert path.name == "step_00000003" and extra == {"iteration": 3} and fresh.iteration == 3
 
 
 def test_parallel_config_resolve_and_errors():

@@ -21,6 +21,9 @@ of a group share their data-parallel rank's stream (``rank_seed``).
 from __future__ import annotations
 
 import io
+import os
+import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -37,14 +40,18 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from rcm.checkpoint import LATEST, atomic_write_bytes
 from rcm.parallel.mesh import ParallelMesh
 
 __all__ = [
     "export_checkpoint",
     "export_safetensors",
     "full_model_state_dict",
+    "list_sharded_checkpoints",
     "load_full_model_state_dict",
+    "load_latest_sharded_checkpoint",
     "load_train_state",
+    "save_sharded_checkpoint",
     "save_train_state",
 ]
 
@@ -173,21 +180,89 @@ def load_train_state(path: str | Path, state, mesh: ParallelMesh | None = None) 
 
 
 # ------------------------------------------------------------------------------------------------
+# A run's checkpoint folder: step_XXXXXXXX/ DCP folders, the ``latest`` pointer, the last N kept.
+
+_STEP = re.compile(r"^step_(\d{8})$")
+
+
+def list_sharded_checkpoints(folder: str | Path) -> list[Path]:
+    """Complete DCP checkpoints of a run folder, oldest first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if _STEP.match(p.name) and (p / ".metadata").is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def save_sharded_checkpoint(folder: str | Path, state, mesh: ParallelMesh | None = None, extra: Any = None,
+                            keep: int = 2) -> Path:
+    """``save_train_state`` into ``folder/step_<iteration>/``, crash-safe like ``rcm.checkpoint``:
+    written under a temporary name, renamed by rank 0 once complete, then ``latest`` is moved and
+    checkpoints beyond the newest ``keep`` are deleted. Collective; returns the final path."""
+    folder = Path(folder)
+    name = f"step_{state.iteration:08d}"
+    tmp = folder / f".{name}.tmp"
+    rank0 = not _distributed() or dist.get_rank() == 0
+    if rank0:
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a save killed mid-way
+    _barrier()
+    save_train_state(tmp, state, mesh, extra)
+    _barrier()
+    final = folder / name
+    if rank0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        atomic_write_bytes(folder / LATEST, name.encode())
+        for old in list_sharded_checkpoints(folder)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def load_latest_sharded_checkpoint(folder: str | Path, state, mesh: ParallelMesh | None = None):
+    """Load the newest complete checkpoint of ``folder`` (following ``latest``) into ``state``.
+    Returns ``(extra, path)``, or None when the folder has none. Collective."""
+    folder = Path(folder)
+    candidates = list_sharded_checkpoints(folder)
+    pointer = folder / LATEST
+    if pointer.is_file():
+        named = folder / pointer.read_text().strip()
+        if named in candidates:  # anything newer than the pointer was never completed
+            candidates = candidates[: candidates.index(named) + 1]
+    if not candidates:
+        return None
+    path = candidates[-1]
+    return load_train_state(path, state, mesh), path
+
+
+def _barrier() -> None:
+    if _distributed() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+# ------------------------------------------------------------------------------------------------
 # Full (unsharded) weights: for sampling, export and loading a teacher into a sharded model.
 
 
 def full_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The whole model's weights as plain CPU tensors (collective for a sharded model; every rank
-    gets them). Keys are the model's own (official Wan keys for a ``WanDiT``)."""
+    """The whole model's weights as plain CPU tensors. Collective for a sharded model, and then only
+    rank 0 gets them (the others get ``{}``). Keys are the model's own (official Wan keys)."""
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return get_model_state_dict(model, options=opts)
 
 
-def load_full_model_state_dict(model: nn.Module, full: dict[str, torch.Tensor], strict: bool = True) -> None:
-    """Load plain full weights (e.g. a teacher checkpoint) into a sharded or plain model; each rank
-    keeps its shards. Strict by default (DESIGN.md: no silent key mismatches)."""
-    opts = StateDictOptions(full_state_dict=True, strict=strict)
-    set_model_state_dict(model, full, options=opts)
+def load_full_model_state_dict(model: nn.Module, full: dict[str, torch.Tensor] | None, *, strict: bool = True,
+                               broadcast_from_rank0: bool = False) -> None:
+    """Load plain full weights (e.g. the teacher checkpoint) into a sharded or plain model; each rank
+    keeps its shards. Strict by default (DESIGN.md: no silent key mismatches).
+
+    ``broadcast_from_rank0``: only rank 0 reads the file and passes ``full``; the others pass ``None``
+    and receive the tensors through the process group (one copy of a 14B model in host memory per
+    node instead of one per GPU). With a model built on the meta device, call
+    ``model.to_empty(device=...)`` after ``parallelize`` and before this."""
+    opts = StateDictOptions(full_state_dict=True, strict=strict, broadcast_from_rank0=broadcast_from_rank0)
+    set_model_state_dict(model, {} if full is None else full, options=opts)
 
 
 def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path, dtype: torch.dtype | None) -> Path:

@@ -17,22 +17,26 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from parallel_workers import common  # noqa: E402
 
+from rcm.models.wan import WanDiT, wan_config  # noqa: E402
 from rcm.parallel import (  # noqa: E402
     ParallelConfig,
+    broadcast_from_cp_leader,
     build_mesh,
     export_safetensors,
     grads_finite,
     init_distributed,
+    load_full_model_state_dict,
     load_train_state,
     parallelize,
     rank_seed,
-    save_train_state,
+    save_sharded_checkpoint,
     shard_train_state,
 )
 from rcm.train import init_state, train_step  # noqa: E402
 
 FSDP = ParallelConfig(dp_shard=2)
 FSDP_AC = dataclasses.replace(FSDP, activation_checkpointing=True)
+HSDP = ParallelConfig(dp_replicate=2, dp_shard=1)  # pure replication (DDP-like) through FSDP2
 CP = ParallelConfig(dp_shard=1, cp=2)
 CP_AC = dataclasses.replace(CP, activation_checkpointing=True)
 
@@ -51,20 +55,38 @@ def sharded_models(cfg: ParallelConfig):
 
 
 def case_fsdp(out: Path, cfg: ParallelConfig, name: str) -> None:
-    """Acceptance 1 and 3: the rCM student iteration on identical data on every rank."""
-    _, teacher, student, fake = sharded_models(cfg)
-    save(out, name, common.student_step(teacher, student, fake, data_seed=0))
+    """Acceptance 1 and 3: the rCM student iteration on identical data on every rank; outputs and
+    JVPs (no-grad and grad-enabled) of a sharded DiT."""
+    mesh, teacher, student, fake = sharded_models(cfg)
+    result = common.student_step(teacher, student, fake, data_seed=0)
+    result["dit"] = common.dit_checks(parallelize(common.teacher(), mesh))
+    save(out, name, result)
 
 
-def case_fsdp_grad_sync(out: Path) -> None:
+def case_grad_sync(out: Path, cfg: ParallelConfig, name: str) -> None:
     """Acceptance 1: different data per rank; the synced gradient is the mean over ranks."""
-    _, teacher, student, fake = sharded_models(FSDP)
+    _, teacher, student, fake = sharded_models(cfg)
     result = common.student_step(teacher, student, fake, data_seed=10 + dist.get_rank())
     finite = grads_finite(student)
     param = student.blocks[0].ffn[0].weight
     if dist.get_rank() == 1:  # a non-finite gradient in one rank's shard only
         param.grad.to_local()[0, 0] = float("nan")
-    save(out, "fsdp_grad_sync", {"grads": result["grads"], "finite": finite, "after_nan": grads_finite(student)})
+    save(out, name, {"grads": result["grads"], "finite": finite, "after_nan": grads_finite(student)})
+
+
+def case_meta_init(out: Path) -> None:
+    """A model built on the meta device, sharded, materialized, and given the teacher's weights from
+    rank 0 only: the way a 14B teacher is loaded."""
+    mesh = build_mesh(FSDP, "cpu")
+    with torch.device("meta"):
+        dit = WanDiT(wan_config("wan-tiny"))
+    parallelize(dit, mesh)
+    dit.to_empty(device="cpu")
+    full = common.teacher().state_dict() if dist.get_rank() == 0 else None
+    load_full_model_state_dict(dit, full, broadcast_from_rank0=True)
+    x, timestep, context = common.dit_inputs()[:3]
+    with torch.no_grad():
+        save(out, "meta_init", {"out": dit(x, timestep, context)})
 
 
 def case_mixed_precision(out: Path) -> None:
@@ -83,6 +105,9 @@ def case_cp(out: Path, cfg: ParallelConfig, name: str) -> None:
     then the rCM student iteration with all three networks context-parallel."""
     mesh, teacher, student, fake = sharded_models(cfg)
     assert mesh.cp_size == 2 and rank_seed(7, mesh) == 7  # one data-parallel rank: the same seed
+    mine = torch.full((3,), float(dist.get_rank()))
+    broadcast_from_cp_leader(mesh, mine)
+    assert mine.eq(0).all(), "the CP group's first rank's tensor everywhere"
     dit = common.teacher()
     parallelize(dit, mesh)
     result = {"dit": common.dit_checks(dit), "rcm": common.student_step(teacher, student, fake)}
@@ -116,7 +141,7 @@ def case_train(out: Path) -> None:
     mesh = build_mesh(FSDP, "cpu")
     state, task = build_state(mesh)
     steps(state, task, 3)
-    save_train_state(out / "ckpt_2proc", state, mesh, extra=task.state_dict())
+    save_sharded_checkpoint(out / "run_2proc", state, mesh, extra=task.state_dict())
     save(out, "train_saved", common.snapshot(state))
     export_safetensors(state.ema, out / "ema.safetensors")
     steps(state, task, 1)
@@ -152,8 +177,10 @@ def main() -> None:
     if command == "train":
         case_fsdp(out, FSDP, "fsdp")
         case_fsdp(out, FSDP_AC, "fsdp_ac")
-        case_fsdp_grad_sync(out)
+        case_grad_sync(out, FSDP, "fsdp_grad_sync")
+        case_grad_sync(out, HSDP, "hsdp_grad_sync")
         case_mixed_precision(out)
+        case_meta_init(out)
         case_cp(out, CP, "cp")
         case_cp(out, CP_AC, "cp_ac")
         case_train(out)
