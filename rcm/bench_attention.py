@@ -17,7 +17,8 @@ import json
 import math
 import os
 import time
-from typing import Callable, Iterable, Optional
+from dataclasses import dataclass
+from typing import Callable, Iterable, Literal, Optional
 
 import torch
 
@@ -368,17 +369,35 @@ def _print(rows: list[dict], dtype: str) -> None:
             print(" | ".join(_fmt(r.get(key), spec) for key, _, spec in cols))
 
 
-def main(argv=None):
-    import argparse
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shapes", nargs="*", default=None, help="B,H,L,D entries, e.g. 2,24,4096,128")
-    p.add_argument("--dtype", default="bf16", choices=sorted(_DT))
-    p.add_argument("--include", nargs="*", default=list(ALL), choices=ALL)
-    p.add_argument("--out-json", default=None)
-    a = p.parse_args(argv)
-    shapes = [tuple(int(x) for x in s.split(",")) for s in a.shapes] if a.shapes else None
-    run_attention_bench(shapes, a.dtype, a.include, a.out_json)
+BenchRow = Literal[ALL]
+
+
+@dataclass
+class BenchAttentionConfig:
+    """Time our attention kernels against the alternatives on the same inputs (needs CUDA for real figures;
+    on the CPU it runs a tiny smoke version under the Triton interpreter)."""
+
+    shapes: tuple[str, ...] = tuple(",".join(map(str, s)) for s in DEFAULT_SHAPES)  # B,H,L,D each
+    dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    include: tuple[BenchRow, ...] = ALL
+    out_json: Optional[str] = None
+
+    def parsed_shapes(self) -> list[tuple[int, int, int, int]]:
+        shapes = []
+        for entry in self.shapes:
+            parts = entry.split(",")
+            if len(parts) != 4 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+                raise ValueError(f"--shapes: {entry!r} is not B,H,L,D with four positive integers")
+            shapes.append(tuple(int(p) for p in parts))
+        return shapes
+
+
+def bench_attention(cfg: BenchAttentionConfig) -> list[dict]:
+    """Time the attention kernels side by side and print the table of ratios."""
+    return run_attention_bench(cfg.parsed_shapes(), cfg.dtype, cfg.include, cfg.out_json)
 
 
 if __name__ == "__main__":
-    main()
+    import tyro
+
+    bench_attention(tyro.cli(BenchAttentionConfig))

@@ -120,3 +120,37 @@ def digits_report(teacher: nn.Module, students: dict[str, nn.Module], out_dir: P
             "report": report.__dict__, "teacher_sampling": teacher_sampling.__dict__}
     (out_dir / "metrics.json").write_text(json.dumps({"rows": rows, **meta}, indent=2, default=str) + "\n")
     return rows
+
+
+@dataclass
+class EvalRunsConfig:
+    """Score the teacher and the students of finished `rcm distill` runs side by side.
+
+    The comparison table of the README: `rcm distill --method scm; rcm distill --method dmd2; rcm distill;
+    rcm eval` (each run resumes if it already exists).
+    """
+
+    runs: tuple[Path, ...] = (Path("runs/digits-scm"), Path("runs/digits-dmd2"), Path("runs/digits-rcm"))
+    teacher: Path | None = None  # None: the shipped teacher
+    out_dir: Path = Path("runs/eval")
+    guidance: float = 3.0  # the teacher's CFG weight (the demo distills with 3)
+    report_settings: DigitsReport = field(default_factory=DigitsReport)
+
+    def __post_init__(self):
+        for run in self.runs:
+            if not (Path(run) / "student_ema.safetensors").is_file():
+                raise FileNotFoundError(f"--runs: {run} has no student_ema.safetensors (run `rcm distill` first)")
+        if self.teacher is not None and not Path(self.teacher).is_file():
+            raise FileNotFoundError(f"--teacher: no file at {self.teacher}")
+
+
+def eval_runs(cfg: EvalRunsConfig) -> list[dict]:
+    """Sample and score the teacher and every run's EMA student; write metrics.json and samples to --out-dir."""
+    from rcm.demo import load_model
+
+    students = {}
+    for run in cfg.runs:
+        meta = json.loads((Path(run) / "config.json").read_text()) if (Path(run) / "config.json").is_file() else {}
+        students[meta.get("method", Path(run).name)] = load_model(Path(run) / "student_ema.safetensors")
+    return digits_report(load_teacher(cfg.teacher), students, Path(cfg.out_dir), cfg.report_settings,
+                         TeacherSampling(guidance=cfg.guidance))

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from rcm.checkpoint import load_latest, save_checkpoint
+from rcm.tasks import DigitsReport
 from rcm.losses import (
     DMDConfig,
     RCMConfig,
@@ -326,7 +327,7 @@ class DistillConfig:
     critic_optim: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=1e-4, warmup=20))
     ema_sigma_rel: float = 0.1
     report: bool = True  # sample and score teacher and student at the end
-    report_settings: "DigitsReport" = field(default_factory=lambda: _digits_report_default())
+    report_settings: DigitsReport = field(default_factory=DigitsReport)
     threads: int = 0  # torch.set_num_threads; 0 keeps torch's default
 
     def __post_init__(self):
@@ -342,12 +343,6 @@ class DistillConfig:
     @property
     def run_dir(self) -> Path:
         return Path(self.out_dir) if self.out_dir is not None else Path("runs") / f"{self.model}-{self.method}"
-
-
-def _digits_report_default():
-    from rcm.tasks import DigitsReport
-
-    return DigitsReport()
 
 
 def _fingerprint(cfg: DistillConfig) -> str:
