@@ -216,6 +216,13 @@ def test_context_parallel_rcm_student_iteration(runs, reference, case):
     assert_close(got["grads"], reference["grads"], "grads")
 
 
+def test_context_parallel_compiles_fullgraph_for_the_grad_pass(runs):
+    _, results = runs
+    got, ref = results["cp"]["compiled"], common.dit_checks(common.teacher())
+    assert_close(got["out"], ref["out"], "compiled out")
+    assert_close(got["grads"], ref["grads"], "compiled grads")
+
+
 def test_context_parallel_rejects_indivisible_sequence(runs):
     _, results = runs
     message = results["cp"]["odd_sequence_error"]

@@ -15,7 +15,9 @@ The collectives are ``torch.autograd.Function``s with all three rules: forward, 
 collective applied to the tangent, so ``torch.func.jvp`` passes through) and ``backward`` (the inverse
 collective). Under ``torch.no_grad()`` a dual input (the sCM JVP pass) takes the
 ``fwAD.unpack_dual``/``make_dual`` route instead, as ``rcm.kernels.attention`` does: primals and
-tangents travel in **one** collective.
+tangents travel in **one** collective. Under ``torch.compile`` (the grad pass; the JVP pass runs eager,
+see docs/parallel.md) the same Functions without the ``jvp`` rule run functional collectives, so a
+compiled context-parallel forward and backward trace as one graph (Dynamo refuses a custom ``jvp``).
 
 The final gather's backward keeps the local chunk of the incoming gradient: every rank of the group
 must compute the identical loss from the gathered output (identical random draws: see
@@ -31,6 +33,7 @@ from __future__ import annotations
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 from torch import Tensor, nn
 
 from rcm import kernels
@@ -61,8 +64,11 @@ def all_to_all(x: Tensor, group: dist.ProcessGroup, scatter_dim: int, gather_dim
         raise ValueError(f"all_to_all: dim {scatter_dim} of shape {tuple(x.shape)} is not divisible by "
                          f"the group size {world}")
     send = torch.stack(x.chunk(world, dim=scatter_dim)).contiguous()
-    recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=group)
+    if torch.compiler.is_compiling():  # functional collective: traceable into one graph
+        recv = funcol.all_to_all_single(send, None, None, group)
+    else:
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=group)
     return torch.cat(recv.unbind(0), dim=gather_dim)
 
 
@@ -70,6 +76,8 @@ def _all_gather(x: Tensor, group: dist.ProcessGroup, dim: int) -> Tensor:
     world = dist.get_world_size(group)
     if world == 1:
         return x
+    if torch.compiler.is_compiling():
+        return torch.cat(funcol.all_gather_tensor(x.contiguous(), 0, group).chunk(world), dim=dim)
     parts = [torch.empty_like(x) for _ in range(world)]
     dist.all_gather(parts, x.contiguous(), group=group)
     return torch.cat(parts, dim=dim)
@@ -88,10 +96,9 @@ def _local_chunk(x: Tensor, group: dist.ProcessGroup, dim: int) -> Tensor:
 # Differentiable collectives: forward, forward-AD (jvp) and reverse-mode (backward) rules.
 
 
-class _AllToAll(torch.autograd.Function):
-    """``all_to_all`` of several same-shaped tensors in one collective (stacked on a new dim 0)."""
-
-    generate_vmap_rule = False
+class _AllToAllGrad(torch.autograd.Function):
+    """``all_to_all`` of several same-shaped tensors in one collective (stacked on a new dim 0);
+    reverse mode only: what ``torch.compile`` traces (Dynamo refuses a custom ``jvp``)."""
 
     @staticmethod
     def forward(group, scatter_dim, gather_dim, *xs):
@@ -109,13 +116,18 @@ class _AllToAll(torch.autograd.Function):
             out = all_to_all(torch.stack(grads), ctx.group, ctx.gather_dim + 1, ctx.scatter_dim + 1)
         return (None, None, None, *out.unbind(0))
 
+
+class _AllToAll(_AllToAllGrad):
+    """``_AllToAllGrad`` with its forward-AD rule: the same all-to-all applied to the tangents."""
+
     @staticmethod
     def jvp(ctx, _g, _s, _d, *tangents):
         return _AllToAll.forward(ctx.group, ctx.scatter_dim, ctx.gather_dim, *_fill_tangents(ctx, tangents))
 
 
-class _GatherSequence(torch.autograd.Function):
-    """All-gather along ``dim``; backward keeps the local chunk (the loss is replicated on the group)."""
+class _GatherSequenceGrad(torch.autograd.Function):
+    """All-gather along ``dim``; backward keeps the local chunk (the loss is replicated on the group).
+    Reverse mode only (for ``torch.compile``)."""
 
     @staticmethod
     def forward(x, group, dim):
@@ -129,6 +141,10 @@ class _GatherSequence(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return _local_chunk(grad, ctx.group, ctx.dim), None, None
+
+
+class _GatherSequence(_GatherSequenceGrad):
+    """``_GatherSequenceGrad`` with its forward-AD rule: the tangent is gathered the same way."""
 
     @staticmethod
     def jvp(ctx, x_dot, _g, _d):
@@ -161,6 +177,8 @@ def _a2a(xs: tuple[Tensor, ...], group, scatter_dim: int, gather_dim: int) -> tu
         out = all_to_all(torch.stack(primals + tangents), group, scatter_dim + 1, gather_dim + 1).unbind(0)
         n = len(primals)
         return tuple(fwAD.make_dual(p, t) for p, t in zip(out[:n], out[n:]))
+    if torch.compiler.is_compiling():
+        return _AllToAllGrad.apply(group, scatter_dim, gather_dim, *xs)
     return _AllToAll.apply(group, scatter_dim, gather_dim, *xs)
 
 
@@ -183,6 +201,8 @@ def gather_sequence(x: Tensor, group: dist.ProcessGroup, dim: int = 1) -> Tensor
         (p,), (t,) = dual
         both = _all_gather(torch.stack([p, t]), group, dim + 1)
         return fwAD.make_dual(both[0], both[1])
+    if torch.compiler.is_compiling():
+        return _GatherSequenceGrad.apply(x, group, dim)
     return _GatherSequence.apply(x, group, dim)
 
 

@@ -20,6 +20,7 @@ from parallel_workers import common  # noqa: E402
 from rcm.models.wan import WanDiT, wan_config  # noqa: E402
 from rcm.parallel import (  # noqa: E402
     ParallelConfig,
+    apply_context_parallel,
     broadcast_from_cp_leader,
     build_mesh,
     export_safetensors,
@@ -117,7 +118,23 @@ def case_cp(out: Path, cfg: ParallelConfig, name: str) -> None:
         result["odd_sequence_error"] = None
     except ValueError as e:
         result["odd_sequence_error"] = str(e)
+    if not cfg.activation_checkpointing:
+        result["compiled"] = compiled_cp(mesh)
     save(out, name, result)
+
+
+def compiled_cp(mesh) -> dict:
+    """The grad pass of a context-parallel DiT under torch.compile(fullgraph=True): the collectives
+    trace as functional collectives (no graph break). Gradients summed over the CP group by hand
+    (no FSDP here)."""
+    dit = apply_context_parallel(common.teacher(), mesh.cp_group)
+    x, timestep, context, _, _, weight = common.dit_inputs()
+    out = torch.compile(dit, backend="aot_eager", fullgraph=True)(x, timestep, context)
+    (out * weight).sum().backward()
+    grads = common.grads(dit)
+    for g in grads.values():
+        dist.all_reduce(g, group=mesh.cp_group)
+    return {"out": out.detach(), "grads": grads}
 
 
 def build_state(mesh):
