@@ -12,6 +12,7 @@ User errors (bad paths, values, files) print one line and exit with status 2; `-
 
 from __future__ import annotations
 
+import re
 import sys
 from typing import Callable
 
@@ -33,12 +34,69 @@ def _commands() -> dict[str, tuple[type, Callable]]:
 def _user_errors() -> tuple[type[BaseException], ...]:
     from rcm.checkpoint import CheckpointError
 
-    return (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, CheckpointError)
+    return (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError, PermissionError,
+            CheckpointError)
+
+
+def _run_failures() -> tuple[type[BaseException], ...]:
+    """A run that stopped on its own (e.g. too many non-finite steps): one line, exit status 1."""
+    from rcm.train import NonFiniteError
+
+    return (NonFiniteError,)
+
+
+class _ParseError(Exception):
+    """tyro rejected the arguments (unknown flag, bad value or choice, a config's own check)."""
+
+
+_BOX = "│╭╮╰╯─━┃ "
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _one_line(boxed: str) -> str:
+    """tyro's boxed error -> its first paragraph on one line (the title when the box has nothing else)."""
+    lines = [_ANSI.sub("", line).strip() for line in boxed.splitlines()]
+    lines = [line for line in lines if line]
+    title = lines[0].strip(_BOX) if lines else ""
+    paragraph = []
+    for line in lines[1:]:
+        if set(line) <= set(_BOX):  # a rule or the bottom edge: end of the first paragraph
+            break
+        paragraph.append(line.strip(_BOX))
+    message = " ".join(" ".join(paragraph).split()) or title or "invalid arguments"
+    message = re.sub(r"^Error parsing [A-Z]\w*: ", "", message)  # a check of the whole config
+    return re.sub(r"^Error parsing ([a-z][\w.]*): ", lambda m: f"--{m[1].replace('_', '-')}: ", message)  # of a group
+
+
+def _parse(config_cls: type, args: list[str], prog: str):
+    """`tyro.cli`, with its multi-line error boxes turned into one `_ParseError` line (help is untouched)."""
+    import contextlib
+    import io
+    import os
+
+    import tyro
+
+    if "-h" in args or "--help" in args:
+        return tyro.cli(config_cls, args=args, prog=prog)
+    captured, columns = io.StringIO(), os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = "100000"  # tyro wraps its boxes to the terminal: one paragraph per line
+    try:
+        with contextlib.redirect_stderr(captured):
+            config = tyro.cli(config_cls, args=args, prog=prog)
+    except SystemExit as e:
+        if e.code in (0, None):
+            raise
+        raise _ParseError(_one_line(captured.getvalue()), captured.getvalue()) from None
+    finally:
+        if columns is None:
+            os.environ.pop("COLUMNS", None)
+        else:
+            os.environ["COLUMNS"] = columns
+    sys.stderr.write(captured.getvalue())  # warnings, if any
+    return config
 
 
 def main(argv: list[str] | None = None) -> None:
-    import tyro
-
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
@@ -54,20 +112,31 @@ def main(argv: list[str] | None = None) -> None:
     subs = {n.split(" ", 1)[1]: fn for n, fn in commands.items() if n.startswith(name + " ")}
     if subs:  # a group such as `bench`
         if not rest or rest[0] not in subs:
-            print(f"rcm {name}: choose one of {', '.join(sorted(subs))}", file=sys.stderr)
+            got = f"unknown subcommand {rest[0]!r}" if rest else "a subcommand is needed"
+            print(f"rcm: error: rcm {name}: {got}; choose from {', '.join(sorted(subs))}", file=sys.stderr)
             raise SystemExit(2)
         (config_cls, fn), prog, rest = subs[rest[0]], f"rcm {name} {rest[0]}", rest[1:]
     else:
         (config_cls, fn), prog = commands[name], f"rcm {name}"
     try:
-        config = tyro.cli(config_cls, args=rest, prog=prog)
+        config = _parse(config_cls, rest, prog)
         fn(config)
+    except _ParseError as e:
+        if debug:
+            print(e.args[1], file=sys.stderr, end="")
+        print(f"rcm: error: {e.args[0]} (see {prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
     except _user_errors() as e:
         if debug:
             raise
         message = " ".join(str(e).split()) or type(e).__name__
         print(f"rcm: error: {message}", file=sys.stderr)
         raise SystemExit(2)
+    except _run_failures() as e:
+        if debug:
+            raise
+        print(f"rcm: error: {' '.join(str(e).split())}", file=sys.stderr)
+        raise SystemExit(1)
     except KeyboardInterrupt:
         print("rcm: interrupted", file=sys.stderr)
         raise SystemExit(130)
