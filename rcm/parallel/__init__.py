@@ -29,7 +29,7 @@ from rcm.parallel.dcp import (
     save_sharded_checkpoint,
     save_train_state,
 )
-from rcm.parallel.fsdp import grads_finite, mixed_precision_policy, parallelize, shard_train_state
+from rcm.parallel.fsdp import gathered_for_jvp, grads_finite, mixed_precision_policy, parallelize, shard_train_state
 from rcm.parallel.mesh import (
     MESH_DIMS,
     ParallelConfig,
@@ -54,6 +54,7 @@ __all__ = [
     "export_safetensors",
     "full_model_state_dict",
     "gather_sequence",
+    "gathered_for_jvp",
     "grads_finite",
     "heads_to_sequence",
     "init_distributed",

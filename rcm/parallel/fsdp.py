@@ -18,6 +18,8 @@ hook, so ``torch.func.jvp`` over the sharded model never sees a DTensor; tested 
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -29,7 +31,7 @@ from rcm.parallel.activation_checkpoint import apply_activation_checkpointing
 from rcm.parallel.context_parallel import apply_context_parallel
 from rcm.parallel.mesh import ParallelConfig, ParallelMesh
 
-__all__ = ["grads_finite", "mixed_precision_policy", "parallelize", "shard_train_state"]
+__all__ = ["gathered_for_jvp", "grads_finite", "mixed_precision_policy", "parallelize", "shard_train_state"]
 
 
 def mixed_precision_policy(cfg: ParallelConfig, device_type: str) -> MixedPrecisionPolicy:
@@ -58,6 +60,7 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, cfg: ParallelConfig | None
     for dit in dits:
         for block in dit.blocks:
             fully_shard(block, mesh=mesh.fsdp, mp_policy=policy, reshard_after_forward=cfg.reshard_after_forward)
+            block._rcm_reshard_after_forward = cfg.reshard_after_forward
     # The root unit holds the embeddings and the head (small). It reshards after forward too: a
     # no-grad forward (teacher, JVP pass, rollouts) is never followed by a backward that would free it.
     fully_shard(model, mesh=mesh.fsdp, mp_policy=policy, reshard_after_forward=True)
@@ -71,6 +74,29 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, cfg: ParallelConfig | None
                 if force_sum:
                     module.set_force_sum_reduction_for_comms(True)
     return model
+
+
+@contextmanager
+def gathered_for_jvp(*models: nn.Module):
+    """All-gather every FSDP unit of ``models`` now (outside any ``torch.func`` transform) and keep
+    the parameters gathered until the block exits: FSDP's hooks inside a ``torch.func.jvp`` then find
+    them ready and do no collective of their own. A backward inside the block reshards as usual;
+    whatever is still gathered at the exit is resharded then.
+
+    Needed on torch 2.11 + CUDA, where FSDP2's all-gather inside ``torch.func.jvp`` fails
+    (``NotImplementedError: Cannot access storage of TensorWrapper``); harmless elsewhere. Memory: the
+    whole model's compute-dtype parameters are resident for the duration (ZeRO-2-like)."""
+    units = [m for model in models for m in model.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+    for unit in units:
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.set_reshard_after_forward(getattr(unit, "_rcm_reshard_after_forward", True), recurse=False)
+            unit.reshard()
 
 
 def shard_train_state(state, mesh: ParallelMesh, cfg: ParallelConfig | None = None):

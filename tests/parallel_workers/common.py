@@ -40,19 +40,19 @@ def models() -> tuple[WanDiT, WanDiT, WanDiT]:
     return t, student.requires_grad_(True), fake.requires_grad_(True)
 
 
-def batch(seed: int):
+def batch(seed: int, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     x0 = torch.randn(SHAPE, generator=g)
     context = torch.randn(SHAPE[0], 8, 32, generator=g)
-    return x0, context, torch.zeros_like(context)
+    return x0.to(device), context.to(device), torch.zeros_like(context).to(device)
 
 
-def jvp_inputs(seed: int = 3):
+def jvp_inputs(seed: int = 3, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     x_t = torch.randn(SHAPE, generator=g, dtype=torch.float64)
     t = torch.tensor([0.4, 1.2], dtype=torch.float64)
     F_teacher = torch.randn(SHAPE, generator=g, dtype=torch.float64)
-    return x_t, t, F_teacher
+    return x_t.to(device), t.to(device), F_teacher.to(device)
 
 
 def full(t):
@@ -63,10 +63,14 @@ def grads(model) -> dict[str, torch.Tensor]:
     return {n: full(p.grad).detach().clone() for n, p in model.named_parameters()}
 
 
-def student_step(teacher, student, fake, data_seed: int = 0) -> dict:
-    """The sCM tangent, then one rCM student iteration (sCM + DMD terms, each backpropagated)."""
-    x0, context, negative = batch(data_seed)
-    x_t, t, F_teacher = jvp_inputs()
+def student_step(teacher, student, fake, data_seed: int = 0, device="cpu", jvp_context=None) -> dict:
+    """The sCM tangent, then one rCM student iteration (sCM + DMD terms, each backpropagated).
+    ``jvp_context``: a context-manager factory wrapped around the whole iteration (gathered_for_jvp)."""
+    if jvp_context is not None:
+        with jvp_context(student):
+            return student_step(teacher, student, fake, data_seed, device)
+    x0, context, negative = batch(data_seed, device)
+    x_t, t, F_teacher = jvp_inputs(device=device)
     tangent = scm_jvp(student, x_t, t, context, F_teacher)
     losses = {}
     generator = torch.Generator().manual_seed(5)
@@ -77,7 +81,7 @@ def student_step(teacher, student, fake, data_seed: int = 0) -> dict:
     return {"tangent": tangent, "losses": losses, "grads": grads(student)}
 
 
-def dit_inputs(seed: int = 4):
+def dit_inputs(seed: int = 4, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(SHAPE, generator=g)
     timestep = torch.tensor([37.5, 912.25])
@@ -85,12 +89,12 @@ def dit_inputs(seed: int = 4):
     x_dot = torch.randn(SHAPE, generator=g)
     t_dot = torch.tensor([0.3, -1.1])
     weight = torch.randn(SHAPE, generator=g)  # fixed output weighting for a gradient check
-    return x, timestep, context, x_dot, t_dot, weight
+    return tuple(v.to(device) for v in (x, timestep, context, x_dot, t_dot, weight))
 
 
-def dit_checks(model) -> dict:
+def dit_checks(model, device="cpu") -> dict:
     """Outputs, JVP tangents (no-grad and grad-enabled) and gradients of a fixed output functional."""
-    x, timestep, context, x_dot, t_dot, weight = dit_inputs()
+    x, timestep, context, x_dot, t_dot, weight = dit_inputs(device=device)
     f = lambda x, t: model(x, t, context)  # noqa: E731
     with torch.no_grad():
         out = model(x, timestep, context)

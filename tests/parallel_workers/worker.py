@@ -8,11 +8,14 @@ Each case's results are torch.save'd by rank 0 into OUT/<case>.pt; failures rais
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
+import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from parallel_workers import common  # noqa: E402
@@ -24,6 +27,7 @@ from rcm.parallel import (  # noqa: E402
     broadcast_from_cp_leader,
     build_mesh,
     export_safetensors,
+    gathered_for_jvp,
     grads_finite,
     init_distributed,
     load_full_model_state_dict,
@@ -61,6 +65,11 @@ def case_fsdp(out: Path, cfg: ParallelConfig, name: str) -> None:
     mesh, teacher, student, fake = sharded_models(cfg)
     result = common.student_step(teacher, student, fake, data_seed=0)
     result["dit"] = common.dit_checks(parallelize(common.teacher(), mesh))
+    # The same iteration with every parameter gathered before the JVP pass (the torch 2.11 + CUDA
+    # route, see gathered_for_jvp), on fresh models; all resharded afterwards.
+    _, teacher, student, fake = sharded_models(cfg)
+    result["gathered"] = common.student_step(teacher, student, fake, data_seed=0, jvp_context=gathered_for_jvp)
+    assert all(isinstance(p, DTensor) for p in student.parameters()), "resharded after the block"
     save(out, name, result)
 
 
@@ -147,7 +156,8 @@ def build_state(mesh):
 
 def steps(state, task, n: int) -> None:
     for _ in range(n):
-        logs = train_step(state, task, common.LOSS, ema_gamma=6.94, max_nonfinite=3)
+        with gathered_for_jvp(state.student):  # as the loop should run it (docs/parallel.md)
+            logs = train_step(state, task, common.LOSS, ema_gamma=6.94, max_nonfinite=3)
         assert not logs.get("skipped"), logs
         assert grads_finite(state.student)
 
@@ -192,15 +202,15 @@ def main() -> None:
     command, out = sys.argv[1], Path(sys.argv[2])
     init_distributed(FSDP, "cpu")
     if command == "train":
-        case_fsdp(out, FSDP, "fsdp")
-        case_fsdp(out, FSDP_AC, "fsdp_ac")
-        case_grad_sync(out, FSDP, "fsdp_grad_sync")
-        case_grad_sync(out, HSDP, "hsdp_grad_sync")
-        case_mixed_precision(out)
-        case_meta_init(out)
-        case_cp(out, CP, "cp")
-        case_cp(out, CP_AC, "cp_ac")
-        case_train(out)
+        cases = [(case_fsdp, FSDP, "fsdp"), (case_fsdp, FSDP_AC, "fsdp_ac"),
+                 (case_grad_sync, FSDP, "fsdp_grad_sync"), (case_grad_sync, HSDP, "hsdp_grad_sync"),
+                 (case_mixed_precision,), (case_meta_init,), (case_cp, CP, "cp"), (case_cp, CP_AC, "cp_ac"),
+                 (case_train,)]
+        for case, *args in cases:
+            start = time.perf_counter()
+            case(out, *args)
+            if os.environ.get("RCM_TIMING") and dist.get_rank() == 0:
+                print(f"{case.__name__} {args[-1:]} {time.perf_counter() - start:.1f}s", flush=True)
     elif command == "resume":
         case_resume(out, Path(sys.argv[3]))
     else:
