@@ -1,0 +1,244 @@
+"""Crash safety of a real `rcm distill` process (issue 8, acceptance 1 and 2).
+
+A distillation run of a tiny random digits teacher (rCM with sCM, DMD and critic phases, a checkpoint
+after every iteration) is killed with SIGKILL at random points, some inside a step and some inside a
+checkpoint write, and re-run with the same command until it completes. It must end bit-identical to an
+uninterrupted run (final train state and exported student), log the same loss values for every
+iteration, and after every kill the checkpoints folder must hold a readable checkpoint named by `latest`.
+Then: a run whose steps keep going non-finite stops with exit status 1, one line, and its checkpoints kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from rcm.checkpoint import LATEST, list_checkpoints, load_file, load_latest
+
+ROOT = Path(__file__).resolve().parents[1]
+ITERATIONS = 12
+SEED = 8
+
+
+def _command(teacher: Path, out_dir: Path) -> list[str]:
+    return [sys.executable, "-m", "cli", "distill", "--teacher", str(teacher), "--out-dir", str(out_dir),
+            "--no-report", "--batch-size", "4", "--threads", "1",
+            "--loop.iterations", str(ITERATIONS), "--loop.checkpoint-every", "1", "--loop.log-every", "1",
+            "--loss.scm.tangent-warmup", "2", "--loss.student-update-freq", "2",
+            "--loss.dmd.max-simulation-steps", "2"]  # fmt: skip
+
+
+def _launch(command: list[str], log: Path) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    with open(log, "ab") as out:
+        return subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
+
+
+def _lines(path: Path) -> int:
+    try:
+        return path.read_bytes().count(b"\n")
+    except FileNotFoundError:
+        return 0
+
+
+def _temporaries(folder: Path, pid: int | None = None) -> list[str]:
+    """Temporary files of checkpoint writes under way (or killed mid-way), of process `pid` or any."""
+    pattern = re.compile(r"^\..*\.tmp" + (r"\d+" if pid is None else str(pid)) + "$")
+    try:
+        return sorted(n for n in os.listdir(folder) if pattern.match(n))
+    except FileNotFoundError:
+        return []
+
+
+def _wait_for_training(proc: subprocess.Popen, log_path: Path, deadline: float) -> bool:
+    """Until this process has logged an iteration; False if it exited first."""
+    start_lines = _lines(log_path)
+    while _lines(log_path) <= start_lines:
+        if proc.poll() is not None:
+            return False
+        assert time.monotonic() < deadline, "the run made no progress"
+        time.sleep(0.01)
+    return True
+
+
+def _kill_in_step(proc: subprocess.Popen, delay: float) -> None:
+    end = time.monotonic() + delay
+    while time.monotonic() < end and proc.poll() is None:
+        time.sleep(0.005)
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGKILL)
+
+
+def _kill_in_write(proc: subprocess.Popen, ckpt_dir: Path, nth: int) -> None:
+    """SIGKILL as soon as the `nth` (0-based) checkpoint write of this process is seen under way."""
+    seen, writing = 0, False
+    while proc.poll() is None:
+        now_writing = bool(_temporaries(ckpt_dir, proc.pid))
+        if now_writing and not writing:
+            if seen == nth:
+                os.kill(proc.pid, signal.SIGKILL)
+                return
+            seen += 1
+        writing = now_writing
+        time.sleep(0.0005)
+
+
+def _check_latest(ckpt_dir: Path) -> int | None:
+    """`load_latest` succeeds; `latest` names a complete, readable checkpoint, which `load_latest` returns
+    (no fallback). Without a pointer (killed between the first checkpoint and its pointer) the newest
+    complete checkpoint is used. Returns its iteration, None if there is no checkpoint yet."""
+    found = load_latest(ckpt_dir)
+    pointer = ckpt_dir / LATEST
+    if not pointer.is_file():
+        assert [p.name for p in list_checkpoints(ckpt_dir)] == ([found[1].name] if found else [])
+        return None if found is None else found[0]["train"]["iteration"]
+    name = pointer.read_text().strip()
+    assert (ckpt_dir / name).is_file(), f"`latest` names {name}, which does not exist"
+    assert found is not None and found[1].name == name, f"load_latest fell back from {name} to {found and found[1]}"
+    iteration = found[0]["train"]["iteration"]
+    assert name == f"step_{iteration:08d}.pt"
+    return iteration
+
+
+def _entries(path: Path) -> list[dict]:
+    """log.jsonl without the timings."""
+    entries = [json.loads(line) for line in path.read_text().splitlines()]
+    return [{k: v for k, v in e.items() if k != "seconds"} for e in entries]
+
+
+def _assert_same(a, b, where: str = "state") -> None:
+    assert type(a) is type(b), f"{where}: {type(a).__name__} vs {type(b).__name__}"
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), f"{where} differs"
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), f"{where}: keys {sorted(map(str, a))} vs {sorted(map(str, b))}"
+        for key in a:
+            _assert_same(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), f"{where}: length {len(a)} vs {len(b)}"
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} vs {b!r}"
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> Path:
+    from rcm.demo import build_model, save_model
+
+    path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
+    save_model(build_model("digits-dit-tiny", seed=3), path, {"kind": "teacher"})
+    return path
+
+
+def test_sigkilled_distill_resumes_exactly(teacher, tmp_path):
+    straight_dir, killed_dir = tmp_path / "straight", tmp_path / "killed"
+    ckpt_dir, log_path = killed_dir / "checkpoints", killed_dir / "log.jsonl"
+    output = tmp_path / "output.txt"
+    straight = _launch(_command(teacher, straight_dir), tmp_path / "straight.txt")  # alongside the others
+
+    # The kills, in a seeded random order: ("step", delay) kills `delay` seconds after the process logged
+    # its first iteration, mostly inside a step; ("write", n) kills as soon as the n-th checkpoint write
+    # of the process is seen under way. A write kill that lands too late to leave its temporary file
+    # behind counts as a step kill, and another write kill is added (at most 3 more). Each launch costs
+    # seconds of imports: few kills, placed so that every launch gets a few iterations further.
+    rng = random.Random(SEED)
+    plan = [("step", rng.uniform(0.1, 0.8)), ("write", rng.randint(1, 4)), rng.choice(
+        [("step", rng.uniform(0.1, 0.8)), ("write", rng.randint(1, 4))])]
+    rng.shuffle(plan)
+    kills = {"step": 0, "write": 0}
+    extra_write_kills = 0
+    iterations_after_kills = []
+    deadline = time.monotonic() + 240
+    while True:
+        proc = _launch(_command(teacher, killed_dir), output)
+        if not plan or not _wait_for_training(proc, log_path, deadline):
+            assert proc.wait(timeout=120) == 0, output.read_text()[-3000:]
+            break
+        kind, parameter = plan.pop(0)
+        if kind == "step":
+            _kill_in_step(proc, parameter)
+        else:
+            _kill_in_write(proc, ckpt_dir, parameter)
+        if proc.wait(timeout=60) == 0:  # it finished before the kill landed
+            break
+        assert proc.returncode == -signal.SIGKILL
+        mid_write = bool(_temporaries(ckpt_dir, proc.pid))  # a write under way leaves its temporary file
+        kills["write" if mid_write else "step"] += 1
+        if kind == "write" and not mid_write and extra_write_kills < 3:
+            extra_write_kills += 1
+            plan.insert(0, ("write", rng.randint(1, 2)))
+        iterations_after_kills.append(_check_latest(ckpt_dir))
+    assert straight.wait(timeout=120) == 0, (tmp_path / "straight.txt").read_text()[-3000:]
+
+    assert kills["write"] >= 1 and kills["step"] >= 1, f"kills: {kills}, iterations after them: {iterations_after_kills}"
+    assert any(i is not None and 0 < i < ITERATIONS for i in iterations_after_kills), iterations_after_kills
+    assert _check_latest(ckpt_dir) == ITERATIONS and not _temporaries(ckpt_dir)
+
+    # The loss trajectory: every logged entry (a killed run may have logged iterations after its last
+    # checkpoint; the resumed run repeats them) equals the uninterrupted run's entry of that iteration.
+    reference = {e["iteration"]: e for e in _entries(straight_dir / "log.jsonl")}
+    assert sorted(reference) == list(range(ITERATIONS))
+    assert {e["phase"] for e in reference.values()} == {"student", "critic"}
+    resumed = _entries(log_path)
+    assert {e["iteration"] for e in resumed} == set(reference)
+    for entry in resumed:
+        assert entry == reference[entry["iteration"]], f"iteration {entry['iteration']} differs after resuming"
+    last = {e["iteration"]: e for e in resumed}
+    assert last == reference
+
+    # The final state, bit for bit: models, optimizers, schedulers, EMA, counters, RNG and data position.
+    name = f"step_{ITERATIONS:08d}.pt"
+    _assert_same(load_file(ckpt_dir / name), load_file(straight_dir / "checkpoints" / name))
+    from safetensors.torch import load_file as load_safetensors
+
+    _assert_same(load_safetensors(killed_dir / "student_ema.safetensors"),
+                 load_safetensors(straight_dir / "student_ema.safetensors"), "student_ema")
+
+
+def test_nonfinite_run_stops_with_status_1_and_keeps_checkpoints(teacher, tmp_path, monkeypatch, capsys):
+    """Every batch non-finite from iteration 3 on: steps 3 and 4 are skipped, the run stops cleanly at
+    the 2nd consecutive skip; the checkpoints kept hold the weights of the last good step."""
+    import cli
+    from rcm.tasks import DigitsTask
+
+    next_batch = DigitsTask.next_batch
+    calls = []
+
+    def poisoned(self):
+        x0, labels = next_batch(self)
+        calls.append(1)
+        return (x0 * float("nan") if len(calls) > 3 else x0), labels
+
+    args = ["distill", "--method", "scm", "--teacher", str(teacher), "--no-report", "--batch-size", "2",
+            "--threads", "1", "--loop.checkpoint-every", "1", "--loop.log-every", "1",
+            "--loop.max-nonfinite-steps", "2"]  # fmt: skip
+    cli.main([*args, "--out-dir", str(tmp_path / "good"), "--loop.iterations", "3"])
+    monkeypatch.setattr(DigitsTask, "next_batch", poisoned)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*args, "--out-dir", str(tmp_path / "bad"), "--loop.iterations", "10"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("rcm: error: 2 consecutive student steps had non-finite")
+    assert "Traceback" not in err and "last good checkpoint is kept" in lines[0]
+
+    logs = _entries(tmp_path / "bad" / "log.jsonl")
+    assert [bool(e.get("skipped")) for e in logs] == [False, False, False, True]
+    saved, path = load_latest(tmp_path / "bad" / "checkpoints")
+    assert path.name == "step_00000004.pt" and saved["train"]["nonfinite_in_a_row"] == 1
+    good, _ = load_latest(tmp_path / "good" / "checkpoints")
+    assert good["train"]["iteration"] == 3
+    for key in ("student", "ema", "student_optimizer"):  # the skipped step changed none of them
+        _assert_same(saved["train"][key], good["train"][key], key)
