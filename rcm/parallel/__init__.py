@@ -3,6 +3,7 @@
     mesh = init_distributed(ParallelConfig(dp_shard=-1, cp=2, activation_checkpointing=True))
     parallelize(model, mesh)                # CP (Ulysses) → activation checkpointing → FSDP2
     shard_train_state(state, mesh)          # all four models of a TrainState + its optimizers
+    terms = gathered_first_term(student_losses(...), state.student)   # JVP pass on gathered params
     save_train_state(dir, state, mesh) / load_train_state(dir, state, mesh)   # DCP, any world size
     export_checkpoint(dir, "ema.safetensors")                                 # one file, for sampling
 
@@ -29,7 +30,14 @@ from rcm.parallel.dcp import (
     save_sharded_checkpoint,
     save_train_state,
 )
-from rcm.parallel.fsdp import gathered_for_jvp, grads_finite, mixed_precision_policy, parallelize, shard_train_state
+from rcm.parallel.fsdp import (
+    gathered_first_term,
+    gathered_for_jvp,
+    grads_finite,
+    mixed_precision_policy,
+    parallelize,
+    shard_train_state,
+)
 from rcm.parallel.mesh import (
     MESH_DIMS,
     ParallelConfig,
@@ -54,6 +62,7 @@ __all__ = [
     "export_safetensors",
     "full_model_state_dict",
     "gather_sequence",
+    "gathered_first_term",
     "gathered_for_jvp",
     "grads_finite",
     "heads_to_sequence",

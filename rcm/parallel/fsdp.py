@@ -19,6 +19,7 @@ hook, so ``torch.func.jvp`` over the sharded model never sees a DTensor; tested 
 from __future__ import annotations
 
 from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -31,7 +32,7 @@ from rcm.parallel.activation_checkpoint import apply_activation_checkpointing
 from rcm.parallel.context_parallel import apply_context_parallel
 from rcm.parallel.mesh import ParallelConfig, ParallelMesh
 
-__all__ = ["gathered_for_jvp", "grads_finite", "mixed_precision_policy", "parallelize", "shard_train_state"]
+__all__ = ["gathered_first_term", "gathered_for_jvp", "grads_finite", "mixed_precision_policy", "parallelize", "shard_train_state"]
 
 
 def mixed_precision_policy(cfg: ParallelConfig, device_type: str) -> MixedPrecisionPolicy:
@@ -97,6 +98,22 @@ def gathered_for_jvp(*models: nn.Module):
         for unit in units:
             unit.set_reshard_after_forward(getattr(unit, "_rcm_reshard_after_forward", True), recurse=False)
             unit.reshard()
+
+
+def gathered_first_term(terms: Iterator, *models: nn.Module) -> Iterator:
+    """Wrap the ``rcm.losses.student_losses`` generator so its first term (sCM: the JVP pass and the
+    student's grad forward) is produced inside ``gathered_for_jvp(*models)`` and the block stays open
+    while the caller backpropagates it; later terms (DMD) run with ordinary FSDP. Drop-in::
+
+        terms = gathered_first_term(student_losses(student, ...), student)
+        for name, per_sample, diagnostics in terms: ...   # backward inside the loop body, as now
+    """
+    with gathered_for_jvp(*models):
+        first = next(terms, None)
+        if first is None:
+            return
+        yield first
+    yield from terms
 
 
 def shard_train_state(state, mesh: ParallelMesh, cfg: ParallelConfig | None = None):

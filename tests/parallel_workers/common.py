@@ -2,6 +2,7 @@
 single-process references of tests/test_parallel.py (both sides must build identical things)."""
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -63,19 +64,21 @@ def grads(model) -> dict[str, torch.Tensor]:
     return {n: full(p.grad).detach().clone() for n, p in model.named_parameters()}
 
 
-def student_step(teacher, student, fake, data_seed: int = 0, device="cpu", jvp_context=None) -> dict:
+def student_step(teacher, student, fake, data_seed: int = 0, device="cpu", gathered: bool = False) -> dict:
     """The sCM tangent, then one rCM student iteration (sCM + DMD terms, each backpropagated).
-    ``jvp_context``: a context-manager factory wrapped around the whole iteration (gathered_for_jvp)."""
-    if jvp_context is not None:
-        with jvp_context(student):
-            return student_step(teacher, student, fake, data_seed, device)
+    ``gathered``: run the JVP passes with the student's parameters gathered beforehand
+    (``gathered_for_jvp`` / ``gathered_first_term``, the torch 2.11 + CUDA route)."""
+    from rcm.parallel import gathered_first_term, gathered_for_jvp
+
     x0, context, negative = batch(data_seed, device)
     x_t, t, F_teacher = jvp_inputs(device=device)
-    tangent = scm_jvp(student, x_t, t, context, F_teacher)
+    with gathered_for_jvp(student) if gathered else contextlib.nullcontext():
+        tangent = scm_jvp(student, x_t, t, context, F_teacher)
     losses = {}
     generator = torch.Generator().manual_seed(5)
-    for name, per_sample, _ in student_losses(student, teacher, fake, x0, context, negative,
-                                              iteration=STUDENT_ITERATION, config=LOSS, generator=generator):
+    terms = student_losses(student, teacher, fake, x0, context, negative, iteration=STUDENT_ITERATION,
+                           config=LOSS, generator=generator)
+    for name, per_sample, _ in gathered_first_term(terms, student) if gathered else terms:
         losses[name] = per_sample.detach().clone()
         per_sample.sum().backward()
     return {"tangent": tangent, "losses": losses, "grads": grads(student)}

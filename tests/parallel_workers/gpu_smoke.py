@@ -59,7 +59,7 @@ def main():
             models = [m.to(dev) for m in common.models()]
             for m in models:
                 parallelize(m, mesh)
-            got = common.student_step(*models, device=dev, jvp_context=gather)
+            got = common.student_step(*models, device=dev, gathered=gather is not None)
             check(f"fp32 rcm {label}", got, ref, 1e-4)  # GPU reductions differ in order
             dit = parallelize(common.teacher().to(dev), mesh)
             with gather(dit) if gather else contextlib.nullcontext():

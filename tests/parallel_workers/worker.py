@@ -68,7 +68,7 @@ def case_fsdp(out: Path, cfg: ParallelConfig, name: str) -> None:
     # The same iteration with every parameter gathered before the JVP pass (the torch 2.11 + CUDA
     # route, see gathered_for_jvp), on fresh models; all resharded afterwards.
     _, teacher, student, fake = sharded_models(cfg)
-    result["gathered"] = common.student_step(teacher, student, fake, data_seed=0, jvp_context=gathered_for_jvp)
+    result["gathered"] = common.student_step(teacher, student, fake, data_seed=0, gathered=True)
     assert all(isinstance(p, DTensor) for p in student.parameters()), "resharded after the block"
     save(out, name, result)
 
