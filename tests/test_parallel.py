@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock
 
 from rcm.models.wan import WanDiT, wan_config
 from rcm.parallel import (
@@ -98,10 +100,23 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
+    """The launches and the single-process leg, once per test session: under pytest-xdist the workers
+    share one run through a lock and a folder above their own temporary folders."""
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # this session's own root
+    out = shared / "rcm_parallel"
+    with FileLock(str(shared / "rcm_parallel.lock")):
+        if not (out / "done").is_file():
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir()
+            _run_all(out)
+            (out / "done").touch()
+    return out, {p.stem: torch.load(p, weights_only=False) for p in out.glob("*.pt")}
+
+
+def _run_all(out: Path) -> None:
     """Launch 1, the single-process leg of the checkpoint round trip, launch 2."""
-    out = tmp_path_factory.mktemp("parallel")
     launch("train", str(out))
-    results = {p.stem: torch.load(p, weights_only=False) for p in out.glob("*.pt")}
 
     # 2 → 1: load the 2-process checkpoint into plain single-process models (no process group).
     task = common.Task()
@@ -109,19 +124,16 @@ def runs(tmp_path_factory):
     extra, path = load_latest_sharded_checkpoint(out / "run_2proc", state)
     assert path.name == "step_00000003"
     task.load_state_dict(extra)
-    results["single_loaded"] = common.snapshot(state)
+    torch.save(common.snapshot(state), out / "single_loaded.pt")
     _steps(state, task, 1)
-    results["single_continued"] = common.snapshot(state)
+    torch.save(common.snapshot(state), out / "single_continued.pt")
     save_train_state(out / "ckpt_1proc", state, extra=task.state_dict())
-    results["single_saved"] = common.snapshot(state)
+    torch.save(common.snapshot(state), out / "single_saved.pt")
     _steps(state, task, 2)
-    results["single_continued_2"] = common.snapshot(state)
+    torch.save(common.snapshot(state), out / "single_continued_2.pt")
 
     # 1 → 2
     launch("resume", str(out), str(out / "ckpt_1proc"))
-    for name in ("resume_loaded", "resume_continued"):
-        results[name] = torch.load(out / f"{name}.pt", weights_only=False)
-    return out, results
 
 
 def _plain_state():

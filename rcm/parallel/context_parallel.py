@@ -110,8 +110,7 @@ class _AllToAllGrad(torch.autograd.Function):
         ctx.n = len(inputs) - 3
 
     @staticmethod
-    def backward(ctx, *grads):
-        grads = [torch.zeros_like(g) if g is None else g for g in grads]  # unused outputs
+    def backward(ctx, *grads):  # unused outputs arrive as zeros (materialized grads)
         with torch.no_grad():
             out = all_to_all(torch.stack(grads), ctx.group, ctx.gather_dim + 1, ctx.scatter_dim + 1)
         return (None, None, None, *out.unbind(0))
@@ -122,7 +121,7 @@ class _AllToAll(_AllToAllGrad):
 
     @staticmethod
     def jvp(ctx, _g, _s, _d, *tangents):
-        return _AllToAll.forward(ctx.group, ctx.scatter_dim, ctx.gather_dim, *_fill_tangents(ctx, tangents))
+        return _AllToAll.forward(ctx.group, ctx.scatter_dim, ctx.gather_dim, *_fill_tangents(tangents))
 
 
 class _GatherSequenceGrad(torch.autograd.Function):
@@ -151,7 +150,7 @@ class _GatherSequence(_GatherSequenceGrad):
         return _all_gather(x_dot, ctx.group, ctx.dim)
 
 
-def _fill_tangents(ctx, tangents):
+def _fill_tangents(tangents):
     # An input without a tangent gets None here; the collective still needs a tensor on every rank.
     ref = next((t for t in tangents if t is not None), None)
     return [torch.zeros_like(ref) if t is None else t for t in tangents]
