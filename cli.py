@@ -49,7 +49,7 @@ class _ParseError(Exception):
     """tyro rejected the arguments (unknown flag, bad value or choice, a config's own check)."""
 
 
-_BOX = "│╭╮╰╯─━┃ "
+_RULE = set("─━-│┃╭╮╰╯ ")  # box edges and rules, UTF-8 or ASCII (tyro draws ASCII when stdout is not UTF-8)
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -57,12 +57,14 @@ def _one_line(boxed: str) -> str:
     """tyro's boxed error -> its first paragraph on one line (the title when the box has nothing else)."""
     lines = [_ANSI.sub("", line).strip() for line in boxed.splitlines()]
     lines = [line for line in lines if line]
-    title = lines[0].strip(_BOX) if lines else ""
-    paragraph = []
+    title = lines[0].strip("─━╭╮ ") if lines else ""
+    paragraph: list[str] = []
     for line in lines[1:]:
-        if set(line) <= set(_BOX):  # a rule or the bottom edge: end of the first paragraph
-            break
-        paragraph.append(line.strip(_BOX))
+        if set(line) <= _RULE:  # a rule or the bottom edge: ends the first paragraph (skipped before it)
+            if paragraph:
+                break
+            continue
+        paragraph.append(line.strip("│┃ "))
     message = " ".join(" ".join(paragraph).split()) or title or "invalid arguments"
     message = re.sub(r"^Error parsing [A-Z]\w*: ", "", message)  # a check of the whole config
     return re.sub(r"^Error parsing ([a-z][\w.]*): ", lambda m: f"--{m[1].replace('_', '-')}: ", message)  # of a group
