@@ -316,10 +316,18 @@ def _sample_digits(cfg: SampleConfig, console) -> SampleResult:
         raise _bad("labels", f"must be digits 0..{NUM_CLASSES - 1}, got {list(cfg.labels)}")
     if cfg.labels and cfg.num_samples is not None and cfg.num_samples != len(cfg.labels):
         raise _bad("num_samples", f"{cfg.num_samples} != the {len(cfg.labels)} --labels given; pass one of them")
-    meta = demo.model_metadata(path)
+    try:  # the header alone: a truncated, corrupt or non-safetensors file fails here, naming the file
+        from rcm.models.checkpoint import open_state_dict
+
+        meta = open_state_dict(path).metadata
+    except ValueError as e:
+        raise _bad("checkpoint", str(e)) from e
     kind = _digits_kind(cfg, meta, path)
     _check_common(cfg, kind)
-    model = demo.load_model(path)
+    try:
+        model = demo.load_model(path)
+    except (ValueError, RuntimeError) as e:  # keys or shapes that do not match the recorded architecture
+        raise _bad("checkpoint", str(e)) from e
 
     n = len(cfg.labels) or cfg.num_samples or NUM_CLASSES
     labels = torch.tensor(cfg.labels, dtype=torch.long) if cfg.labels else torch.arange(n) % NUM_CLASSES
@@ -401,7 +409,10 @@ def _wan_kind(cfg: SampleConfig, dit_path: Path) -> str:
 
     if cfg.kind != "auto":
         return cfg.kind
-    raw = open_state_dict(dit_weight_files(dit_path).files)  # headers only
+    try:
+        raw = open_state_dict(dit_weight_files(dit_path).files)  # headers only
+    except ValueError as e:
+        raise _bad("dit_path", str(e)) from e
     kind = raw.metadata.get("kind")
     if kind in ("student", "teacher"):
         return kind
@@ -441,7 +452,10 @@ def _sample_wan(cfg: SampleConfig, console) -> SampleResult:
     _check_common(cfg, kind)
     device = _device(cfg.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    config = WAN_CONFIGS[cfg.model] if cfg.model != "wan" else read_dit_config(dit_path)
+    try:
+        config = WAN_CONFIGS[cfg.model] if cfg.model != "wan" else read_dit_config(dit_path)
+    except ValueError as e:
+        raise _bad("dit_path", str(e)) from e
     for name, size, patch in (("height", height, config.patch_size[1]), ("width", width, config.patch_size[2])):
         if size < 8 * patch or size % (8 * patch):  # the Wan VAE's 8x, then the DiT's patch
             raise _bad(name, f"must be a positive multiple of {8 * patch} (VAE 8x times patch {patch}), got {size}")
@@ -449,6 +463,13 @@ def _sample_wan(cfg: SampleConfig, console) -> SampleResult:
         load_dit(dit_path, config=config, device="meta")
     except ValueError as e:
         raise ValueError(f"--dit-path: {e}") from e
+    if vae_path.is_file():  # headers only, likewise: a truncated or corrupt VAE file
+        from rcm.models.checkpoint import open_state_dict
+
+        try:
+            open_state_dict(vae_path)
+        except ValueError as e:
+            raise _bad("vae_path", str(e)) from e
     num_samples = cfg.num_samples or 1
     guidance = 5.0 if cfg.guidance is None else cfg.guidance
     shift = 5.0 if cfg.shift is None else cfg.shift
@@ -457,8 +478,11 @@ def _sample_wan(cfg: SampleConfig, console) -> SampleResult:
     # 1. Text: encode, then free the encoder before anything else is on the device.
     t0 = time.perf_counter()
     with console.status("loading the text encoder and encoding the prompt"):
-        encoder = load_text_encoder(te_path, tokenizer_path=tok_path, dtype=dtype, device=device,
-                                    text_len=config.text_len)  # fmt: skip
+        try:
+            encoder = load_text_encoder(te_path, tokenizer_path=tok_path, dtype=dtype, device=device,
+                                        text_len=config.text_len)  # fmt: skip
+        except ValueError as e:
+            raise _bad("text_encoder_path", str(e)) from e
         if encoder.dim != config.text_dim:
             raise ValueError(f"--text-encoder-path: its width {encoder.dim} != the DiT's text_dim {config.text_dim}")
         context = encoder.encode([cfg.prompt], dtype=dtype)
@@ -473,7 +497,10 @@ def _sample_wan(cfg: SampleConfig, console) -> SampleResult:
 
     # 2. Weights. The VAE is small (0.25 GB in bf16); it is loaded first to fail early on a bad file.
     with console.status("loading the VAE and the DiT"):
-        vae = load_vae(vae_path, dtype=dtype, device=device)
+        try:
+            vae = load_vae(vae_path, dtype=dtype, device=device)
+        except ValueError as e:
+            raise _bad("vae_path", str(e)) from e
         z = vae.config.z_dim
         if config.in_dim != z or config.out_dim != z:
             raise ValueError(f"--vae-path: the VAE has {z} latent channels, the DiT in/out {config.in_dim}/{config.out_dim}")
