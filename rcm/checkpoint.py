@@ -73,10 +73,13 @@ def load_file(path: str | Path, map_location: str | torch.device = "cpu") -> dic
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=False)
+    try:  # weights_only: tensors and plain containers only, so a checkpoint can never run code when loaded
+        state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated, corrupt or not a torch file
         raise CheckpointError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e})") from e
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path} does not hold a train state (a dict), got {type(state).__name__}")
+    return state
 
 
 def load_latest(folder: str | Path, map_location: str | torch.device = "cpu") -> tuple[dict[str, Any], Path] | None:
