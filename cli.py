@@ -67,7 +67,7 @@ def _one_line(boxed: str) -> str:
         paragraph.append(line.strip("│┃ "))
     message = " ".join(" ".join(paragraph).split()) or title or "invalid arguments"
     message = re.sub(r"^Error parsing [A-Z]\w*: ", "", message)  # a check of the whole config
-    return re.sub(r"^Error parsing ([a-z][\w.]*): ", lambda m: f"--{m[1].replace('_', '-')}: ", message)  # of a group
+    return re.sub(r"^Error parsing ([a-z][\w.-]*): ", lambda m: f"--{m[1].replace('_', '-')}: ", message)  # of a group
 
 
 def _parse(config_cls: type, args: list[str], prog: str):
