@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from rcm.checkpoint import load_latest, save_checkpoint
+from rcm.parallel import ParallelConfig, gathered_first_term, grads_finite
 from rcm.tasks import DigitsReport
 from rcm.losses import (
     DMDConfig,
@@ -159,9 +161,13 @@ def load_state_dict(state: TrainState, saved: dict) -> None:
     torch.set_rng_state(saved["torch_rng"])
 
 
-def _grads_finite(module: nn.Module) -> bool:
-    grads = [p.grad for p in module.parameters() if p.grad is not None]
-    return all(bool(torch.isfinite(g).all()) for g in grads)
+def _on_every_rank(flag: bool) -> bool:
+    """`flag` and-ed over all ranks (so every rank skips or steps together); itself without a process group."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return flag
+    t = torch.tensor(int(flag), device="cuda" if torch.distributed.get_backend() == "nccl" else "cpu")
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+    return bool(t.item())
 
 
 class NonFiniteError(RuntimeError):
@@ -175,12 +181,14 @@ def train_step(state: TrainState, task: Task, loss: RCMConfig, ema_gamma: float,
     x0, context = task.next_batch()
     negative = task.negative_context(context)
     logs: dict[str, Any] = {"iteration": k, "phase": phase}
+    finite = True
     if phase == "student":
         module, optimizer, scheduler = state.student, state.student_optimizer, state.student_scheduler
         optimizer.zero_grad(set_to_none=True)
-        finite = True
-        terms = student_losses(state.student, state.teacher, state.fake_score, x0, context, negative,
-                               iteration=k, config=loss, generator=state.generator)
+        # gathered_first_term: the sCM JVP pass runs on pre-gathered FSDP parameters (a no-op unsharded).
+        terms = gathered_first_term(student_losses(state.student, state.teacher, state.fake_score, x0, context,
+                                                   negative, iteration=k, config=loss, generator=state.generator),
+                                    state.student)
         for name, per_sample, diagnostics in terms:
             total = per_sample.sum()
             logs[f"loss_{name}"] = total.item()
@@ -189,8 +197,7 @@ def train_step(state: TrainState, task: Task, loss: RCMConfig, ema_gamma: float,
             # non-finite as a whole (stepping would only apply weight decay and age Adam's moments).
             if not torch.isfinite(total) or int(diagnostics.get("nonfinite", 0)) == per_sample.shape[0]:
                 finite = False
-                break
-            if total.requires_grad:
+            if total.requires_grad:  # backward even when non-finite: sharded ranks must all join it
                 total.backward()
     else:
         module, optimizer, scheduler = state.fake_score, state.critic_optimizer, state.critic_scheduler
@@ -201,10 +208,9 @@ def train_step(state: TrainState, task: Task, loss: RCMConfig, ema_gamma: float,
         logs["loss_critic"] = total.item()
         logs.update({f"critic_{key}": _scalar(v) for key, v in diagnostics.items()})
         finite = bool(torch.isfinite(total))
-        if finite:
-            total.backward()
+        total.backward()
 
-    finite = finite and _grads_finite(module)
+    finite = _on_every_rank(finite) and grads_finite(module)
     if finite:
         optimizer.step()
         scheduler.step()
@@ -247,31 +253,41 @@ class LoopConfig:
             raise ValueError(f"invalid loop settings: {self}")
 
 
+def _is_rank0() -> bool:
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0
+
+
 def run_loop(state: TrainState, task: Task, loss: RCMConfig, loop: LoopConfig, run_dir: Path,
-             config_record: dict, progress=None, stop_after: int | None = None) -> TrainState:
+             config_record: dict, progress=None, stop_after: int | None = None, mesh=None) -> TrainState:
     """Train from `state.iteration` to `loop.iterations`, checkpointing into `run_dir/checkpoints`.
 
     `stop_after`: return after this many iterations (tests of interruption); the loop itself is resumable
-    from any checkpoint. Logs go to `run_dir/log.jsonl` (one JSON object per logged iteration).
+    from any checkpoint. Logs go to `run_dir/log.jsonl` (one JSON object per logged iteration, rank 0).
+    `mesh`: a `rcm.parallel.ParallelMesh` for a sharded run (checkpoints then go through DCP, collectively).
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir = run_dir / "checkpoints"
     gamma = power_ema_gamma(config_record.get("ema_sigma_rel", 0.1))
     log_path = run_dir / "log.jsonl"
+    rank0 = _is_rank0()
     done = 0
     start = time.perf_counter()
 
     def save():
-        save_checkpoint(ckpt_dir, state.iteration,
-                        {"train": state_dict(state), "task": task.state_dict(), "config": config_record},
-                        keep=loop.keep_checkpoints)
+        extra = {"task": task.state_dict(), "config": config_record}
+        if mesh is not None:
+            from rcm.parallel import save_sharded_checkpoint
+
+            save_sharded_checkpoint(ckpt_dir, state, mesh, extra=extra, keep=loop.keep_checkpoints)
+        else:
+            save_checkpoint(ckpt_dir, state.iteration, {"train": state_dict(state), **extra}, keep=loop.keep_checkpoints)
 
     while state.iteration < loop.iterations:
         logs = train_step(state, task, loss, gamma, loop.max_nonfinite_steps)
         done += 1
-        if progress is not None:
+        if progress is not None and rank0:
             progress(state.iteration, loop.iterations, logs)
-        if logs["iteration"] % loop.log_every == 0 or logs.get("skipped"):
+        if rank0 and (logs["iteration"] % loop.log_every == 0 or logs.get("skipped")):
             logs["seconds"] = round(time.perf_counter() - start, 3)
             with open(log_path, "a") as f:
                 f.write(json.dumps(logs) + "\n")
@@ -282,17 +298,27 @@ def run_loop(state: TrainState, task: Task, loss: RCMConfig, loop: LoopConfig, r
     return state
 
 
-def resume_if_possible(state: TrainState, task: Task, run_dir: Path, config_record: dict) -> bool:
+def resume_if_possible(state: TrainState, task: Task, run_dir: Path, config_record: dict, mesh=None) -> bool:
     """Load the newest good checkpoint of `run_dir` into `state` and `task`; False if there is none."""
-    found = load_latest(run_dir / "checkpoints")
-    if found is None:
-        return False
-    saved, path = found
+    if mesh is not None:
+        from rcm.parallel import load_latest_sharded_checkpoint
+
+        found = load_latest_sharded_checkpoint(run_dir / "checkpoints", state, mesh)
+        if found is None:
+            return False
+        extra, path = found
+        saved = {"config": extra["config"], "task": extra["task"], "train": None}
+    else:
+        found = load_latest(run_dir / "checkpoints")
+        if found is None:
+            return False
+        saved, path = found
     if saved.get("config", {}).get("fingerprint") != config_record.get("fingerprint"):
         raise ValueError(
             f"{path} was written by a run with different settings; use another --out-dir or --no-resume.\n"
             f"  saved: {saved.get('config', {}).get('fingerprint')}\n  now:   {config_record.get('fingerprint')}")
-    load_state_dict(state, saved["train"])
+    if saved["train"] is not None:
+        load_state_dict(state, saved["train"])
     task.load_state_dict(saved["task"])
     return True
 
@@ -303,7 +329,7 @@ def resume_if_possible(state: TrainState, task: Task, run_dir: Path, config_reco
 DIGITS_LOSS = RCMConfig(
     scm=SCMConfig(guidance=3.0, tangent_warmup=100),
     dmd=DMDConfig(guidance=3.0),
-    student_update_freq=5,
+    student_update_freq=3,
 )
 
 
@@ -320,15 +346,16 @@ class DistillConfig:
     teacher: Path | None = None  # None: the shipped teacher (rcm/assets/digits_teacher.safetensors)
     out_dir: Path | None = None  # None: runs/digits-<method>
     resume: bool = True  # continue from out_dir's latest checkpoint if there is one
-    batch_size: int = 32
-    loop: LoopConfig = field(default_factory=lambda: LoopConfig(iterations=400, checkpoint_every=50))
+    batch_size: int = 16
+    loop: LoopConfig = field(default_factory=lambda: LoopConfig(iterations=300, checkpoint_every=50))
     loss: RCMConfig = field(default_factory=lambda: DIGITS_LOSS)
-    student_optim: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=1e-4, warmup=20))
-    critic_optim: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=1e-4, warmup=20))
+    student_optim: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=2e-4, warmup=20))
+    critic_optim: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=2e-4, warmup=20))
     ema_sigma_rel: float = 0.1
     report: bool = True  # sample and score teacher and student at the end
     report_settings: DigitsReport = field(default_factory=DigitsReport)
     threads: int = 0  # torch.set_num_threads; 0 keeps torch's default
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # used when launched by torchrun
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -348,7 +375,7 @@ class DistillConfig:
 def _fingerprint(cfg: DistillConfig) -> str:
     """Everything that changes the trajectory (not the iteration count, output paths or reporting)."""
     fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out_dir", "resume", "report",
-                                                                           "report_settings", "threads")}
+                                                                           "report_settings", "threads", "parallel")}
     fields["loop"] = {k: v for k, v in fields["loop"].items() if k in ("seed",)}
     return json.dumps(fields, sort_keys=True, default=str)
 
@@ -364,19 +391,33 @@ def distill(cfg: DistillConfig) -> dict:
     console = Console()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.loop.seed)
+    # Under torchrun (WORLD_SIZE > 1) the models are sharded with FSDP2 (and CP) over a mesh; the same loop
+    # runs, checkpoints go through DCP, and rank 0 alone logs, exports and reports.
+    mesh = None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from rcm.parallel import init_distributed, rank_seed, shard_train_state
+
+        mesh = init_distributed(cfg.parallel)
+    rank0 = _is_rank0()
+    seed = cfg.loop.seed if mesh is None else rank_seed(cfg.loop.seed, mesh)
+    torch.manual_seed(seed)
     run_dir = cfg.run_dir
     loss = method_config(cfg.method, cfg.loss)
-    task = DigitsTask(cfg.teacher, cfg.batch_size, cfg.loop.seed)
-    state = init_state(task.build_teacher(), loss, cfg.student_optim, cfg.critic_optim, cfg.loop.seed,
-                       torch.device("cpu"))
+    task = DigitsTask(cfg.teacher, cfg.batch_size, seed)
+    device = torch.device("cpu") if mesh is None else torch.device(mesh.device_type, torch.cuda.current_device()
+                                                                   if mesh.device_type == "cuda" else 0)
+    state = init_state(task.build_teacher(), loss, cfg.student_optim, cfg.critic_optim, seed, device)
+    if mesh is not None:
+        shard_train_state(state, mesh, cfg.parallel)
     record = {"fingerprint": _fingerprint(cfg), "ema_sigma_rel": cfg.ema_sigma_rel}
-    if cfg.resume and resume_if_possible(state, task, run_dir, record):
-        console.print(f"[bold]resumed[/] {run_dir} at iteration {state.iteration}")
-    elif not cfg.resume and (run_dir / "checkpoints").exists():
+    if not cfg.resume and (run_dir / "checkpoints").exists():
         raise ValueError(f"{run_dir} already holds a run; use another --out-dir or drop --no-resume to continue it")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2, default=str) + "\n")
+    console.quiet = not rank0
+    if cfg.resume and resume_if_possible(state, task, run_dir, record, mesh=mesh):
+        console.print(f"[bold]resumed[/] {run_dir} at iteration {state.iteration}")
+    if rank0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2, default=str) + "\n")
 
     console.print(f"[bold]{cfg.method}[/] distillation of the digits teacher → {run_dir}  "
                   f"({cfg.loop.iterations} iterations, batch {cfg.batch_size})")
@@ -390,10 +431,22 @@ def distill(cfg: DistillConfig) -> dict:
             info = "  ".join(f"{k[5:]} {v:.3g}" for k, v in logs.items() if k.startswith("loss_"))
             bar.update(job, completed=done, info=info)
 
-        run_loop(state, task, loss, cfg.loop, run_dir, record, progress=progress)
+        run_loop(state, task, loss, cfg.loop, run_dir, record, progress=progress, mesh=mesh)
     train_seconds = time.perf_counter() - start
     student_path = run_dir / "student_ema.safetensors"
-    save_model(state.ema, student_path, {"kind": "student", "method": cfg.method, "iterations": state.iteration})
+    meta = {"kind": "student", "method": cfg.method, "iterations": state.iteration}
+    if mesh is not None:  # gather the sharded EMA onto rank 0 (collective), then continue there alone
+        from rcm.parallel import full_model_state_dict
+
+        full = full_model_state_dict(state.ema)
+        torch.distributed.barrier()
+        if not rank0:
+            return {"run_dir": str(run_dir), "rank": torch.distributed.get_rank()}
+        ema = copy.deepcopy(task.build_teacher())
+        ema.load_state_dict(full)
+        state.teacher = task.build_teacher()
+        state.ema = ema
+    save_model(state.ema, student_path, meta)
     console.print(f"student (EMA) → {student_path}   training took {train_seconds:.0f} s")
     summary = {"run_dir": str(run_dir), "student": str(student_path), "train_seconds": train_seconds}
     if cfg.report:
