@@ -106,6 +106,50 @@ def test_attention_matches_fp64_math(case):
         _close(grad, expected_grad, dtype, f"d{name}")
 
 
+_CORRUPTIONS = ["rank", "int dtype", "bool dtype", "complex dtype", "mixed dtypes", "k/v lengths", "batch", "heads",
+                "head dim", "empty", "head dim not a multiple of 8", "head dim too large", "head dim 0",
+                "scale", "not a tensor"]
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, database=None)
+@given(st.sampled_from(_CORRUPTIONS), st.sampled_from(["q", "k", "v"]), st.integers(0, 10**6))
+def test_attention_rejects_bad_input_with_a_value_error(corruption, which, seed):
+    """Whatever is wrong with the input, the op raises one ValueError naming it, never another error."""
+    rng = torch.Generator().manual_seed(seed)
+    b, lq, lk, h = (int(torch.randint(1, 4, (), generator=rng)) for _ in range(4))
+    d = 8 * int(torch.randint(1, 5, (), generator=rng))
+    shapes = {"q": [b, lq, h, d], "k": [b, lk, h, d], "v": [b, lk, h, d]}
+    dtypes = dict.fromkeys(shapes, torch.float32)
+    scale, replace = None, None
+    if corruption == "rank":
+        shapes[which] = shapes[which][:3] if seed % 2 else [*shapes[which], 1]
+    elif corruption.endswith(" dtype"):
+        dtypes[which] = {"int": torch.int32, "bool": torch.bool, "complex": torch.complex64}[corruption.split()[0]]
+    elif corruption == "mixed dtypes":
+        dtypes[which] = torch.float64
+    elif corruption == "k/v lengths":
+        shapes["k" if which == "v" else "v"][1] += 1
+    elif corruption in ("batch", "heads", "head dim"):
+        shapes[which][{"batch": 0, "heads": 2, "head dim": 3}[corruption]] += 8
+    elif corruption == "empty":
+        dim = seed % 4
+        for name in (["q", "k", "v"] if dim != 1 else [which if which == "q" else "k", "v"]):
+            shapes[name][dim] = 0
+    elif corruption.startswith("head dim"):
+        d = {"head dim not a multiple of 8": d + 4, "head dim too large": 264, "head dim 0": 0}[corruption]
+        for name in shapes:
+            shapes[name][3] = d
+    elif corruption == "scale":
+        scale = [0.0, -1.0, float("nan"), float("inf"), "0.5", True, torch.tensor(0.5)][seed % 7]
+    else:
+        replace = [None, [1.0, 2.0], 3.0][seed % 3]
+    inputs = {n: torch.zeros(shapes[n], dtype=dtypes[n]) for n in shapes}
+    if replace is not None or corruption == "not a tensor":
+        inputs[which] = replace
+    with pytest.raises(ValueError, match="^attention: "):
+        attention(inputs["q"], inputs["k"], inputs["v"], scale=scale, backend="reference")
+
+
 # ---------------------------------------------------------------------------------------------------
 # losses
 

@@ -13,6 +13,7 @@ without error), so differentiation goes through `_AttentionFunction`, a torch.au
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from typing import Optional
 
@@ -94,10 +95,12 @@ def validate(q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> float:
         )
     if Lq == 0 or k.shape[1] == 0 or B == 0 or H == 0:
         raise ValueError(f"attention: empty input (q {tuple(q.shape)}, k {tuple(k.shape)})")
-    if D > MAX_HEAD_DIM or D % 8 != 0:
+    if not 8 <= D <= MAX_HEAD_DIM or D % 8 != 0:
         raise ValueError(f"attention: head dim {D} unsupported; expected a multiple of 8 up to {MAX_HEAD_DIM}")
     if scale is None:
         return D**-0.5
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise ValueError(f"attention: scale must be a positive finite number or None, got {scale!r}")
     scale = float(scale)
     if not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"attention: scale must be a positive finite number, got {scale}")
