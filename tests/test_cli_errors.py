@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 _LOAD_MODEL = ("rcm.demo.load_model reads the file with safetensors.safe_open / load_state_dict: a truncated, "
                "corrupt or mis-shaped file raises SafetensorError / RuntimeError (fix in the issue 8 report)")
 _CLASSIFIER = "TrainClassifierConfig has no __post_init__ checks (fix in the issue 8 report)"
+_LOOP = "LoopConfig does not check log_every: ZeroDivisionError after the first step (fix in the issue 8 report)"
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +133,8 @@ CASES = [
     ("distill negative iterations", _distill("--loop.iterations", "-1"), "iterations=-1"),
     ("distill checkpoint_every 0", _distill("--loop.checkpoint-every", "0"), "checkpoint_every=0"),
     ("distill max_nonfinite 0", _distill("--loop.max-nonfinite-steps", "0"), "max_nonfinite_steps=0"),
+    pytest.param("distill log_every 0", _distill("--loop.log-every", "0", "--method", "scm", "--batch-size", "1"),
+                 "log", marks=pytest.mark.xfail(strict=True, reason=_LOOP)),
     ("distill negative lr", _distill("--student-optim.lr", "-1"), "--student-optim: lr must be a positive number"),
     ("distill betas", _distill("--critic-optim.betas", "0.9", "1.5"), "--critic-optim: betas"),
     ("distill negative guidance", _distill("--loss.scm.guidance", "-1"), "guidance"),
