@@ -149,7 +149,7 @@ CASES = [
     ("digits checkpoint corrupt", _digits("--checkpoint", "{F}/garbage.safetensors"), "--checkpoint: could not read"),
     ("digits checkpoint wrong layout", _digits("--checkpoint", "{F}/layout.safetensors", "--kind", "student"),
      "wan_config"),
-    ("digits checkpoint wrong shapes", _digits("--checkpoint", "{F}/shapes.safetensors"), "size mismatch"),
+    ("digits checkpoint wrong shapes", _digits("--checkpoint", "{F}/shapes.safetensors"), "shape"),
     ("digits checkpoint not safetensors", _digits("--checkpoint", "{F}/teacher.pt"), "must be a .safetensors"),
     ("digits checkpoint unknown kind", _digits("--checkpoint", "{F}/layout.safetensors"), "--kind"),
     ("student 0 steps", _digits("--checkpoint", "{F}/student.safetensors", "--num-steps", "0"), "--num-steps"),
