@@ -239,9 +239,10 @@ def data_generator(split: str = "train", spec: ClipSpec = ClipSpec()) -> ClipGen
     return lambda labels, g: sample_clips(split, len(labels), g, spec, labels)[0]
 
 
-def evaluate(generators: dict[str, ClipGenerator], cfg: EvalConfig = EvalConfig(), console=None) -> list[dict]:
+def evaluate(generators: dict[str, ClipGenerator], cfg: EvalConfig = EvalConfig(), console=None,
+             show: bool = True) -> list[dict]:
     """Run every generator on the same class-balanced labels with the same seed, score its clips,
-    print a rich table and return one row (dict) per generator."""
+    print a rich table (`show`) and return one row (dict) per generator."""
     model = load_classifier(cfg.classifier)
     real = DigitClips("test", cfg.num_real, seed=cfg.real_seed, spec=cfg.spec)
     reference = RealReference.from_clips(model, real.clips, real.labels)
@@ -257,7 +258,8 @@ def evaluate(generators: dict[str, ClipGenerator], cfg: EvalConfig = EvalConfig(
             clips.append(out.detach().float().cpu())
         clips = torch.cat(clips)
         rows.append({"name": name, **clip_metrics(model, clips, labels, reference), "sec_per_sample": seconds / len(labels), "n": len(labels)})
-    print_table(rows, console=console)
+    if show:
+        print_table(rows, console=console)
     return rows
 
 

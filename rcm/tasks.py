@@ -69,22 +69,27 @@ def digits_generators(teacher: nn.Module, students: dict[str, nn.Module], report
     return gens
 
 
-def write_samples(generators: dict, out_dir: Path, seed: int = 0, per_class: int = 1) -> dict[str, Path]:
-    """A PNG grid (one row per generator, one clip per class, frames left to right) and an animated
-    GIF and MP4 of the same clips side by side."""
+def _titled(image: np.ndarray, title: str, height: int = 14) -> np.ndarray:
+    """`image` (uint8 [H, W]) with a white title strip above it."""
+    from PIL import Image, ImageDraw
+
+    strip = Image.new("L", (image.shape[1], height), 255)
+    ImageDraw.Draw(strip).text((2, 1), title, fill=0)
+    return np.concatenate([np.asarray(strip), image])
+
+
+def write_samples(generators: dict, out_dir: Path, seed: int = 0) -> dict[str, Path]:
+    """samples.png: one block per generator (titled), a row per digit 0-9, frames left to right; and an
+    animated samples.gif / samples.mp4 of the same clips (rows: generators, columns: digits)."""
     import imageio.v2 as imageio
 
-    labels = torch.arange(10).repeat_interleave(per_class)
-    rows = {}
-    for name, gen in generators.items():
-        rows[name] = gen(labels, torch.Generator().manual_seed(seed)).float().cpu()
-    # PNG: generators stacked vertically, each a row of clips (frames left to right)
-    grids = [clip_grid(clips, nrow=1) for clips in rows.values()]  # each [h, W]
-    width = max(g.shape[1] for g in grids)
-    png = np.concatenate([np.pad(g, ((0, 4), (0, width - g.shape[1])), constant_values=255) for g in grids])
+    labels = torch.arange(10)
+    rows = {name: gen(labels, torch.Generator().manual_seed(seed)).float().cpu() for name, gen in generators.items()}
+    blocks = [_titled(clip_grid(clips, nrow=10, scale=3), name) for name, clips in rows.items()]
+    gap = np.full((blocks[0].shape[0], 6), 255, dtype=np.uint8)
+    png = np.concatenate([x for b in blocks for x in (b, gap)][:-1], axis=1)
     paths = {"png": out_dir / "samples.png", "gif": out_dir / "samples.gif", "mp4": out_dir / "samples.mp4"}
     imageio.imwrite(paths["png"], png)
-    # animation: frame t shows every generator's clips at time t (rows: generators, columns: classes)
     frames = []
     for t in range(DEMO_SPEC.frames):
         tile = torch.stack([to_unit(c[:, 0, t]) for c in rows.values()])  # [G, N, H, W]
@@ -93,29 +98,57 @@ def write_samples(generators: dict, out_dir: Path, seed: int = 0, per_class: int
         tile = tile.repeat_interleave(6, 0).repeat_interleave(6, 1)
         frames.append((tile * 255).round().to(torch.uint8).numpy())
     imageio.mimsave(paths["gif"], frames, duration=1000 / 8, loop=0)
-    # MP4 wants even sizes divisible by 16 for most players; pad once.
     h, w = frames[0].shape
-    ph, pw = (-h) % 16, (-w) % 16
-    writer = imageio.get_writer(paths["mp4"], fps=8, macro_block_size=1)
-    for f in frames:
-        writer.append_data(np.pad(f, ((0, ph), (0, pw)), constant_values=128))
+    writer = imageio.get_writer(paths["mp4"], fps=8, macro_block_size=16)
+    for f in frames:  # MP4 players want sizes divisible by 16
+        writer.append_data(np.pad(f, ((0, (-h) % 16), (0, (-w) % 16)), constant_values=128))
     writer.close()
     (out_dir / "samples_order.txt").write_text("\n".join(rows) + "\n")
     return paths
 
 
+TEACHER_METRICS_CACHE = Path(__file__).parent / "assets" / "digits_teacher_metrics.json"
+
+
+def _teacher_cache_key(teacher_path: Path | None, cfg, teacher_sampling: TeacherSampling, steps: int) -> str:
+    """Teacher rows depend only on the teacher file, the evaluation settings and the sampler: key them so a
+    run's report can reuse rows measured once (50-step CFG sampling is most of the report's time)."""
+    import hashlib
+
+    from rcm.demo import TEACHER_PATH
+
+    digest = hashlib.sha256(Path(teacher_path or TEACHER_PATH).read_bytes()).hexdigest()[:16]
+    settings = {**teacher_sampling.__dict__, "steps": steps}
+    return json.dumps({"teacher": digest, "eval": {k: str(v) for k, v in cfg.__dict__.items()}, "sampling": settings},
+                      sort_keys=True)
+
+
 def digits_report(teacher: nn.Module, students: dict[str, nn.Module], out_dir: Path, report: DigitsReport,
-                  teacher_sampling: TeacherSampling, console=None) -> list[dict]:
-    """Sample, score and write `metrics.json`, `samples.png`, `samples.gif`, `samples.mp4`; print the table."""
-    from rcm.evaluate import EvalConfig, evaluate
+                  teacher_sampling: TeacherSampling, console=None, teacher_path: Path | None = None,
+                  reuse_teacher_rows: bool = True) -> list[dict]:
+    """Sample, score and write `metrics.json`, `samples.png`, `samples.gif`, `samples.mp4`; print the table.
+
+    Teacher rows are read from `rcm/assets/digits_teacher_metrics.json` when it holds a row measured with the
+    same teacher file, evaluation settings and sampler (`reuse_teacher_rows`); `rcm eval` recomputes them."""
+    from rcm.evaluate import EvalConfig, evaluate, print_table
 
     out_dir.mkdir(parents=True, exist_ok=True)
     gens = digits_generators(teacher, students, report, teacher_sampling)
-    shown = {k: v for k, v in gens.items() if not k.startswith("teacher@") or k in ("teacher@50", "teacher@1")}
+    shown = {k: v for k, v in gens.items() if not k.startswith("teacher@") or k in ("teacher@1", "teacher@50")}
     write_samples(shown, out_dir, seed=report.seed)
     cfg = EvalConfig(num_per_class=report.num_per_class, num_real=report.num_real, seed=report.seed, spec=DEMO_SPEC)
+    cache = json.loads(TEACHER_METRICS_CACHE.read_text()) if TEACHER_METRICS_CACHE.is_file() else {}
+    keys = {f"teacher@{n}": _teacher_cache_key(teacher_path, cfg, teacher_sampling, n) for n in report.teacher_steps}
+    cached = {name: {**cache[key], "cached": True} for name, key in keys.items() if reuse_teacher_rows and key in cache}
     start = time.perf_counter()
-    rows = evaluate(gens, cfg, console=console)
+    fresh = evaluate({k: v for k, v in gens.items() if k not in cached}, cfg, console=console, show=False)
+    by_name = {**cached, **{r["name"]: r for r in fresh}}
+    rows = [by_name[name] for name in gens]
+    print_table(rows, console=console)
+    if not reuse_teacher_rows:  # a full evaluation refreshes the shipped cache of teacher rows
+        cache.update({keys[r["name"]]: {k: v for k, v in r.items() if k != "cached"} for r in fresh if r["name"] in keys})
+        if TEACHER_METRICS_CACHE.parent.is_dir():
+            TEACHER_METRICS_CACHE.write_text(json.dumps(cache, indent=1, sort_keys=True) + "\n")
     meta = {"eval_seconds": round(time.perf_counter() - start, 1), "eval": cfg.__dict__ | {"spec": str(cfg.spec)},
             "report": report.__dict__, "teacher_sampling": teacher_sampling.__dict__}
     (out_dir / "metrics.json").write_text(json.dumps({"rows": rows, **meta}, indent=2, default=str) + "\n")
@@ -135,6 +168,7 @@ class EvalRunsConfig:
     out_dir: Path = Path("runs/eval")
     guidance: float = 3.0  # the teacher's CFG weight (the demo distills with 3)
     report_settings: DigitsReport = field(default_factory=DigitsReport)
+    reuse_teacher_rows: bool = False  # False: sample the teacher afresh and refresh the shipped teacher rows
 
     def __post_init__(self):
         for run in self.runs:
@@ -153,4 +187,5 @@ def eval_runs(cfg: EvalRunsConfig) -> list[dict]:
         meta = json.loads((Path(run) / "config.json").read_text()) if (Path(run) / "config.json").is_file() else {}
         students[meta.get("method", Path(run).name)] = load_model(Path(run) / "student_ema.safetensors")
     return digits_report(load_teacher(cfg.teacher), students, Path(cfg.out_dir), cfg.report_settings,
-                         TeacherSampling(guidance=cfg.guidance))
+                         TeacherSampling(guidance=cfg.guidance), teacher_path=cfg.teacher,
+                         reuse_teacher_rows=cfg.reuse_teacher_rows)

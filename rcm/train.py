@@ -452,6 +452,7 @@ def distill(cfg: DistillConfig) -> dict:
     if cfg.report:
         teacher_sampling = TeacherSampling(guidance=loss.scm.guidance if loss.scm.guidance > 1 else loss.dmd.guidance)
         summary["rows"] = digits_report(state.teacher, {cfg.method: state.ema.eval()}, run_dir,
-                                        cfg.report_settings, teacher_sampling, console=console)
+                                        cfg.report_settings, teacher_sampling, console=console,
+                                        teacher_path=cfg.teacher)
         console.print(f"samples → {run_dir}/samples.png, samples.gif, samples.mp4; metrics → {run_dir}/metrics.json")
     return summary
