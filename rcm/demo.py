@@ -185,6 +185,25 @@ def teacher_generator(model: nn.Module, cfg: TeacherSampling = TeacherSampling()
     return lambda labels, g: sample_teacher(model, labels, g, cfg, spec)
 
 
+@torch.no_grad()
+def sample_student(model: nn.Module, labels: Tensor, generator: torch.Generator, steps: int = 2,
+                   sigma_max: float = 80.0, mid_times=None, spec: ClipSpec = DEMO_SPEC, progress=None) -> Tensor:
+    """Few-step consistency samples ``[N, 1, T, H, W]`` float32 in [-1, 1] (clamped) of a distilled
+    student (no CFG: the student has it baked in), RCM_METHOD.md §5.2."""
+    from rcm.samplers import consistency_times, sample_consistency, student_denoiser
+
+    noise = torch.randn((len(labels), *spec.shape), generator=generator)
+    times = consistency_times(steps, sigma_max=sigma_max, mid_times=mid_times)
+    out = sample_consistency(student_denoiser(model, labels), noise, times, generator=generator, progress=progress)
+    return out.float().clamp(-1, 1)
+
+
+def student_generator(model: nn.Module, steps: int = 2, sigma_max: float = 80.0, mid_times=None,
+                      spec: ClipSpec = DEMO_SPEC):
+    """A student as an ``rcm.evaluate`` generator ``(labels, generator) -> clips``."""
+    return lambda labels, g: sample_student(model, labels, g, steps, sigma_max, mid_times, spec)
+
+
 # --------------------------------------------------------------------------------------------
 # teacher training
 
@@ -282,7 +301,7 @@ def train_teacher(cfg: TrainTeacherConfig, console=None, stop_after: int | None 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg))
     batches = ClipBatches("train", cfg.batch_size, seed=cfg.seed, spec=cfg.spec)
     generator = torch.Generator().manual_seed(cfg.seed + 1)
-    step, seconds_before = 0, 0.0
+    step, seconds_before, cpu_before = 0, 0.0, 0.0
 
     found = load_latest(out_dir / "checkpoints") if cfg.resume else None
     if found is not None:
@@ -296,18 +315,18 @@ def train_teacher(cfg: TrainTeacherConfig, console=None, stop_after: int | None 
         sched.load_state_dict(saved["scheduler"])
         batches.load_state_dict(saved["data"])
         generator.set_state(saved["generator"])
-        step, seconds_before = saved["step"], saved["seconds"]
+        step, seconds_before, cpu_before = saved["step"], saved["seconds"], saved.get("cpu_seconds", 0.0)
         console.log(f"resumed from {path} at step {step}")
 
-    def checkpoint(seconds: float):
+    def checkpoint(seconds: float, cpu_seconds: float):
         save_checkpoint(out_dir / "checkpoints", step, {
-            "step": step, "seconds": seconds, "config": resume_keys, "model": model.state_dict(),
+            "step": step, "seconds": seconds, "cpu_seconds": cpu_seconds, "config": resume_keys, "model": model.state_dict(),
             "ema": ema.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
             "data": batches.state_dict(), "generator": generator.get_state()}, keep=cfg.keep_checkpoints)
 
     n_params = sum(p.numel() for p in model.parameters())
     console.log(f"teacher {cfg.model}: {n_params / 1e6:.2f}M parameters, {cfg.steps} steps of batch {cfg.batch_size}")
-    start, start_step = time.perf_counter(), step
+    start, start_cpu, start_step = time.perf_counter(), time.process_time(), step
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
     with Progress(*columns, console=console) as progress, open(out_dir / "log.jsonl", "a") as log:
         task = progress.add_task("teacher", total=cfg.steps, completed=step)
@@ -323,19 +342,23 @@ def train_teacher(cfg: TrainTeacherConfig, console=None, stop_after: int | None 
             ema_update_(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
             progress.update(task, advance=1, description=f"teacher loss {loss.item():.4f}")
             seconds = seconds_before + time.perf_counter() - start
+            cpu_seconds = cpu_before + time.process_time() - start_cpu
             if step % cfg.log_every == 0 or step == cfg.steps:
                 entry = {"step": step, "loss": round(loss.item(), 6), "grad_norm": round(grad_norm.item(), 4),
-                         "lr": sched.get_last_lr()[0], "seconds": round(seconds, 1)}
+                         "lr": sched.get_last_lr()[0], "seconds": round(seconds, 1), "cpu_seconds": round(cpu_seconds, 1)}
                 log.write(json.dumps(entry) + "\n")
                 log.flush()
                 progress.console.log(" ".join(f"{k} {v}" for k, v in entry.items()))
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                checkpoint(seconds)
+                checkpoint(seconds, cpu_seconds)
             if stop_after is not None and step - start_step >= stop_after and step < cfg.steps:
                 return None
 
     seconds = seconds_before + time.perf_counter() - start
+    cpu_seconds = cpu_before + time.process_time() - start_cpu
     export = Path(cfg.export) if cfg.export is not None else out_dir / "teacher.safetensors"
-    save_model(ema, export, {"recipe": record, "train_seconds": f"{seconds:.0f}", "steps": str(step)})
-    console.log(f"teacher: {step} steps in {seconds / 60:.1f} min; EMA weights → {export}")
+    save_model(ema, export, {"recipe": record, "train_seconds": f"{seconds:.0f}",
+                             "train_cpu_seconds": f"{cpu_seconds:.0f}", "steps": str(step)})
+    console.log(f"teacher: {step} steps in {seconds / 60:.1f} min ({cpu_seconds / 60:.1f} CPU-min, "
+                f"{torch.get_num_threads()} threads); EMA weights → {export}")
     return export

@@ -166,7 +166,7 @@ class EvalRunsConfig:
     runs: tuple[Path, ...] = (Path("runs/digits-scm"), Path("runs/digits-dmd2"), Path("runs/digits-rcm"))
     teacher: Path | None = None  # None: the shipped teacher
     out_dir: Path = Path("runs/eval")
-    guidance: float = 3.0  # the teacher's CFG weight (the demo distills with 3)
+    guidance: float = TeacherSampling().guidance  # the teacher's CFG weight, as the demo distills with
     report_settings: DigitsReport = field(default_factory=DigitsReport)
     reuse_teacher_rows: bool = False  # False: sample the teacher afresh and refresh the shipped teacher rows
 

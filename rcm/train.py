@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from rcm.checkpoint import load_latest, save_checkpoint
 from rcm.parallel import ParallelConfig, gathered_first_term, grads_finite
+from rcm.demo import TeacherSampling
 from rcm.tasks import DigitsReport
 from rcm.losses import (
     DMDConfig,
@@ -326,9 +327,10 @@ def resume_if_possible(state: TrainState, task: Task, run_dir: Path, config_reco
 # ----------------------------------------------------------------------------------------------------------
 # `rcm distill`: the digits demo (the embedded default). Wan2.1 distillation plugs in as another task.
 
+# The students learn the teacher's CFG-guided ODE at the guidance the teacher samples with.
 DIGITS_LOSS = RCMConfig(
-    scm=SCMConfig(guidance=3.0, tangent_warmup=100),
-    dmd=DMDConfig(guidance=3.0),
+    scm=SCMConfig(guidance=TeacherSampling().guidance, tangent_warmup=100),
+    dmd=DMDConfig(guidance=TeacherSampling().guidance),
     student_update_freq=3,
 )
 
@@ -347,7 +349,7 @@ class DistillConfig:
     out_dir: Path | None = None  # None: runs/digits-<method>
     resume: bool = True  # continue from out_dir's latest checkpoint if there is one
     batch_size: int = 16
-    loop: LoopConfig = field(default_factory=lambda: LoopConfig(iterations=300, checkpoint_every=50))
+    loop: LoopConfig = field(default_factory=lambda: LoopConfig(iterations=400, checkpoint_every=50))
     loss: RCMConfig = field(default_factory=lambda: DIGITS_LOSS)
     student_optim: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=2e-4, warmup=20))
     critic_optim: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=2e-4, warmup=20))
@@ -385,7 +387,7 @@ def distill(cfg: DistillConfig) -> dict:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from rcm.demo import TeacherSampling, save_model
+    from rcm.demo import save_model
     from rcm.tasks import DigitsTask, digits_report
 
     console = Console()
