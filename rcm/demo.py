@@ -122,21 +122,26 @@ def save_model(model: ClassConditionedDiT, path: str | Path, metadata: dict | No
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> ClassConditionedDiT:
-    """A model saved by ``save_model`` (strict: every key must match), in eval mode, frozen."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
+    """A model saved by ``save_model`` (strict: every key must match), in eval mode, frozen. A missing
+    file is a FileNotFoundError; a truncated, corrupt or mismatched one a ValueError naming the file."""
+    from rcm.models.checkpoint import load_state_dict_strict, open_state_dict
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no model weights at {path}")
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: not a .safetensors file written by rcm.demo.save_model")
+    weights = open_state_dict(path)  # the header only: a truncated or corrupt file fails here
+    meta = weights.metadata
     if "wan_config" not in meta:
         raise ValueError(f"{path} has no 'wan_config' metadata: not saved by rcm.demo.save_model")
-    wan = json.loads(meta["wan_config"])
-    wan["patch_size"] = tuple(wan["patch_size"])
-    model = ClassConditionedDiT(WanDiT(WanConfig(**wan)), int(meta["num_classes"]))
-    model.load_state_dict(load_file(str(path)), strict=True)
+    try:
+        wan = json.loads(meta["wan_config"])
+        wan["patch_size"] = tuple(wan["patch_size"])
+        model = ClassConditionedDiT(WanDiT(WanConfig(**wan)), int(meta.get("num_classes", 10)))
+    except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"{path}: unreadable architecture metadata ({type(e).__name__}: {e})") from e
+    load_state_dict_strict(model, weights, what="digits model", source=str(path))  # all mismatches, one ValueError
     return model.to(dtype).eval().requires_grad_(False)
 
 

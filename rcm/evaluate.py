@@ -17,6 +17,7 @@ train split and shipped as ``rcm/assets/digits_classifier.safetensors``; see
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -102,6 +103,13 @@ class TrainClassifierConfig:
     spec: ClipSpec = field(default_factory=ClipSpec)
     num_test: int = 1000  # held-out clips for the accuracy reported at the end
     log_every: int = 100
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "width", "feature_dim", "num_test", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not (self.lr > 0 and math.isfinite(self.lr)) or not self.weight_decay >= 0:
+            raise ValueError(f"need lr > 0 and weight_decay >= 0, got lr={self.lr}, weight_decay={self.weight_decay}")
 
 
 @torch.no_grad()

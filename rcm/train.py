@@ -22,7 +22,7 @@ from typing import Any, Literal, Protocol
 import torch
 from torch import Tensor, nn
 
-from rcm.checkpoint import load_latest, save_checkpoint
+from rcm.checkpoint import atomic_write_bytes, load_latest, save_checkpoint
 from rcm.parallel import ParallelConfig, gathered_first_term, grads_finite
 from rcm.demo import TeacherSampling
 from rcm.tasks import DigitsReport
@@ -250,12 +250,29 @@ class LoopConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.iterations < 0 or self.checkpoint_every < 1 or self.keep_checkpoints < 1 or self.max_nonfinite_steps < 1:
-            raise ValueError(f"invalid loop settings: {self}")
+        for name, low in (("iterations", 0), ("checkpoint_every", 1), ("keep_checkpoints", 1), ("log_every", 1),
+                          ("max_nonfinite_steps", 1)):
+            if getattr(self, name) < low:
+                raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
 
 
 def _is_rank0() -> bool:
     return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0
+
+
+def _truncate_log(log_path: Path, iteration: int) -> None:
+    """Keep the log lines of iterations before `iteration`: a run killed after its last checkpoint logged
+    iterations that the resumed run repeats (and maybe a torn last line)."""
+    if not log_path.is_file():
+        return
+    kept = []
+    for line in log_path.read_text().splitlines():
+        try:
+            if json.loads(line)["iteration"] < iteration:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            pass  # a line torn by the kill
+    atomic_write_bytes(log_path, "".join(kept).encode())
 
 
 def run_loop(state: TrainState, task: Task, loss: RCMConfig, loop: LoopConfig, run_dir: Path,
@@ -271,6 +288,8 @@ def run_loop(state: TrainState, task: Task, loss: RCMConfig, loop: LoopConfig, r
     gamma = power_ema_gamma(config_record.get("ema_sigma_rel", 0.1))
     log_path = run_dir / "log.jsonl"
     rank0 = _is_rank0()
+    if rank0:
+        _truncate_log(log_path, state.iteration)
     done = 0
     start = time.perf_counter()
 

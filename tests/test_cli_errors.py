@@ -19,11 +19,6 @@ import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
-_LOAD_MODEL = ("rcm.demo.load_model reads the file with safetensors.safe_open / load_state_dict: a truncated, "
-               "corrupt or mis-shaped file raises SafetensorError / RuntimeError (fix in the issue 8 report)")
-_CLASSIFIER = "TrainClassifierConfig has no __post_init__ checks (fix in the issue 8 report)"
-_LOOP = "LoopConfig does not check log_every: ZeroDivisionError after the first step (fix in the issue 8 report)"
-
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> Path:
@@ -115,13 +110,13 @@ CASES = [
     ("distill teacher is a folder", _replace(_distill(), "--teacher", "{F}"), "--teacher: no file"),
     ("distill teacher wrong layout", _replace(_distill(), "--teacher", "{F}/layout.safetensors"), "wan_config"),
     pytest.param("distill teacher truncated", _replace(_distill(), "--teacher", "{F}/truncated.safetensors"),
-                 "truncated", marks=pytest.mark.xfail(strict=True, reason=_LOAD_MODEL)),
+                 "truncated"),
     pytest.param("distill teacher corrupt", _replace(_distill(), "--teacher", "{F}/garbage.safetensors"),
-                 "garbage.safetensors", marks=pytest.mark.xfail(strict=True, reason=_LOAD_MODEL)),
+                 "garbage.safetensors"),
     pytest.param("distill teacher not safetensors", _replace(_distill(), "--teacher", "{F}/teacher.pt"),
-                 "teacher.pt", marks=pytest.mark.xfail(strict=True, reason=_LOAD_MODEL)),
+                 "teacher.pt"),
     pytest.param("distill teacher wrong shapes", _replace(_distill(), "--teacher", "{F}/shapes.safetensors"),
-                 "shape", marks=pytest.mark.xfail(strict=True, reason=_LOAD_MODEL)),
+                 "shape"),
     ("distill out-dir is a file", _replace(_distill(), "--out-dir", "{F}/notes.txt"), "notes.txt"),
     ("distill resume from corrupt checkpoints", _replace(_distill(), "--out-dir", "{F}/corrupt_run"),
      "no readable checkpoint"),
@@ -136,7 +131,7 @@ CASES = [
     ("distill max_nonfinite 0", _distill("--loop.max-nonfinite-steps", "0"),
      ("max_nonfinite_steps=0", "max_nonfinite_steps must be >= 1, got 0")),
     pytest.param("distill log_every 0", _distill("--loop.log-every", "0", "--method", "scm", "--batch-size", "1"),
-                 "log_every must be >= 1", marks=pytest.mark.xfail(strict=True, reason=_LOOP)),
+                 "log_every must be >= 1"),
     ("distill negative lr", _distill("--student-optim.lr", "-1"), "--student-optim: lr must be a positive number"),
     ("distill betas", _distill("--critic-optim.betas", "0.9", "1.5"), "--critic-optim: betas"),
     ("distill negative guidance", _distill("--loss.scm.guidance", "-1"), "guidance"),
@@ -205,7 +200,7 @@ CASES = [
     ("teacher clip frames", ["train-teacher", "--spec.frames", "0", "--out-dir", "{T}/t"], "frames must be >= 1"),
     ("teacher dropout", ["train-teacher", "--label-dropout", "1.5", "--out-dir", "{T}/t"], "label_dropout"),
     pytest.param("classifier batch 0", ["train-classifier", "--batch-size", "0", "--steps", "1", "--out", "{T}/c.pt"],
-                 "batch", marks=pytest.mark.xfail(strict=True, reason=_CLASSIFIER)),
+                 "batch"),
     ("bench dtype", ["bench", "attention", "--dtype", "fp64"], "invalid choice 'fp64'"),
     ("bench shapes", ["bench", "attention", "--shapes", "1,2,3"], "--shapes: '1,2,3' is not B,H,L,D"),
 ]

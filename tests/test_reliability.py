@@ -195,8 +195,7 @@ def test_sigkilled_distill_resumes_exactly(teacher, tmp_path):
     assert {e["iteration"] for e in resumed} == set(reference)
     for entry in resumed:
         assert entry == reference[entry["iteration"]], f"iteration {entry['iteration']} differs after resuming"
-    last = {e["iteration"]: e for e in resumed}
-    assert last == reference
+    assert resumed == [reference[i] for i in range(ITERATIONS)]  # the log is truncated to the checkpoint on resume
 
     # The final state, bit for bit: models, optimizers, schedulers, EMA, counters, RNG and data position.
     name = f"step_{ITERATIONS:08d}.pt"
