@@ -166,7 +166,7 @@ class TeacherSampling:
     """How the teacher samples: ``steps`` of ``sampler`` over Wan's shifted schedule, CFG ``guidance``."""
 
     steps: int = 50
-    guidance: float = 3.0
+    guidance: float = 2.0
     shift: float = 1.0
     sigma_max: float = 5000.0
     sampler: Literal["unipc", "euler"] = "unipc"
@@ -220,7 +220,7 @@ class TrainTeacherConfig:
     out_dir: Path = Path("runs/teacher")
     export: Path | None = None  # where the final EMA weights go; None: out_dir/teacher.safetensors
     model: str = "digits-dit"
-    steps: int = 6000
+    steps: int = 4000
     batch_size: int = 32
     lr: float = 1e-3
     warmup: int = 200
