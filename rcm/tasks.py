@@ -145,6 +145,11 @@ def digits_report(teacher: nn.Module, students: dict[str, nn.Module], out_dir: P
     by_name = {**cached, **{r["name"]: r for r in fresh}}
     rows = [by_name[name] for name in gens]
     print_table(rows, console=console)
+    if cached:
+        from rich.console import Console
+
+        (console or Console()).print(f"({', '.join(cached)}: measured earlier by `rcm eval` with this teacher file and "
+                                     f"these settings, read from {TEACHER_METRICS_CACHE.name})")
     if not reuse_teacher_rows:  # a full evaluation refreshes the shipped cache of teacher rows
         cache.update({keys[r["name"]]: {k: v for k, v in r.items() if k != "cached"} for r in fresh if r["name"] in keys})
         if TEACHER_METRICS_CACHE.parent.is_dir():
