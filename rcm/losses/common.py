@@ -54,3 +54,19 @@ def check_like(x: Any, ref: Tensor, name: str, ref_name: str) -> None:
     if not isinstance(x, Tensor) or not x.is_floating_point() or x.shape != ref.shape:
         raise ValueError(f"{name} must be a floating tensor of the shape of {ref_name} "
                          f"{tuple(ref.shape)}, got {_describe(x)}")
+
+
+def draw_time_and_noise(x: Tensor, name: str, time_dist, generator: torch.Generator | None,
+                        t: Tensor | None, noise: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The draws of a loss at samples `x` [B, ...]: t [B] from `time_dist` (first), then ε like `x`, each from
+    `generator` unless given; validated, returned in float64."""
+    from rcm.models.trigflow import check_time
+
+    batch = check_sample(x, name)
+    if t is None:
+        t = time_dist.sample(batch, generator, x.device)
+    check_time(t, batch, "t")
+    if noise is None:
+        noise = draw_normal(x.shape, generator, x.device)
+    check_like(noise, x, "noise", name)
+    return t.to(torch.float64), noise.to(torch.float64)

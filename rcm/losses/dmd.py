@@ -13,9 +13,9 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from rcm.losses.common import check_like, check_sample, draw_normal, per_sample, per_sample_sum
+from rcm.losses.common import check_sample, draw_normal, draw_time_and_noise, per_sample, per_sample_sum
 from rcm.losses.config import DMDConfig
-from rcm.models.trigflow import check_time, classifier_free_guidance, trigflow_denoise
+from rcm.models.trigflow import classifier_free_guidance, trigflow_denoise
 
 __all__ = ["backward_simulation", "dmd_loss", "fake_score_loss", "rollout_times"]
 
@@ -75,17 +75,6 @@ def backward_simulation(student: Callable, context: Any, noise: Tensor, num_step
     return x0
 
 
-def _noise_level(G: Tensor, config: DMDConfig, generator, t: Tensor | None, noise: Tensor | None):
-    batch = check_sample(G, "G")
-    if t is None:
-        t = config.time_dist.sample(batch, generator, G.device)
-    check_time(t, batch, "t")
-    if noise is None:
-        noise = draw_normal(G.shape, generator, G.device)
-    check_like(noise, G, "noise", "G")
-    return t.to(torch.float64), noise.to(torch.float64)
-
-
 def dmd_loss(G: Tensor, teacher: Callable, fake_score: Callable, context: Any, negative_context: Any = None,
              *, config: DMDConfig = DMDConfig(), generator: torch.Generator | None = None,
              t: Tensor | None = None, noise: Tensor | None = None) -> tuple[Tensor, dict[str, Any]]:
@@ -96,7 +85,7 @@ def dmd_loss(G: Tensor, teacher: Callable, fake_score: Callable, context: Any, n
     t [B] ~ p_D and noise (shape of G): the draws, from ``generator`` when not given (t first).
     Diagnostics (detached): ``omega`` [B], ``nonfinite`` (samples zeroed by the guard).
     """
-    t, noise = _noise_level(G, config, generator, t, noise)
+    t, noise = draw_time_and_noise(G, "G", config.time_dist, generator, t, noise)
     x_D = per_sample(torch.cos(t), G) * G.to(torch.float64) + per_sample(torch.sin(t), G) * noise
     with torch.no_grad():
         x0_fake = trigflow_denoise(fake_score, x_D, t, context).x0
@@ -126,7 +115,7 @@ def fake_score_loss(G: Tensor, fake_score: Callable, context: Any, *, config: DM
     Diagnostics: ``weight`` [B].
     """
     G = G.detach()
-    t, noise = _noise_level(G, config, generator, t, noise)
+    t, noise = draw_time_and_noise(G, "G", config.time_dist, generator, t, noise)
     x_D = per_sample(torch.cos(t), G) * G.to(torch.float64) + per_sample(torch.sin(t), G) * noise
     x0_fake = trigflow_denoise(fake_score, x_D, t, context).x0
     weight = 1 / torch.sin(t) ** 2

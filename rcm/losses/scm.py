@@ -17,9 +17,9 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from rcm.losses.common import check_like, check_sample, draw_normal, per_sample, per_sample_sum
+from rcm.losses.common import draw_time_and_noise, per_sample, per_sample_sum
 from rcm.losses.config import SCMConfig
-from rcm.models.trigflow import check_time, classifier_free_guidance, trigflow_denoise
+from rcm.models.trigflow import classifier_free_guidance, trigflow_denoise
 
 __all__ = ["normalize_tangent", "scm_jvp", "scm_loss", "scm_target", "tangent_warmup_ratio"]
 
@@ -85,15 +85,7 @@ def scm_loss(student: Callable, teacher: Callable, x0: Tensor, context: Any, neg
     Diagnostics (detached): ``g_norm`` [B] (‖g‖ before normalization), ``nonfinite`` (number of
     samples zeroed by the guard), ``warmup_ratio`` r.
     """
-    batch = check_sample(x0, "x0")
-    if t is None:
-        t = config.time_dist.sample(batch, generator, x0.device)
-    check_time(t, batch, "t")
-    if noise is None:
-        noise = draw_normal(x0.shape, generator, x0.device)
-    check_like(noise, x0, "noise", "x0")
-
-    t = t.to(torch.float64)
+    t, noise = draw_time_and_noise(x0, "x0", config.time_dist, generator, t, noise)
     x_t = per_sample(torch.cos(t), x0) * x0.to(torch.float64) + per_sample(torch.sin(t), x0) * noise.to(torch.float64)
     # A non-finite input sample never reaches a network: its zero loss gradient times NaN activations
     # would still poison every weight gradient (0·NaN in the weight-gradient matmuls). It is zeroed
