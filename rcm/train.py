@@ -463,7 +463,7 @@ def distill(cfg: DistillConfig) -> dict:
         torch.distributed.barrier()
         if not rank0:
             return {"run_dir": str(run_dir), "rank": torch.distributed.get_rank()}
-        ema = copy.deepcopy(task.build_teacher())
+        ema = task.build_teacher()  # a fresh plain module of the same architecture
         ema.load_state_dict(full)
         state.teacher = task.build_teacher()
         state.ema = ema

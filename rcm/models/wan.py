@@ -271,7 +271,9 @@ class WanPatchEmbedding(nn.Module):
         return F.linear(patchify(x, self.patch_size), self.weight.flatten(1), self.bias)
 
 
-class WanSelfAttention(nn.Module):
+class _WanAttention(nn.Module):
+    """The parameters both attentions share (official names q, k, v, o, norm_q, norm_k)."""
+
     def __init__(self, dim: int, num_heads: int, eps: float = 1e-6):
         super().__init__()
         self.num_heads = num_heads
@@ -282,6 +284,8 @@ class WanSelfAttention(nn.Module):
         self.norm_q = WanRMSNorm(dim, eps)
         self.norm_k = WanRMSNorm(dim, eps)
 
+
+class WanSelfAttention(_WanAttention):
     def forward(self, x: Tensor, rope: Tensor) -> Tensor:
         """``x [B, L, dim]`` in the parameter dtype, ``rope [L, head_dim/2, 2]``."""
         heads = (self.num_heads, -1)
@@ -291,18 +295,8 @@ class WanSelfAttention(nn.Module):
         return self.o(kernels.attention(q, k, v).flatten(2))
 
 
-class WanCrossAttention(nn.Module):
+class WanCrossAttention(_WanAttention):
     """T2V cross-attention: queries from the video tokens, keys/values from the text; no mask."""
-
-    def __init__(self, dim: int, num_heads: int, eps: float = 1e-6):
-        super().__init__()
-        self.num_heads = num_heads
-        self.q = nn.Linear(dim, dim)
-        self.k = nn.Linear(dim, dim)
-        self.v = nn.Linear(dim, dim)
-        self.o = nn.Linear(dim, dim)
-        self.norm_q = WanRMSNorm(dim, eps)
-        self.norm_k = WanRMSNorm(dim, eps)
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
         heads = (self.num_heads, -1)
