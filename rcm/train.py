@@ -26,6 +26,7 @@ from rcm.checkpoint import atomic_write_bytes, load_latest, save_checkpoint
 from rcm.parallel import ParallelConfig, gathered_first_term, grads_finite
 from rcm.demo import TeacherSampling
 from rcm.tasks import DigitsReport
+from rcm.timing import phase
 from rcm.losses import (
     DMDConfig,
     RCMConfig,
@@ -178,12 +179,12 @@ class NonFiniteError(RuntimeError):
 def train_step(state: TrainState, task: Task, loss: RCMConfig, ema_gamma: float, max_nonfinite: int) -> dict:
     """Run iteration `state.iteration` and advance it. Returns the logged scalars."""
     k = state.iteration
-    phase = rcm_phase(k, loss)
+    kind = rcm_phase(k, loss)  # "student" or "critic"
     x0, context = task.next_batch()
     negative = task.negative_context(context)
-    logs: dict[str, Any] = {"iteration": k, "phase": phase}
+    logs: dict[str, Any] = {"iteration": k, "phase": kind}
     finite = True
-    if phase == "student":
+    if kind == "student":
         module, optimizer, scheduler = state.student, state.student_optimizer, state.student_scheduler
         optimizer.zero_grad(set_to_none=True)
         # gathered_first_term: the sCM JVP pass runs on pre-gathered FSDP parameters (a no-op unsharded).
@@ -199,7 +200,8 @@ def train_step(state: TrainState, task: Task, loss: RCMConfig, ema_gamma: float,
             if not torch.isfinite(total) or int(diagnostics.get("nonfinite", 0)) == per_sample.shape[0]:
                 finite = False
             if total.requires_grad:  # backward even when non-finite: sharded ranks must all join it
-                total.backward()
+                with phase(f"{name}.backward"):
+                    total.backward()
     else:
         module, optimizer, scheduler = state.fake_score, state.critic_optimizer, state.critic_scheduler
         optimizer.zero_grad(set_to_none=True)
@@ -209,23 +211,26 @@ def train_step(state: TrainState, task: Task, loss: RCMConfig, ema_gamma: float,
         logs["loss_critic"] = total.item()
         logs.update({f"critic_{key}": _scalar(v) for key, v in diagnostics.items()})
         finite = bool(torch.isfinite(total))
-        total.backward()
+        with phase("critic.backward"):
+            total.backward()
 
     finite = _on_every_rank(finite) and grads_finite(module)
     if finite:
-        optimizer.step()
-        scheduler.step()
+        with phase("optimizer"):
+            optimizer.step()
+            scheduler.step()
         state.nonfinite_in_a_row = 0
-        if phase == "student":
+        if kind == "student":
             n = student_iteration_count(k, loss.scm.tangent_warmup, loss.student_update_freq)
-            ema_update_(state.ema, state.student, power_ema_beta(n, ema_gamma))
+            with phase("ema"):
+                ema_update_(state.ema, state.student, power_ema_beta(n, ema_gamma))
     else:
         state.nonfinite_in_a_row += 1
         state.skipped_steps += 1
         logs["skipped"] = True
         if state.nonfinite_in_a_row >= max_nonfinite:
             raise NonFiniteError(
-                f"{state.nonfinite_in_a_row} consecutive {phase} steps had non-finite losses or gradients "
+                f"{state.nonfinite_in_a_row} consecutive {kind} steps had non-finite losses or gradients "
                 f"(last at iteration {k}); stopping. The last good checkpoint is kept.")
     optimizer.zero_grad(set_to_none=True)
     state.iteration = k + 1

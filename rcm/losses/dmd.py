@@ -16,6 +16,7 @@ from torch import Tensor
 from rcm.losses.common import check_sample, draw_normal, draw_time_and_noise, per_sample, per_sample_sum
 from rcm.losses.config import DMDConfig
 from rcm.models.trigflow import classifier_free_guidance, trigflow_denoise
+from rcm.timing import phase
 
 __all__ = ["backward_simulation", "dmd_loss", "fake_score_loss", "rollout_times"]
 
@@ -87,7 +88,7 @@ def dmd_loss(G: Tensor, teacher: Callable, fake_score: Callable, context: Any, n
     """
     t, noise = draw_time_and_noise(G, "G", config.time_dist, generator, t, noise)
     x_D = per_sample(torch.cos(t), G) * G.to(torch.float64) + per_sample(torch.sin(t), G) * noise
-    with torch.no_grad():
+    with phase("dmd.scores"), torch.no_grad():
         x0_fake = trigflow_denoise(fake_score, x_D, t, context).x0
         teacher_guided = classifier_free_guidance(teacher, config.guidance, negative_context)
         x0_real = trigflow_denoise(teacher_guided, x_D, t, context).x0
@@ -117,7 +118,8 @@ def fake_score_loss(G: Tensor, fake_score: Callable, context: Any, *, config: DM
     G = G.detach()
     t, noise = draw_time_and_noise(G, "G", config.time_dist, generator, t, noise)
     x_D = per_sample(torch.cos(t), G) * G.to(torch.float64) + per_sample(torch.sin(t), G) * noise
-    x0_fake = trigflow_denoise(fake_score, x_D, t, context).x0
+    with phase("critic.forward"):
+        x0_fake = trigflow_denoise(fake_score, x_D, t, context).x0
     weight = 1 / torch.sin(t) ** 2
     if config.critic_max_weight is not None:
         weight = weight.clamp_max(config.critic_max_weight)

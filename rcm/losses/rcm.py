@@ -22,6 +22,7 @@ from rcm.losses.common import check_sample, draw_normal
 from rcm.losses.config import RCMConfig
 from rcm.losses.dmd import backward_simulation, dmd_loss, fake_score_loss
 from rcm.losses.scm import scm_loss
+from rcm.timing import phase
 
 __all__ = [
     "critic_iteration_count",
@@ -97,8 +98,9 @@ def student_losses(student: Callable, teacher: Callable, fake_score: Callable | 
     k_s = student_iteration_count(iteration, config.scm.tangent_warmup, config.student_update_freq)
     steps = rollout_steps(k_s, config.dmd.max_simulation_steps)
     noise = draw_normal(x0.shape, generator, x0.device, name="rollout noise")
-    G = backward_simulation(student, context, noise, steps, config=config.dmd, generator=generator,
-                            with_grad=True)
+    with phase("dmd.rollout"):
+        G = backward_simulation(student, context, noise, steps, config=config.dmd, generator=generator,
+                                with_grad=True)
     loss, diagnostics = dmd_loss(G, teacher, fake_score, context, negative_context, config=config.dmd,
                                  generator=generator)
     yield "dmd", loss, {**diagnostics, "rollout_steps": steps}
@@ -120,7 +122,7 @@ def critic_loss(student: Callable, fake_score: Callable, x0: Tensor, context: An
     k_d = critic_iteration_count(iteration, config.scm.tangent_warmup, config.student_update_freq)
     steps = rollout_steps(k_d, config.dmd.max_simulation_steps)
     noise = draw_normal(x0.shape, generator, x0.device, name="rollout noise")
-    with torch.no_grad():
+    with phase("critic.rollout"), torch.no_grad():
         G = backward_simulation(student, context, noise, steps, config=config.dmd, generator=generator)
     loss, diagnostics = fake_score_loss(G, fake_score, context, config=config.dmd, generator=generator)
     return loss, {**diagnostics, "rollout_steps": steps}

@@ -20,6 +20,7 @@ from torch import Tensor
 from rcm.losses.common import draw_time_and_noise, per_sample, per_sample_sum
 from rcm.losses.config import SCMConfig
 from rcm.models.trigflow import classifier_free_guidance, trigflow_denoise
+from rcm.timing import phase
 
 __all__ = ["normalize_tangent", "scm_jvp", "scm_loss", "scm_target", "tangent_warmup_ratio"]
 
@@ -93,11 +94,13 @@ def scm_loss(student: Callable, teacher: Callable, x0: Tensor, context: Any, neg
     finite_input = torch.isfinite(x_t).flatten(1).all(1)
     x_t = torch.where(per_sample(finite_input, x_t), x_t, 0.0)
 
-    with torch.no_grad():
+    with phase("scm.teacher"), torch.no_grad():
         teacher_guided = classifier_free_guidance(teacher, config.guidance, negative_context)
         F_teacher = trigflow_denoise(teacher_guided, x_t, t, context).F
-    cs_dF_dt = scm_jvp(student, x_t, t, context, F_teacher)  # before the grad forward: lower peak memory
-    F_theta = trigflow_denoise(student, x_t, t, context).F  # separate forward, with grad
+    with phase("scm.jvp"):
+        cs_dF_dt = scm_jvp(student, x_t, t, context, F_teacher)  # before the grad forward: lower peak memory
+    with phase("scm.student_forward"):
+        F_theta = trigflow_denoise(student, x_t, t, context).F  # separate forward, with grad
     F_minus = F_theta.detach()
     r = tangent_warmup_ratio(iteration, config.tangent_warmup)
     g = scm_target(x_t, t, F_teacher, F_minus, cs_dF_dt, warmup_ratio=r)
