@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -33,6 +34,7 @@ from rcm.losses import (
     SCMConfig,
     critic_loss,
     ema_update_,
+    scm_jvp,
     power_ema_beta,
     power_ema_gamma,
     rcm_phase,
@@ -91,9 +93,58 @@ class Task(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
+class MasterWeightAdamW(torch.optim.AdamW):
+    """AdamW stepping fp32 master copies of low-precision (bf16) model parameters.
+
+    The networks compute and take gradients in bf16; ``step`` moves the gradients onto the fp32 masters,
+    updates them, and copies them back into the model. The masters travel in ``state_dict``, so a
+    resumed run continues from the exact fp32 values (the reference's FusedAdam with master weights)."""
+
+    def __init__(self, params, **kwargs):
+        self.model_params = [p for p in params]
+        masters = [p.detach().to(torch.float32, copy=True).requires_grad_(True) for p in self.model_params]
+        super().__init__(masters, **kwargs)
+
+    def _masters(self) -> list[Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if closure is not None:
+            raise ValueError("MasterWeightAdamW.step takes no closure")
+        for p, m in zip(self.model_params, self._masters()):
+            m.grad = None if p.grad is None else p.grad.to(torch.float32)
+        super().step()
+        for p, m in zip(self.model_params, self._masters()):
+            p.copy_(m)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        for p in self.model_params:
+            if set_to_none:
+                p.grad = None
+            elif p.grad is not None:
+                p.grad.zero_()
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "master_weights": [m.detach().clone() for m in self._masters()]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        masters = state_dict.pop("master_weights")
+        super().load_state_dict(state_dict)
+        with torch.no_grad():
+            for p, m, saved in zip(self.model_params, self._masters(), masters, strict=True):
+                m.copy_(saved)
+                p.copy_(saved)
+
+
 @dataclass
 class TrainState:
-    """The models and optimizers of a run; `iteration` is the next iteration to run."""
+    """The models and optimizers of a run; `iteration` is the next iteration to run.
+
+    compile: a ``torch.compile`` backend ("inductor") to run the networks and the sCM JVP pass with (see
+    ``networks``); None runs them eagerly."""
 
     student: nn.Module
     teacher: nn.Module
@@ -107,26 +158,52 @@ class TrainState:
     iteration: int = 0
     nonfinite_in_a_row: int = 0
     skipped_steps: int = 0
+    compile: str | None = None
+    _compiled: dict = field(default_factory=dict, repr=False)
+
+    def networks(self) -> tuple[Any, Any, Any, Any]:
+        """(student, teacher, fake score, the student's sCM JVP pass ``(x_t, t, context, F_teacher) ->
+        c s dF/dt``) as the losses call them: the modules and ``scm_jvp``, or their compiled versions with
+        ``compile``. The JVP function is compiled whole over the plain student: Dynamo traces
+        ``torch.func.jvp`` through the DiT (the attention op's tangent included), which a compiled module
+        called inside an eager ``jvp`` would not do (DESIGN fact 3)."""
+        if not self.compile:
+            return self.student, self.teacher, self.fake_score, functools.partial(scm_jvp, self.student)
+        if not self._compiled:
+            compile = functools.partial(torch.compile, backend=self.compile)
+            self._compiled.update(
+                student=compile(self.student), teacher=compile(self.teacher),
+                fake_score=None if self.fake_score is None else compile(self.fake_score), jvp=compile(scm_jvp))
+        c = self._compiled
+        return c["student"], c["teacher"], c["fake_score"], functools.partial(c["jvp"], self.student)
 
 
 def _optimizer(params, cfg: OptimizerConfig):
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, eps=cfg.eps)
+    params = list(params)
+    cls = torch.optim.AdamW if all(p.dtype == torch.float32 for p in params) else MasterWeightAdamW
+    fused = all(p.is_cuda for p in params)  # one kernel for the whole update on GPU
+    opt = cls(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, eps=cfg.eps, fused=fused or None)
     start = 1e-6
     ramp = (lambda n: start + (1 - start) * min(1.0, n / cfg.warmup)) if cfg.warmup > 0 else (lambda n: 1.0)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, ramp)
 
 
 def init_state(teacher: nn.Module, loss: RCMConfig, student_optim: OptimizerConfig, critic_optim: OptimizerConfig,
-               seed: int, device: torch.device) -> TrainState:
-    """Student, fake score and EMA start as copies of the teacher, which is frozen."""
-    teacher = teacher.to(device).requires_grad_(False).eval()
+               seed: int, device: torch.device, dtype: torch.dtype | None = None,
+               compile: str | None = None) -> TrainState:
+    """Student, fake score and EMA start as copies of the teacher, which is frozen.
+
+    dtype: the networks' compute dtype (default: the teacher's). With bf16 the teacher, student and fake
+    score are bf16 modules and their optimizers step fp32 master weights (``MasterWeightAdamW``); the EMA
+    is always fp32. (Under FSDP2, keep fp32 here: its mixed-precision policy computes in bf16.)"""
+    teacher = teacher.to(device=device, dtype=dtype).requires_grad_(False).eval()
     student = copy.deepcopy(teacher).requires_grad_(True).train()
     ema = copy.deepcopy(teacher).float()
     fake = copy.deepcopy(teacher).requires_grad_(True).train() if loss.dmd_enabled else None
     s_opt, s_sched = _optimizer(student.parameters(), student_optim)
     c_opt, c_sched = _optimizer(fake.parameters(), critic_optim) if fake is not None else (None, None)
     generator = torch.Generator(device=device).manual_seed(seed)
-    return TrainState(student, teacher, fake, ema, s_opt, c_opt, s_sched, c_sched, generator)
+    return TrainState(student, teacher, fake, ema, s_opt, c_opt, s_sched, c_sched, generator, compile=compile)
 
 
 def state_dict(state: TrainState) -> dict:
@@ -184,12 +261,13 @@ def train_step(state: TrainState, task: Task, loss: RCMConfig, ema_gamma: float,
     negative = task.negative_context(context)
     logs: dict[str, Any] = {"iteration": k, "phase": kind}
     finite = True
+    student, teacher, fake_score, jvp = state.networks()
     if kind == "student":
         module, optimizer, scheduler = state.student, state.student_optimizer, state.student_scheduler
         optimizer.zero_grad(set_to_none=True)
         # gathered_first_term: the sCM JVP pass runs on pre-gathered FSDP parameters (a no-op unsharded).
-        terms = gathered_first_term(student_losses(state.student, state.teacher, state.fake_score, x0, context,
-                                                   negative, iteration=k, config=loss, generator=state.generator),
+        terms = gathered_first_term(student_losses(student, teacher, fake_score, x0, context, negative, iteration=k,
+                                                   config=loss, generator=state.generator, jvp=jvp),
                                     state.student)
         for name, per_sample, diagnostics in terms:
             total = per_sample.sum()
@@ -205,8 +283,8 @@ def train_step(state: TrainState, task: Task, loss: RCMConfig, ema_gamma: float,
     else:
         module, optimizer, scheduler = state.fake_score, state.critic_optimizer, state.critic_scheduler
         optimizer.zero_grad(set_to_none=True)
-        per_sample, diagnostics = critic_loss(state.student, state.fake_score, x0, context, iteration=k,
-                                              config=loss, generator=state.generator)
+        per_sample, diagnostics = critic_loss(student, fake_score, x0, context, iteration=k, config=loss,
+                                              generator=state.generator)
         total = per_sample.sum()
         logs["loss_critic"] = total.item()
         logs.update({f"critic_{key}": _scalar(v) for key, v in diagnostics.items()})

@@ -370,8 +370,8 @@ def test_compile_fullgraph_matches_eager_forward_and_grads():
     out_e = model(x, t, c)
     grads_e = torch.autograd.grad(out_e.square().sum(), list(model.parameters()))
     torch.testing.assert_close(out_c, out_e, rtol=1e-5, atol=1e-6)
-    for a, b in zip(grads_c, grads_e):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    for a, b in zip(grads_c, grads_e):  # compiled LayerNorm is spelled out (WanLayerNorm): fp32 rounding differs
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.slow

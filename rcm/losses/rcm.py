@@ -76,12 +76,13 @@ def rcm_phase(iteration: int, config: RCMConfig) -> str:
 def student_losses(student: Callable, teacher: Callable, fake_score: Callable | None, x0: Tensor,
                    context: Any, negative_context: Any = None, *, iteration: int,
                    config: RCMConfig = RCMConfig(), generator: torch.Generator | None = None,
-                   ) -> Iterator[tuple[str, Tensor, dict[str, Any]]]:
+                   jvp: Callable | None = None) -> Iterator[tuple[str, Tensor, dict[str, Any]]]:
     """Yield ``(name, per-sample loss [B], diagnostics)`` of a student iteration: "scm", then "dmd".
 
     "scm" is skipped when its loss scale is 0 (DMD2 alone).
     "dmd" comes only with the regularizer enabled and from ``iteration >= tangent_warmup`` on; its
     rollout length follows the student counter k_S. Random draws come from ``generator`` in order.
+    jvp: the sCM JVP pass (see ``scm_loss``); default ``scm_jvp`` over ``student``.
     Raises ValueError if ``iteration`` is a critic iteration of the schedule.
     """
     if rcm_phase(iteration, config) != "student":
@@ -89,7 +90,7 @@ def student_losses(student: Callable, teacher: Callable, fake_score: Callable | 
                          f"(warmup {config.scm.tangent_warmup}, freq {config.student_update_freq})")
     if config.scm.loss_scale > 0:  # 0: DMD2 alone, no JVP pass at all
         loss, diagnostics = scm_loss(student, teacher, x0, context, negative_context, iteration=iteration,
-                                     config=config.scm, generator=generator)
+                                     config=config.scm, generator=generator, jvp=jvp)
         yield "scm", loss, diagnostics
     if not config.dmd_enabled or iteration < config.scm.tangent_warmup:
         return

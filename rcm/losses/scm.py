@@ -73,7 +73,8 @@ def scm_target(x_t: Tensor, t: Tensor, F_teacher: Tensor, F_minus: Tensor, cs_dF
 
 def scm_loss(student: Callable, teacher: Callable, x0: Tensor, context: Any, negative_context: Any = None,
              *, iteration: int, config: SCMConfig = SCMConfig(), generator: torch.Generator | None = None,
-             t: Tensor | None = None, noise: Tensor | None = None) -> tuple[Tensor, dict[str, Any]]:
+             t: Tensor | None = None, noise: Tensor | None = None, jvp: Callable | None = None,
+             ) -> tuple[Tensor, dict[str, Any]]:
     """Per-sample sCM loss [B] (float64) and diagnostics.
 
     student, teacher: networks ``net(x, timestep, context) -> v``, typically ``FunctionalNet``s, so the
@@ -82,6 +83,8 @@ def scm_loss(student: Callable, teacher: Callable, x0: Tensor, context: Any, neg
         student / the teacher's CFG negative (required when ``config.guidance > 1``).
     iteration: raw trainer iteration, for the tangent warmup.
     t [B], noise (shape of x0): the draws; taken from ``generator`` when not given (t first, then ε).
+    jvp: ``(x_t, t, context, F_teacher) -> c s dF_θ⁻/dt``, the JVP pass; default ``scm_jvp`` over
+        ``student`` (pass e.g. a ``torch.compile``d ``scm_jvp`` bound to the plain student module).
 
     Diagnostics (detached): ``g_norm`` [B] (‖g‖ before normalization), ``nonfinite`` (number of
     samples zeroed by the guard), ``warmup_ratio`` r.
@@ -98,7 +101,8 @@ def scm_loss(student: Callable, teacher: Callable, x0: Tensor, context: Any, neg
         teacher_guided = classifier_free_guidance(teacher, config.guidance, negative_context)
         F_teacher = trigflow_denoise(teacher_guided, x_t, t, context).F
     with phase("scm.jvp"):
-        cs_dF_dt = scm_jvp(student, x_t, t, context, F_teacher)  # before the grad forward: lower peak memory
+        jvp = jvp if jvp is not None else (lambda *args: scm_jvp(student, *args))
+        cs_dF_dt = jvp(x_t, t, context, F_teacher)  # before the grad forward: lower peak memory
     with phase("scm.student_forward"):
         F_theta = trigflow_denoise(student, x_t, t, context).F  # separate forward, with grad
     F_minus = F_theta.detach()

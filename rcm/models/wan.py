@@ -240,7 +240,17 @@ class WanLayerNorm(nn.LayerNorm):
         hp = _hp(x.dtype)
         weight = None if self.weight is None else self.weight.to(hp)
         bias = None if self.bias is None else self.bias.to(hp)
-        return F.layer_norm(x.to(hp), self.normalized_shape, weight, bias, self.eps)
+        x = x.to(hp)
+        if not torch.compiler.is_compiling():
+            return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
+        # Compiled, the same math spelled out: Dynamo cannot trace layer_norm under torch.func.jvp (an internal
+        # assert in its forward-AD rule, torch 2.13), and inductor fuses these ops into one kernel anyway.
+        dims = tuple(range(-len(self.normalized_shape), 0))
+        centered = x - x.mean(dims, keepdim=True)
+        y = centered * torch.rsqrt(centered.square().mean(dims, keepdim=True) + self.eps)
+        if weight is not None:
+            y = y * weight
+        return y if bias is None else y + bias
 
 
 class WanRMSNorm(nn.Module):
