@@ -3,6 +3,10 @@
 `DigitsTask` is the embedded default: the shipped class-conditional digits teacher, real moving-digit
 clips as x0, the null label as the CFG negative, and a report comparing teacher and students on
 quality (classifier Fréchet distance), adherence (class accuracy) and diversity.
+
+`WanTask` is Wan2.1 text-to-video: a teacher DiT file, the latents and umT5 embeddings of an `rcm synth`
+dataset (or the reference's webdataset tars) as x0 and context, the stored negative-prompt embedding as
+the CFG negative.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from rcm.data import ClipBatches, clip_grid, to_unit
+from rcm.data import ClipBatches, LatentBatches, LatentDataset, clip_grid, pad_embeddings, to_unit
 from rcm.demo import DEMO_SPEC, TeacherSampling, load_teacher, null_labels, sample_student, sample_teacher
 
 
@@ -47,6 +51,101 @@ class DigitsTask:
 
     def negative_context(self, labels: Tensor) -> Tensor:
         return null_labels(labels)
+
+    def state_dict(self) -> dict:
+        return {"batches": self.batches.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batches.load_state_dict(state["batches"])
+
+
+def read_negative_embedding(path: Path) -> Tensor:
+    """A negative-prompt embedding file -> ``[length, D]`` (trimmed): our ``negative.safetensors``
+    ("embed") or the reference's ``neg_embed_path`` (a ``torch.save``d ``[512, D]`` or ``[1, 512, D]``)."""
+    from rcm.data import trim_embedding
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--negative-embedding: no file at {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            embed = load_file(str(path))["embed"]
+        else:
+            embed = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt, or not what we expect
+        raise ValueError(f"--negative-embedding: cannot read {path} ({type(e).__name__}: {e})") from e
+    if isinstance(embed, Tensor) and embed.ndim == 3 and embed.shape[0] == 1:
+        embed = embed[0]
+    if not isinstance(embed, Tensor) or embed.ndim != 2:
+        raise ValueError(f"--negative-embedding: {path} must hold a [text_len, dim] tensor")
+    return trim_embedding(embed)
+
+
+class WanTask:
+    """Wan2.1 T2V: latents and text embeddings of a dataset (``rcm.data.LatentDataset``), the negative
+    prompt's embedding as the CFG negative (the dataset's, or ``negative_embedding``).
+
+    The architecture comes from the teacher file (``config`` overrides). ``dtype``/``device``: where
+    ``build_teacher`` puts the teacher. ``rank``/``world``: this process's data-parallel slot (CP ranks
+    of a group pass the same one). ``max_frames``: latent frames kept (the 1.3B run: 20 of 21)."""
+
+    def __init__(self, teacher_path: Path, data_path: Path, batch_size: int, seed: int, *, device: torch.device,
+                 dtype: torch.dtype = torch.float32, max_frames: int | None = None, config=None,
+                 negative_embedding: Path | None = None, need_negative: bool = True, rank: int = 0, world: int = 1):
+        from rcm.models.checkpoint import read_dit_config
+
+        self.teacher_path, self.device, self.dtype = Path(teacher_path), device, dtype
+        if not self.teacher_path.exists():
+            raise FileNotFoundError(f"--teacher: no such file or folder: {teacher_path}")
+        try:
+            self.config = config if config is not None else read_dit_config(self.teacher_path)
+        except ValueError as e:
+            raise ValueError(f"--teacher: {e}") from e
+        self.dataset = LatentDataset(data_path)
+        c, t, h, w = self.dataset.latent_shape
+        cfg = self.config
+        if c != cfg.in_dim or self.dataset.text_dim != cfg.text_dim:
+            raise ValueError(f"--data: latents with {c} channels and text width {self.dataset.text_dim}, the teacher "
+                             f"takes {cfg.in_dim} channels and text_dim {cfg.text_dim}")
+        frames = t if max_frames is None else min(t, max_frames)
+        if h % cfg.patch_size[1] or w % cfg.patch_size[2] or frames % cfg.patch_size[0]:
+            raise ValueError(f"--data: latent {frames}x{h}x{w} is not divisible by the patch {cfg.patch_size}")
+        self.latent_shape = (c, frames, h, w)
+        negative = read_negative_embedding(negative_embedding) if negative_embedding is not None else self.dataset.negative
+        if negative is None and need_negative:
+            raise ValueError(f"--data: {data_path} stores no negative-prompt embedding (CFG needs one): pass "
+                             f"--negative-embedding, or build the dataset with `rcm synth`")
+        if negative is not None and negative.shape[1] != cfg.text_dim:
+            raise ValueError(f"the negative-prompt embedding has width {negative.shape[1]}, the teacher's text_dim "
+                             f"is {cfg.text_dim}")
+        self.negative = None if negative is None else pad_embeddings([negative], cfg.text_len).to(device)
+        self.batches = LatentBatches(self.dataset, batch_size, cfg.text_len, seed=seed, max_frames=max_frames,
+                                     rank=rank, world=world)
+
+    def build_teacher(self) -> nn.Module:
+        from rcm.models.checkpoint import load_dit
+
+        try:
+            return load_dit(self.teacher_path, config=self.config, dtype=self.dtype, device=self.device)
+        except ValueError as e:
+            raise ValueError(f"--teacher: {e}") from e
+
+    def next_batch(self) -> tuple[Tensor, Tensor]:
+        x0, context = next(self.batches)
+        return x0.to(self.device), context.to(self.device)
+
+    def negative_context(self, context: Tensor) -> Tensor:
+        if self.negative is None:
+            raise ValueError("no negative-prompt embedding: CFG (guidance > 1) needs one")
+        return self.negative.expand(context.shape[0], -1, -1)
+
+    def fixed_prompts(self, n: int) -> tuple[Tensor, list[str]]:
+        """The first ``n`` samples' contexts ``[n, text_len, D]`` (on the device) and prompts: what the
+        periodic samples show, the same at every point of a run."""
+        samples = [self.dataset[i] for i in range(min(n, len(self.dataset)))]
+        return pad_embeddings([s[1] for s in samples], self.config.text_len).to(self.device), [s[2] for s in samples]
 
     def state_dict(self) -> dict:
         return {"batches": self.batches.state_dict()}

@@ -1,0 +1,484 @@
+"""``rcm synth``: build the distillation data for Wan2.1 (RCM_METHOD.md §5.5).
+
+    rcm synth --prompts prompts.txt --teacher Wan2.1-T2V-1.3B/ --text-encoder-path models_t5_umt5-xxl-enc-bf16.pth \\
+        --out-dir data/wan-1.3b                        # teacher samples: Euler 100 steps, shift 3, CFG 5, σ_max 5000
+    torchrun --nproc-per-node 8 cli.py synth ...       # the same, shards spread over 8 GPUs
+    rcm synth --videos clips/ --vae-path Wan2.1_VAE.pth --text-encoder-path ... --out-dir data/clips
+    rcm synth --latents reference_tars/ --text-encoder-path ... --out-dir data/ref   # re-shard existing latents
+
+Sources (exactly one): a prompt list (``.txt``, one prompt a line, or ``.jsonl`` with a "prompt" key),
+sampled by the teacher with the flow sampler and CFG against Wan's negative prompt; a folder of videos
+(``.mp4``/``.gif``, centre-cropped and resized, encoded with the VAE; the prompt of ``clip.mp4`` is
+``clip.txt`` beside it, or line i of ``--prompts`` for the i-th video by name); or existing latents (the
+reference's webdataset tars, or another ``rcm synth`` dataset). The layout written is in ``rcm.data``
+(``LatentDataset`` reads it, and reads the reference's tars directly too).
+
+The prompts are encoded with umT5 once (the encoder is freed before the teacher is loaded), the negative
+prompt too, stored once, so training needs no umT5. Sample ``i`` uses noise seeded ``seed + i``, so the
+data does not depend on how the work is split. Shards are the unit of work: each is written atomically
+(temporary file, then rename), so a crash loses at most the shards in progress and a re-run skips the
+finished ones; under ``torchrun`` rank r writes shards r, r + world, ...; rank 0 writes ``index.json`` last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from rcm.checkpoint import atomic_write_bytes
+from rcm.data import INDEX_NAME, LATENT_FORMAT, NEGATIVE_NAME, LatentDataset, encode_shard, trim_embedding
+from rcm.models.text_encoder import TEXT_LEN, WAN_NEGATIVE_PROMPT
+
+VIDEO_SUFFIXES = (".mp4", ".gif")
+
+
+@dataclass
+class SynthConfig:
+    """Write a Wan latent dataset (latents + umT5 embeddings + prompts, in shards) for `rcm distill`."""
+
+    out_dir: Path
+    """the dataset folder (created; re-running the same command finishes an interrupted run)."""
+    prompts: Path | None = None
+    """prompt list: .txt (one per line) or .jsonl ("prompt" key); with --teacher: teacher samples; with
+    --videos: the prompts of the videos in name order (when there is no .txt beside a video)."""
+    videos: Path | None = None
+    """a folder of .mp4/.gif videos to encode with the VAE (--vae-path)."""
+    latents: Path | None = None
+    """existing latents to re-shard: a folder of the reference's webdataset tars or an rcm synth dataset."""
+    teacher: Path | None = None
+    """the teacher DiT (any layout `rcm sample` reads) that samples the --prompts."""
+    text_encoder_path: Path | None = None
+    """umT5 (official .pth, transformers folder or pipeline root)."""
+    tokenizer_path: Path | None = None
+    """umT5 tokenizer folder; default found next to the text encoder."""
+    vae_path: Path | None = None
+    """the Wan VAE, for --videos."""
+    negative_prompt: str = WAN_NEGATIVE_PROMPT
+    """the CFG negative prompt (Wan's default), sampled against and stored for training."""
+    num_frames: int = 81
+    """video frames, 1 + 4k (81: 21 latent frames)."""
+    height: int = 480
+    """video height, a multiple of 16."""
+    width: int = 832
+    """video width, a multiple of 16."""
+    sampler: Literal["euler", "unipc"] = "euler"
+    """teacher sampler (the released data: Euler)."""
+    steps: int = 100
+    """teacher sampling steps."""
+    shift: float = 3.0
+    """schedule shift."""
+    guidance: float = 5.0
+    """CFG weight against the negative prompt (> 1 guides)."""
+    sigma_max: float = 5000.0
+    """starting noise level."""
+    samples_per_prompt: int = 1
+    """teacher samples per prompt (different noise)."""
+    seed: int = 0
+    """sample i uses noise seeded seed + i."""
+    shard_size: int = 16
+    """samples per shard file."""
+    batch_size: int = 1
+    """samples per teacher forward."""
+    text_len: int = TEXT_LEN
+    """umT5 tokens kept when there is no --teacher to take it from (Wan: 512)."""
+    latent_dtype: Literal["float32", "bfloat16"] = "float32"
+    """storage dtype of the latents."""
+    embed_dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    """storage dtype of the text embeddings (umT5 runs in bf16 in Wan)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto = cuda when available (bf16 there, fp32 on the CPU); under torchrun, this rank's GPU."""
+    threads: int = 0
+    """torch.set_num_threads; 0 keeps torch's default."""
+
+
+def _bad(arg: str, message: str) -> ValueError:
+    return ValueError(f"--{arg.replace('_', '-')}: {message}")
+
+
+def _file_sha256(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        with open(p, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def read_prompts(path: Path) -> list[str]:
+    """Prompts of a .txt (one per non-empty line) or .jsonl (a "prompt" key per line) file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"--prompts: no file at {path}")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    if path.suffix == ".jsonl":
+        prompts = []
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                prompt = json.loads(line)["prompt"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise _bad("prompts", f"{path} line {n}: not a JSON object with a \"prompt\" key ({e})") from e
+            if not isinstance(prompt, str):
+                raise _bad("prompts", f"{path} line {n}: \"prompt\" must be a string")
+            prompts.append(prompt.strip())
+    else:
+        prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts or not all(prompts):
+        raise _bad("prompts", f"{path} holds no prompts" if not prompts else f"{path} has an empty prompt")
+    return prompts
+
+
+def _check(cfg: SynthConfig) -> str:
+    """Validates the arguments; returns the source kind ("prompts", "videos" or "latents")."""
+    sources = [n for n in ("videos", "latents") if getattr(cfg, n) is not None]
+    if len(sources) > 1:
+        raise ValueError("give one source: --prompts with --teacher, --videos, or --latents")
+    source = sources[0] if sources else "prompts"
+    if source == "prompts" and cfg.prompts is None:
+        raise ValueError("no source: give --prompts (with --teacher), --videos (with --vae-path) or --latents")
+    if source == "latents" and cfg.prompts is not None:
+        raise _bad("prompts", "does not apply to --latents (the prompts come with the latents)")
+    for name in ("prompts", "teacher", "text_encoder_path", "tokenizer_path", "vae_path"):
+        path = getattr(cfg, name)
+        if path is not None and not Path(path).exists():
+            raise FileNotFoundError(f"--{name.replace('_', '-')}: no such file or folder: {path}")
+    for name in ("videos", "latents"):
+        path = getattr(cfg, name)
+        if path is not None and not Path(path).is_dir():
+            raise FileNotFoundError(f"--{name}: no folder at {path}")
+    if source == "prompts" and cfg.teacher is None:
+        raise _bad("teacher", "is required to sample the --prompts")
+    if source == "videos" and cfg.vae_path is None:
+        raise _bad("vae_path", "is required to encode --videos")
+    if source != "latents" and cfg.text_encoder_path is None:
+        raise _bad("text_encoder_path", "is required to encode the prompts")
+    if source != "latents":
+        if cfg.num_frames < 1 or (cfg.num_frames - 1) % 4:
+            raise _bad("num_frames", f"must be 1 + 4k (1, 5, ..., 81), got {cfg.num_frames}")
+        for name in ("height", "width"):
+            size = getattr(cfg, name)
+            if size < 16 or size % 16:
+                raise _bad(name, f"must be a positive multiple of 16 (VAE 8x times patch 2), got {size}")
+    for name, low in (("steps", 1), ("samples_per_prompt", 1), ("shard_size", 1), ("batch_size", 1),
+                      ("text_len", 1), ("seed", 0), ("threads", 0)):
+        if getattr(cfg, name) < low:
+            raise _bad(name, f"must be >= {low}, got {getattr(cfg, name)}")
+    for name in ("shift", "sigma_max"):
+        if not (math.isfinite(getattr(cfg, name)) and getattr(cfg, name) > 0):
+            raise _bad(name, f"must be a finite number > 0, got {getattr(cfg, name)}")
+    if not (math.isfinite(cfg.guidance) and cfg.guidance >= 0):
+        raise _bad("guidance", f"must be a finite number >= 0, got {cfg.guidance}")
+    return source
+
+
+def _device(name: str) -> torch.device:
+    if "LOCAL_RANK" in os.environ and name != "cpu" and torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise _bad("device", "cuda was asked for but no CUDA device is available")
+    return torch.device(name)
+
+
+def _list_videos(cfg: SynthConfig) -> list[tuple[Path, str]]:
+    videos = sorted(p for p in Path(cfg.videos).iterdir() if p.suffix.lower() in VIDEO_SUFFIXES)
+    if not videos:
+        raise _bad("videos", f"{cfg.videos} holds no {'/'.join(VIDEO_SUFFIXES)} files")
+    listed = read_prompts(Path(cfg.prompts)) if cfg.prompts is not None else None
+    if listed is not None and len(listed) != len(videos):
+        raise _bad("prompts", f"{len(listed)} prompts for {len(videos)} videos in {cfg.videos} (one per video, by name)")
+    out = []
+    for i, v in enumerate(videos):
+        side = v.with_suffix(".txt")
+        if side.is_file() and side.read_text(encoding="utf-8").strip():
+            out.append((v, side.read_text(encoding="utf-8").strip()))
+        elif listed is not None:
+            out.append((v, listed[i]))
+        else:
+            raise _bad("videos", f"{v.name} has no prompt: put it in {side.name} or pass --prompts")
+    return out
+
+
+def read_video(path: Path, num_frames: int, height: int, width: int) -> Tensor:
+    """The first ``num_frames`` frames of a video, centre-cropped to the aspect ratio and resized
+    (antialiased) to ``height x width``: ``[3, T, H, W]`` float32 in [-1, 1]."""
+    import imageio.v3 as iio
+    import numpy as np
+
+    try:
+        frames = np.asarray(iio.imread(path, index=None))
+    except Exception as e:  # imageio raises many types for an unreadable file
+        raise _bad("videos", f"cannot read {path} ({type(e).__name__}: {e})") from e
+    if frames.ndim == 3:  # grey
+        frames = np.repeat(frames[..., None], 3, axis=-1)
+    if frames.ndim != 4 or frames.shape[0] < num_frames:
+        raise _bad("videos", f"{path.name} has {frames.shape[0] if frames.ndim == 4 else 0} frames; "
+                             f"--num-frames is {num_frames}")
+    video = torch.from_numpy(np.ascontiguousarray(frames[:num_frames, :, :, :3])).float().permute(0, 3, 1, 2)
+    h, w = video.shape[-2:]
+    scale = max(height / h, width / w)  # crop the excess after scaling the short side to fit
+    ch, cw = min(h, round(height / scale)), min(w, round(width / scale))
+    top, left = (h - ch) // 2, (w - cw) // 2
+    video = video[:, :, top : top + ch, left : left + cw]
+    video = torch.nn.functional.interpolate(video, size=(height, width), mode="bilinear", antialias=True,
+                                            align_corners=False)
+    return (video / 127.5 - 1).clamp(-1, 1).permute(1, 0, 2, 3)
+
+
+def _text_encoder_width(path: Path) -> int | None:
+    """umT5's width from its files' headers (config.json or the embedding's shape), None if not found:
+    a mismatch with the teacher then fails before minutes of loading umT5-XXL."""
+    path = Path(path)
+    if path.is_dir():
+        for c in (path / "text_encoder" / "config.json", path / "config.json"):
+            if c.is_file():
+                return json.loads(c.read_text()).get("d_model")
+        return None
+    from rcm.models.checkpoint import open_state_dict
+
+    try:
+        emb = open_state_dict(path).get("token_embedding.weight")
+    except ValueError as e:
+        raise _bad("text_encoder_path", str(e)) from e
+    return None if emb is None else emb.shape[1]
+
+
+def _dist() -> tuple[int, int]:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group(backend)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _shard_name(i: int) -> str:
+    return f"shard_{i:05d}.safetensors"
+
+
+def _shard_state(path: Path, settings_hash: str) -> bool:
+    """True if ``path`` is a complete shard of these settings, False if absent or unreadable (rewritten);
+    a complete shard of other settings is an error."""
+    from rcm.models.checkpoint import open_state_dict
+
+    if not path.is_file():
+        return False
+    try:
+        meta = open_state_dict(path).metadata
+    except ValueError:
+        return False
+    if meta.get("settings_hash") != settings_hash:
+        raise ValueError(f"--out-dir: {path} was written with other settings (or inputs); use another --out-dir")
+    return True
+
+
+def synth(cfg: SynthConfig) -> dict:
+    """Write (or finish writing) the dataset; returns a summary (shards written by this rank, paths)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    source = _check(cfg)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    rank, world = _dist()
+    console = Console(quiet=rank != 0)
+    out = Path(cfg.out_dir)
+    device = _device(cfg.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+
+    # -- what to make: items in sample order, and the settings that define them --
+    config = None
+    if cfg.teacher is not None:
+        from rcm.models.checkpoint import dit_weight_files, read_dit_config
+
+        try:
+            config = read_dit_config(cfg.teacher)
+        except ValueError as e:
+            raise _bad("teacher", str(e)) from e
+    text_len = config.text_len if config is not None else cfg.text_len
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()
+                if k not in ("out_dir", "device", "threads", "batch_size", "teacher", "text_encoder_path",
+                             "tokenizer_path", "vae_path", "prompts", "videos", "latents")}
+    settings.update(source=source, text_len=text_len)
+    if source == "prompts":
+        prompts = read_prompts(Path(cfg.prompts))
+        items = [(p, cfg.seed + i) for i, p in enumerate(x for x in prompts for _ in range(cfg.samples_per_prompt))]
+        settings["teacher_sha256"] = _file_sha256(dit_weight_files(cfg.teacher).files)
+        settings["prompts_sha256"] = hashlib.sha256("\n".join(prompts).encode()).hexdigest()
+        if config.in_dim != 16:
+            raise _bad("teacher", f"has in_dim {config.in_dim}; Wan2.1 latents have 16 channels")
+    elif source == "videos":
+        items = _list_videos(cfg)
+        settings["videos"] = [(v.name, p) for v, p in items]
+    else:
+        src = LatentDataset(cfg.latents)
+        items = list(range(len(src)))
+        settings["latents"] = {"path": str(Path(cfg.latents).resolve()), "size": len(src), "shape": src.latent_shape}
+        for k in ("num_frames", "height", "width", "sampler", "steps", "shift", "guidance", "sigma_max",
+                  "samples_per_prompt", "seed"):
+            settings.pop(k)
+        if config is not None and src.text_dim != config.text_dim:
+            raise _bad("latents", f"text width {src.text_dim} != the teacher's text_dim {config.text_dim}")
+    settings_hash = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    if config is not None and cfg.text_encoder_path is not None:
+        width = _text_encoder_width(cfg.text_encoder_path)
+        if width is not None and width != config.text_dim:
+            raise _bad("text_encoder_path", f"its width {width} != the teacher's text_dim {config.text_dim}")
+
+    index_path = out / INDEX_NAME
+    if index_path.is_file():
+        old = json.loads(index_path.read_text())
+        if old.get("settings_hash") != settings_hash:
+            raise ValueError(f"--out-dir: {out} holds a dataset made with other settings or inputs; use another --out-dir")
+    num_shards = math.ceil(len(items) / cfg.shard_size)
+    shards = [items[s * cfg.shard_size : (s + 1) * cfg.shard_size] for s in range(num_shards)]
+    out.mkdir(parents=True, exist_ok=True)
+    mine = [s for s in range(num_shards) if s % world == rank]
+    pending = [s for s in mine if not _shard_state(out / _shard_name(s), settings_hash)]
+    negative_path = out / NEGATIVE_NAME
+    need_negative = rank == 0 and not negative_path.is_file()
+    console.print(f"[bold]synth[/] {source} → {out}: {len(items)} samples in {num_shards} shards; "
+                  f"{len(mine) - len(pending)} of this rank's {len(mine)} already done")
+    summary = {"out_dir": str(out), "written": [], "rank": rank}
+
+    # -- 1. text: every pending prompt and the negative prompt, once; then the encoder is freed --
+    embeds: dict[int, list[Tensor]] = {}
+    negative = None
+    if source == "latents" and need_negative and src.negative is not None:
+        negative = src.negative
+    elif source != "latents" or (need_negative and cfg.text_encoder_path is not None):
+        if pending or need_negative:
+            from rcm.models.text_encoder import load_text_encoder
+
+            with console.status("loading the text encoder and encoding the prompts"):
+                try:
+                    encoder = load_text_encoder(cfg.text_encoder_path, tokenizer_path=cfg.tokenizer_path,
+                                                dtype=dtype, device=device, text_len=text_len)
+                except ValueError as e:
+                    raise _bad("text_encoder_path", str(e)) from e
+                if config is not None and encoder.dim != config.text_dim:
+                    raise _bad("text_encoder_path", f"its width {encoder.dim} != the teacher's text_dim {config.text_dim}")
+                store = getattr(torch, cfg.embed_dtype)
+                encode = lambda ps: [trim_embedding(e).to(store).cpu() for e in encoder.encode(ps)]  # noqa: E731
+                negative = encode([cfg.negative_prompt])[0]
+                if source != "latents":
+                    for s in pending:
+                        texts = [it[0] if source == "prompts" else it[1] for it in shards[s]]
+                        embeds[s] = [e for i in range(0, len(texts), 8) for e in encode(texts[i : i + 8])]
+                encoder.offload()
+                del encoder
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    if need_negative and negative is None:
+        raise _bad("text_encoder_path", f"is needed to encode the negative prompt ({cfg.latents} stores none)")
+
+    # -- 2. latents, shard by shard --
+    store = getattr(torch, cfg.latent_dtype)
+    model = None
+    if pending and source == "prompts":
+        from rcm.models.checkpoint import load_dit
+
+        with console.status("loading the teacher"):
+            model = load_dit(cfg.teacher, config=config, dtype=dtype, device=device).eval().requires_grad_(False)
+    elif pending and source == "videos":
+        from rcm.models.vae import load_vae
+
+        with console.status("loading the VAE"):
+            try:
+                model = load_vae(cfg.vae_path, dtype=dtype, device=device)
+            except ValueError as e:
+                raise _bad("vae_path", str(e)) from e
+            if config is not None and model.config.z_dim != config.in_dim:
+                raise _bad("vae_path", f"{model.config.z_dim} latent channels, the teacher takes {config.in_dim}")
+    neg_context = None
+    if source == "prompts" and cfg.guidance > 1 and pending:
+        from rcm.data import pad_embeddings
+
+        neg_context = pad_embeddings([negative], text_len).to(device=device, dtype=dtype)
+    latent_shape = None
+    start = time.perf_counter()
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TimeRemainingColumn())
+    with Progress(*columns, console=console) as bar:
+        job = bar.add_task(f"{source} (rank {rank})" if world > 1 else source,
+                           total=sum(len(shards[s]) for s in pending))
+        for s in pending:
+            lat, emb, texts = [], [], []
+            if source == "prompts":
+                from rcm.data import pad_embeddings
+                from rcm.sample import sample_wan_latent
+
+                shape = (16, 1 + (cfg.num_frames - 1) // 4, cfg.height // 8, cfg.width // 8)
+                for i in range(0, len(shards[s]), cfg.batch_size):
+                    part = shards[s][i : i + cfg.batch_size]
+                    noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+                                         for _, seed in part]).to(device)
+                    context = pad_embeddings(embeds[s][i : i + len(part)], text_len).to(device=device, dtype=dtype)
+                    neg = None if neg_context is None else neg_context.expand(len(part), -1, -1)
+                    x = sample_wan_latent(model, context, noise, kind="teacher",
+                                          generator=torch.Generator().manual_seed(part[0][1]), sampler=cfg.sampler,
+                                          steps=cfg.steps, guidance=cfg.guidance, shift=cfg.shift,
+                                          sigma_max=cfg.sigma_max, negative_context=neg)
+                    lat += list(x.cpu())
+                    bar.advance(job, len(part))
+                texts, emb = [p for p, _ in shards[s]], embeds[s]
+            elif source == "videos":
+                for path, prompt in shards[s]:
+                    video = read_video(path, cfg.num_frames, cfg.height, cfg.width)
+                    lat.append(model.encode(video[None].to(device))[0].cpu())
+                    texts.append(prompt)
+                    bar.advance(job)
+                emb = embeds[s]
+            else:
+                for i in shards[s]:
+                    latent, embed, prompt = src[i]
+                    lat.append(latent.float())
+                    emb.append(embed)
+                    texts.append(prompt)
+                    bar.advance(job)
+                if config is not None and text_len < max(e.shape[0] for e in emb):
+                    raise _bad("latents", f"an embedding is longer than the teacher's text_len {text_len}")
+            latents = torch.stack(lat).to(store)
+            latent_shape = list(latents.shape[1:])
+            data = encode_shard(latents, emb, texts, {"settings_hash": settings_hash, "shard": s})
+            atomic_write_bytes(out / _shard_name(s), data)
+            summary["written"].append(str(out / _shard_name(s)))
+    seconds = time.perf_counter() - start
+    if world > 1:  # one plain line per rank (the others' consoles are quiet): who wrote what
+        print(f"rank {rank}/{world}: wrote {', '.join(Path(p).name for p in summary['written']) or 'nothing'}", flush=True)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    if rank == 0:
+        missing = [_shard_name(s) for s in range(num_shards) if not (out / _shard_name(s)).is_file()]
+        if missing:
+            raise RuntimeError(f"shards {', '.join(missing[:5])} are missing after every rank finished")
+        if negative is not None and not negative_path.is_file():
+            from safetensors.torch import save
+
+            atomic_write_bytes(negative_path, save({"embed": negative.contiguous()},
+                                                   metadata={"prompt": cfg.negative_prompt}))
+        from rcm.data import _open_shard
+
+        first = _open_shard(out / _shard_name(0))  # headers only: the shape and width
+        index = {"format": LATENT_FORMAT, "num_samples": len(items), "shard_size": cfg.shard_size,
+                 "shards": [_shard_name(s) for s in range(num_shards)], "latent_shape": list(first.latent_shape),
+                 "text_dim": first.text_dim, "text_len": text_len, "source": source,
+                 "settings_hash": settings_hash, "settings": settings}
+        atomic_write_bytes(index_path, (json.dumps(index, indent=1, ensure_ascii=False, default=str) + "\n").encode())
+        console.print(f"{len(summary['written'])} shards written in {seconds:.1f} s; dataset index → {index_path}")
+    if latent_shape is not None:
+        summary["latent_shape"] = latent_shape
+    return summary
