@@ -7,6 +7,8 @@
     rcm train-teacher           train the digits teacher from scratch (how the shipped one was made)
     rcm train-classifier        train the digit-clip classifier used by `rcm eval` (how the shipped one was made)
     rcm bench attention         attention kernels side by side
+    rcm bench step              one rCM training iteration of a Wan DiT, phase by phase, eager vs compiled
+    rcm bench sample            few-step student vs 50-step teacher sampling of a Wan DiT
 
 User errors (bad paths, values, files) print one line and exit with status 2; `--debug` shows the traceback.
 """
@@ -20,7 +22,7 @@ from typing import Callable
 
 def _commands() -> dict[str, tuple[type, Callable]]:
     """name -> (config dataclass, function taking it). Imported lazily so `rcm --help` is quick."""
-    from rcm import bench_attention, demo, evaluate, sample, synth, tasks, train
+    from rcm import bench_attention, bench_wan, demo, evaluate, sample, synth, tasks, train
 
     return {
         "distill": (train.DistillConfig, train.distill),
@@ -30,6 +32,8 @@ def _commands() -> dict[str, tuple[type, Callable]]:
         "train-teacher": (demo.TrainTeacherConfig, demo.train_teacher),
         "train-classifier": (evaluate.TrainClassifierConfig, evaluate.train_classifier),
         "bench attention": (bench_attention.BenchAttentionConfig, bench_attention.bench_attention),
+        "bench step": (bench_wan.BenchStepConfig, bench_wan.bench_step),
+        "bench sample": (bench_wan.BenchSampleConfig, bench_wan.bench_sample),
     }
 
 

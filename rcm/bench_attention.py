@@ -121,6 +121,14 @@ def _measure(fn: Callable):
     return first, peak, res
 
 
+def matmul_tflops(device: torch.device, n: int = 8192, budget_ms: int = 1200) -> float:
+    """TFLOP/s of an n³ bf16 matmul on ``device``: the chip's practical ceiling, for ratios and MFU.
+    The default budget is long enough for the clocks to settle."""
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    return 2 * n**3 / _bench(lambda: a @ b, budget_ms) / 1e9
+
+
 def _nbytes(*ts):
     return sum(t.numel() * t.element_size() for t in ts if isinstance(t, torch.Tensor))
 
@@ -169,11 +177,9 @@ def run_attention_bench(shapes: Optional[Iterable] = None, dtype: str = "bf16",
     mm_tflops = None
 
     def matmul_row(when):
-        a = torch.randn(n_mm, n_mm, device=dev, dtype=torch.bfloat16)
-        b = torch.randn(n_mm, n_mm, device=dev, dtype=torch.bfloat16)
-        ms = _bench(lambda: a @ b, 3 * budget_ms)  # long enough for the clocks to settle
-        r = dict(method=f"matmul bf16 {n_mm}^3", shape=f"{n_mm}^3", ms=ms,
-                 tflops=2 * n_mm**3 / ms / 1e9, note=when)
+        tflops = matmul_tflops(dev, n_mm, 3 * budget_ms)
+        r = dict(method=f"matmul bf16 {n_mm}^3", shape=f"{n_mm}^3", ms=2 * n_mm**3 / tflops / 1e9,
+                 tflops=tflops, note=when)
         rows.append(r)
         return r["tflops"]
 
