@@ -259,7 +259,7 @@ def bench_step(cfg: BenchStepConfig) -> dict:
     from rcm.bench_attention import matmul_tflops
     from rcm.losses import RCM_PRESETS
     from rcm.parallel import apply_activation_checkpointing
-    from rcm.train import OptimizerConfig, init_state
+    from rcm.train import OptimizerConfig
 
     console = _console()
     device = _device(cfg.device)
@@ -284,41 +284,56 @@ def bench_step(cfg: BenchStepConfig) -> dict:
     optim = OptimizerConfig()
     for mode in cfg.modes:
         _free(device)
-        state = init_state(copy.deepcopy(teacher), loss, optim, optim, cfg.seed, device, dtype=dtype,
-                           compile=cfg.compile_backend if mode == "compiled" else None)
-        task = _RandomTask(shape, device, dtype, cfg.seed)
-        out: dict = {}
-        if mode == "compiled":
-            t0 = time.perf_counter()
-            out["check"] = _check_compiled(state, task, device)
-            out["check_seconds"] = time.perf_counter() - t0
-            console.print(f"compiled vs eager: JVP tangent rel. error {out['check']['tangent_rel_err']:.2e} "
-                          f"(norm {out['check']['tangent_norm']:.3g}), F {out['check']['F_rel_err']:.2e}")
-        with console.status(f"{mode}: warm-up iterations (compile)"):
-            t0 = time.perf_counter()
-            _time_iteration(state, task, loss, student_k, device)
-            _time_iteration(state, task, loss, critic_k, device)
-            out["warmup_seconds"] = time.perf_counter() - t0
-        _reset_peak(device)
-        for kind, k in (("student", student_k), ("critic", critic_k)):
-            walls, phases = [], {}
-            for _ in range(cfg.repeats):
-                wall, seconds = _time_iteration(state, task, loss, k, device)
-                walls.append(wall)
-                for name, s in seconds.items():
-                    phases.setdefault(name, []).append(s)
-            out[kind] = {"seconds": min(walls), "all_seconds": walls,
-                         "phases": {n: min(v) for n, v in phases.items()}}
-        out["peak_gib"] = _peak_gib(device)
-        if mode == "compiled" and cfg.profile is not None:
-            out["top_kernels"] = _profile(state, task, loss, student_k, device, cfg.profile)
-        results["modes"][mode] = out
-        del state, task
+        try:
+            results["modes"][mode] = _bench_mode(cfg, mode, teacher, loss, optim, shape, dtype, device,
+                                                 student_k, critic_k, console)
+        except Exception as e:  # e.g. out of memory, or a compile failure: report it, keep the other mode's figures
+            console.print(f"[red]{mode} failed:[/] {type(e).__name__}: {' '.join(str(e).split())[:500]}")
+            results.setdefault("errors", {})[mode] = f"{type(e).__name__}: {e}"
+        _free(device)
+    if not results["modes"]:
+        raise RuntimeError(f"every mode failed: {results['errors']}")
     _summarize(results, flops)
     _print_step(console, results)
     if cfg.json_path is not None:
         Path(cfg.json_path).write_text(json.dumps(results, indent=2) + "\n")
     return results
+
+
+def _bench_mode(cfg: BenchStepConfig, mode: str, teacher, loss, optim, shape: WanShape, dtype, device,
+                student_k: int, critic_k: int, console) -> dict:
+    """Warm up, check (compiled) and time one mode; returns its figures."""
+    from rcm.train import init_state
+
+    state = init_state(copy.deepcopy(teacher), loss, optim, optim, cfg.seed, device, dtype=dtype,
+                       compile=cfg.compile_backend if mode == "compiled" else None)
+    task = _RandomTask(shape, device, dtype, cfg.seed)
+    out: dict = {}
+    if mode == "compiled":
+        t0 = time.perf_counter()
+        out["check"] = _check_compiled(state, task, device)
+        out["check_seconds"] = time.perf_counter() - t0
+        console.print(f"compiled vs eager: JVP tangent rel. error {out['check']['tangent_rel_err']:.2e} "
+                      f"(norm {out['check']['tangent_norm']:.3g}), F {out['check']['F_rel_err']:.2e}")
+    with console.status(f"{mode}: warm-up iterations (compile)"):
+        t0 = time.perf_counter()
+        _time_iteration(state, task, loss, student_k, device)
+        _time_iteration(state, task, loss, critic_k, device)
+        out["warmup_seconds"] = time.perf_counter() - t0
+    _reset_peak(device)
+    for kind, k in (("student", student_k), ("critic", critic_k)):
+        walls, phases = [], {}
+        for _ in range(cfg.repeats):
+            wall, seconds = _time_iteration(state, task, loss, k, device)
+            walls.append(wall)
+            for name, s in seconds.items():
+                phases.setdefault(name, []).append(s)
+        out[kind] = {"seconds": min(walls), "all_seconds": walls,
+                     "phases": {n: min(v) for n, v in phases.items()}}
+    out["peak_gib"] = _peak_gib(device)
+    if mode == "compiled" and cfg.profile is not None:
+        out["top_kernels"] = _profile(state, task, loss, student_k, device, cfg.profile)
+    return out
 
 
 def _console():
