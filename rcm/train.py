@@ -18,7 +18,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Annotated, Any, Literal, Protocol, Union
 
 import torch
 from torch import Tensor, nn
@@ -427,6 +427,373 @@ def resume_if_possible(state: TrainState, task: Task, run_dir: Path, config_reco
 
 
 # ----------------------------------------------------------------------------------------------------------
+# `rcm distill wan2.1-t2v-1.3b | wan2.1-t2v-14b | wan`: Wan2.1 T2V on an `rcm synth` dataset.
+
+try:  # tyro markers for the CLI; the library works without tyro (e.g. on a GPU image that lacks it)
+    import tyro
+
+    _Fixed = tyro.conf.Fixed
+    _OmitPrefixes = tyro.conf.OmitSubcommandPrefixes
+
+    def _subcommand(name: str, default: Any, description: str) -> Any:
+        return tyro.conf.subcommand(name, default=default, description=description, prefix_name=False)
+except ImportError:  # pragma: no cover
+    class _Fixed:  # noqa: D101
+        def __class_getitem__(cls, item):
+            return item
+
+    _OmitPrefixes = _Fixed
+
+    def _subcommand(name: str, default: Any, description: str) -> Any:
+        return None
+
+WanModel = Literal["wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "wan"]
+
+
+@dataclass
+class WanDistillConfig:
+    """rCM distillation of a Wan2.1 T2V teacher on a latent dataset (`rcm synth`). Defaults: the reference's
+    recipe for this size (RCM_METHOD.md §5.1). bf16 compute with fp32 master weights on CUDA, fp32 on the
+    CPU; under torchrun FSDP2 (+ CP, activation checkpointing: --parallel.*). Re-running resumes."""
+
+    model: _Fixed[WanModel] = "wan2.1-t2v-1.3b"
+    """the architecture (wan: read from the teacher file, with the 1.3B recipe)."""
+    teacher: Path | None = None
+    """the teacher DiT: official / diffusers / rCM layout (required)."""
+    data: Path | None = None
+    """the dataset: an `rcm synth` folder, or a folder of the reference's webdataset tars (required)."""
+    method: Method = "rcm"
+    """rcm, or scm / dmd2 alone."""
+    out_dir: Path | None = None
+    """run folder; default runs/<model>-<method>."""
+    resume: bool = True
+    """continue from out_dir's latest checkpoint if there is one."""
+    batch_size: int = 1
+    """samples per data-parallel rank and iteration (summed, as the reference)."""
+    max_latent_frames: int = 20
+    """latent frames trained on (the reference's state_t: 20 for 1.3B, 21 for 14B); shorter data is used whole."""
+    loop: LoopConfig = field(default_factory=lambda: LoopConfig(iterations=100_000, checkpoint_every=500))
+    loss: RCMConfig = field(default_factory=lambda: RCMConfig())
+    student_optim: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=2e-6))
+    critic_optim: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=4e-7))
+    ema_sigma_rel: float = 0.1
+    """σ_rel of the power-function EMA (the exported student)."""
+    sigma_max: float = 80.0
+    """σ_max of the student's few-step sampler (periodic samples; 80 for 1.3B, 200 for 14B)."""
+    sample_every: int = 500
+    """write EMA-student samples every this many iterations (and at the end); 0: only at the end."""
+    sample_steps: tuple[int, ...] = (1, 2, 4)
+    """student steps of the periodic samples."""
+    num_sample_prompts: int = 2
+    """the dataset's first prompts, sampled each time."""
+    vae_path: Path | None = None
+    """the Wan VAE: decode the periodic samples to MP4 (without it only their latents are written)."""
+    negative_embedding: Path | None = None
+    """the CFG negative-prompt embedding (default: the dataset's; the reference's neg_embed .pt works)."""
+    precision: Literal["auto", "bfloat16", "float32"] = "auto"
+    """network compute dtype: auto = bf16 on CUDA (fp32 master weights), fp32 on the CPU."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto = cuda when available; under torchrun, each rank's GPU."""
+    export_dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    """dtype of the exported EMA student (the released rCM students are bf16)."""
+    threads: int = 0
+    """torch.set_num_threads; 0 keeps torch's default."""
+    parallel: ParallelConfig = field(default_factory=lambda: ParallelConfig(activation_checkpointing=True))
+    """used when launched by torchrun (activation checkpointing applies to one process too)."""
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.max_latent_frames < 1:
+            raise ValueError(f"--max-latent-frames must be >= 1, got {self.max_latent_frames}")
+        if not self.ema_sigma_rel > 0:
+            raise ValueError(f"--ema-sigma-rel must be > 0, got {self.ema_sigma_rel}")
+        if not self.sigma_max > 0:
+            raise ValueError(f"--sigma-max must be > 0, got {self.sigma_max}")
+        if self.sample_every < 0 or self.num_sample_prompts < 0 or self.threads < 0:
+            raise ValueError("--sample-every, --num-sample-prompts and --threads must be >= 0")
+        if not self.sample_steps or any(not 1 <= n <= 4 for n in self.sample_steps):
+            raise ValueError(f"--sample-steps must be student step counts in 1..4, got {self.sample_steps}")
+        for name in ("teacher", "data", "vae_path", "negative_embedding"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).exists():
+                raise FileNotFoundError(f"--{name.replace('_', '-')}: no such file or folder: {path}")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) if self.out_dir is not None else Path("runs") / f"{self.model}-{self.method}"
+
+
+def _wan_preset(model: str) -> WanDistillConfig:
+    """The reference's recipe for a size (RCM_METHOD.md §5.1); "wan" (architecture from the file) uses 1.3B's."""
+    from rcm.losses.config import RCM_PRESETS
+
+    if model in ("wan2.1-t2v-1.3b", "wan"):
+        return WanDistillConfig(model=model, loss=RCM_PRESETS["wan2.1-t2v-1.3b"])
+    if model == "wan2.1-t2v-14b":
+        return WanDistillConfig(model=model, loss=RCM_PRESETS[model], max_latent_frames=21,
+                                loop=LoopConfig(iterations=100_000, checkpoint_every=250),
+                                student_optim=OptimizerConfig(lr=1e-6), critic_optim=OptimizerConfig(lr=1e-7),
+                                sigma_max=200.0, sample_every=250)
+    raise ValueError(f"unknown Wan model {model!r}")
+
+
+WAN_DISTILL_PRESETS: dict[str, WanDistillConfig] = {m: _wan_preset(m) for m in ("wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "wan")}
+# The reference's sharding (FSDP shard group / CP size, §5.1): a property of its 32/64-GPU jobs, not a
+# default here (any world size runs; --parallel.dp-shard / --parallel.cp set them).
+REFERENCE_SHARDING = {"wan2.1-t2v-1.3b": "4 / 1", "wan2.1-t2v-14b": "32 / 8"}
+
+
+def _time_dist(d) -> str:
+    if hasattr(d, "p_mean"):
+        return f"LogNormal({d.p_mean:g}, {d.p_std:g})"
+    return f"UniformShift({d.shift:g})"
+
+
+def wan_defaults_table() -> str:
+    """The per-size defaults of `rcm distill wan2.1-*`, rendered from ``WAN_DISTILL_PRESETS`` (so the help
+    text and docs cannot drift from what runs)."""
+    sizes = ("wan2.1-t2v-1.3b", "wan2.1-t2v-14b")
+    p = [WAN_DISTILL_PRESETS[s] for s in sizes]
+    rows = [
+        ("student LR / fake-score LR", lambda c: f"{c.student_optim.lr:g} / {c.critic_optim.lr:g}"),
+        ("Adam betas, weight decay, eps", lambda c: f"({c.student_optim.betas[0]:g}, {c.student_optim.betas[1]:g}), "
+                                                    f"{c.student_optim.weight_decay:g}, {c.student_optim.eps:g}"),
+        ("LR warmup (linear from 1e-6)", lambda c: f"{c.student_optim.warmup} steps"),
+        ("batch per data-parallel rank", lambda c: str(c.batch_size)),
+        ("loss scale sCM / DMD", lambda c: f"{c.loss.scm.loss_scale:g} / {c.loss.dmd.loss_scale:g}"),
+        ("p_G / p_D", lambda c: f"{_time_dist(c.loss.scm.time_dist)} / {_time_dist(c.loss.dmd.time_dist)}"),
+        ("teacher CFG (sCM / DMD)", lambda c: f"{c.loss.scm.guidance:g} / {c.loss.dmd.guidance:g}"),
+        ("tangent warmup", lambda c: str(c.loss.scm.tangent_warmup)),
+        ("student update freq", lambda c: str(c.loss.student_update_freq)),
+        ("max simulation steps (fake)", lambda c: str(c.loss.dmd.max_simulation_steps)),
+        ("latent frames (state_t)", lambda c: str(c.max_latent_frames)),
+        ("sigma_max (sampling)", lambda c: f"{c.sigma_max:g}"),
+        ("EMA", lambda c: f"power, sigma_rel {c.ema_sigma_rel:g}"),
+        ("max_iter, checkpoint every", lambda c: f"{c.loop.iterations:,}, {c.loop.checkpoint_every}"),
+        ("activation checkpointing", lambda c: "on" if c.parallel.activation_checkpointing else "off"),
+        ("FSDP shard / CP (reference)", lambda c: REFERENCE_SHARDING[c.model]),
+        ("grad clip", lambda c: "off"),
+        ("optimizer", lambda c: "AdamW, fp32 master weights"),
+    ]
+    lines = [f"| | {sizes[0]} | {sizes[1]} |", "|---|---|---|"]
+    lines += [f"| {name} | {f(p[0])} | {f(p[1])} |" for name, f in rows]
+    return "\n".join(lines)
+
+
+def _wan_fingerprint(cfg: WanDistillConfig) -> str:
+    """What changes a Wan run's trajectory (not the length, paths of outputs, sampling or parallel layout)."""
+    skip = ("out_dir", "resume", "threads", "parallel", "device", "sample_every", "sample_steps", "num_sample_prompts",
+            "vae_path", "export_dtype")
+    fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip}
+    fields["loop"] = {"seed": cfg.loop.seed}
+    return json.dumps(fields, sort_keys=True, default=str)
+
+
+def _write_samples(state, task, cfg: WanDistillConfig, run_dir: Path, vae, console) -> dict:
+    """EMA-student samples of the fixed prompts at each of ``cfg.sample_steps``: latents (always) and MP4s
+    (with a VAE) under run_dir/samples/. Collective under FSDP (every rank samples, rank 0 writes)."""
+    from safetensors.torch import save
+
+    from rcm.sample import decode_videos, sample_wan_latent, write_video
+
+    if not cfg.num_sample_prompts:
+        return {}
+    k = state.iteration
+    contexts, prompts = task.fixed_prompts(cfg.num_sample_prompts)
+    device = contexts.device
+    start = time.perf_counter()
+    latents = {}
+    for steps in cfg.sample_steps:
+        noise = torch.stack([torch.randn(task.latent_shape, generator=torch.Generator().manual_seed(i))
+                             for i in range(len(prompts))]).to(device)
+        generator = torch.Generator(device=device).manual_seed(0)
+        latents[steps] = sample_wan_latent(state.ema, contexts, noise, kind="student", generator=generator,
+                                           num_steps=steps, sigma_max=cfg.sigma_max).cpu()
+    record = {"iteration": k, "prompts": prompts, "seconds": 0.0, "files": []}
+    if _is_rank0():
+        folder = run_dir / "samples"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"iter_{k:08d}.safetensors"
+        atomic_write_bytes(path, save({f"{n}step": x.contiguous() for n, x in latents.items()},
+                                      metadata={"prompts": json.dumps(prompts), "iteration": str(k)}))
+        record["files"].append(path.name)
+        if vae is not None:
+            for n, x in latents.items():
+                for i, video in enumerate(decode_videos(vae, x)):
+                    mp4 = write_video(folder / f"iter_{k:08d}_{n}step_{i}.mp4", video)
+                    record["files"].append(mp4.name)
+        record["seconds"] = round(time.perf_counter() - start, 3)
+        with open(folder / "samples.jsonl", "a") as f:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        console.print(f"samples at iteration {k} → {folder} ({len(record['files'])} files, {record['seconds']:.1f} s)")
+    return record
+
+
+def distill_wan(cfg: WanDistillConfig) -> dict:
+    """Run (or resume) a Wan distillation, with periodic samples, then export the EMA student as one
+    safetensors file that `rcm sample --model wan --dit-path <file>` loads. Returns a summary dict."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from rcm.models.checkpoint import load_dit, save_dit
+    from rcm.models.wan import WAN_CONFIGS
+    from rcm.tasks import WanTask
+
+    console = Console()
+    for name in ("teacher", "data"):
+        if getattr(cfg, name) is None:
+            raise ValueError(f"--{name} is required for rcm distill {cfg.model}")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    mesh = None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from rcm.parallel import init_distributed
+
+        mesh = init_distributed(cfg.parallel)
+    rank0 = _is_rank0()
+    console.quiet = not rank0
+    if mesh is not None:
+        from rcm.parallel import rank_seed
+
+        device = torch.device(mesh.device_type, torch.cuda.current_device() if mesh.device_type == "cuda" else 0)
+        seed = rank_seed(cfg.loop.seed, mesh)
+    else:
+        if cfg.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device: cuda was asked for but no CUDA device is available")
+        device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+                              else "cpu")
+        seed = cfg.loop.seed
+    # Compute dtype: bf16 on CUDA with fp32 master weights (init_state); FSDP2's policy does it when sharded.
+    if mesh is not None or cfg.precision == "float32" or (cfg.precision == "auto" and device.type != "cuda"):
+        dtype = torch.float32
+    else:
+        dtype = torch.bfloat16
+    torch.manual_seed(seed)
+    run_dir = cfg.run_dir
+    loss = method_config(cfg.method, cfg.loss)
+    named = WAN_CONFIGS[cfg.model] if cfg.model != "wan" else None
+    if named is not None:
+        try:  # headers only: a teacher of another size fails here, listing the mismatches
+            load_dit(cfg.teacher, config=named, device="meta")
+        except ValueError as e:
+            raise ValueError(f"--teacher: not a {cfg.model} checkpoint: {e}") from e
+    guided = (loss.scm.loss_scale > 0 and loss.scm.guidance > 1) or (loss.dmd_enabled and loss.dmd.guidance > 1)
+    task = WanTask(cfg.teacher, cfg.data, cfg.batch_size, cfg.loop.seed, device=device, dtype=dtype,
+                   max_frames=cfg.max_latent_frames, config=named, negative_embedding=cfg.negative_embedding,
+                   need_negative=guided, rank=0 if mesh is None else mesh.dp_rank,
+                   world=1 if mesh is None else mesh.dp_size)
+    state = init_state(task.build_teacher(), loss, cfg.student_optim, cfg.critic_optim, seed, device, dtype=dtype)
+    if mesh is not None:
+        from rcm.parallel import shard_train_state
+
+        shard_train_state(state, mesh, cfg.parallel)
+    elif cfg.parallel.activation_checkpointing:
+        from rcm.parallel import apply_activation_checkpointing
+
+        for module in (state.student, state.fake_score):  # the networks that backpropagate
+            if module is not None:
+                apply_activation_checkpointing(module)
+    record = {"fingerprint": _fingerprint(cfg), "ema_sigma_rel": cfg.ema_sigma_rel}
+    if not cfg.resume and (run_dir / "checkpoints").exists():
+        raise ValueError(f"{run_dir} already holds a run; use another --out-dir or drop --no-resume to continue it")
+    if cfg.resume and resume_if_possible(state, task, run_dir, record, mesh=mesh):
+        console.print(f"[bold]resumed[/] {run_dir} at iteration {state.iteration}")
+    if rank0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2, default=str) + "\n")
+    vae = None
+    if cfg.vae_path is not None and rank0:
+        from rcm.models.vae import load_vae
+
+        try:
+            vae = load_vae(cfg.vae_path, dtype=dtype, device=device)
+        except ValueError as e:
+            raise ValueError(f"--vae-path: {e}") from e
+    n_params = sum(p.numel() for p in state.student.parameters())
+    console.print(f"[bold]{cfg.method}[/] distillation of {cfg.model} ({n_params / 1e6:,.0f}M parameters, {dtype}, "
+                  f"{device}) on {len(task.dataset)} samples of latent {list(task.latent_shape)} → {run_dir}  "
+                  f"({cfg.loop.iterations} iterations, batch {cfg.batch_size})")
+
+    # Seconds per iteration and peak GPU memory join each logged line (run_loop writes the dict after
+    # calling `progress`, on rank 0).
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    timing = {"last": time.perf_counter(), "steps": []}
+    columns = (TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
+    start = time.perf_counter()
+    with Progress(*columns, console=console, transient=False) as bar:
+        job = bar.add_task(cfg.method, total=cfg.loop.iterations, completed=state.iteration, info="")
+
+        def progress(done: int, total: int, logs: dict) -> None:
+            if cuda:
+                torch.cuda.synchronize(device)
+            now = time.perf_counter()
+            logs["seconds_per_iteration"] = round(now - timing["last"], 4)
+            timing["steps"].append((logs["phase"], now - timing["last"]))
+            timing["last"] = now
+            if cuda:  # this iteration's peak; the run's peak is kept for the summary
+                peak = torch.cuda.max_memory_allocated(device) / 2**30
+                logs["peak_memory_gib"] = round(peak, 3)
+                timing["peak"] = max(timing.get("peak", 0.0), peak)
+                torch.cuda.reset_peak_memory_stats(device)
+            info = "  ".join(f"{k[5:]} {v:.3g}" for k, v in logs.items() if k.startswith("loss_"))
+            bar.update(job, completed=done, info=info)
+
+        while state.iteration < cfg.loop.iterations:
+            every = cfg.sample_every or cfg.loop.iterations
+            target = min(cfg.loop.iterations, (state.iteration // every + 1) * every)
+            timing["last"] = time.perf_counter()
+            run_loop(state, task, loss, cfg.loop, run_dir, record, progress=progress,
+                     stop_after=target - state.iteration, mesh=mesh)
+            if state.iteration < cfg.loop.iterations:
+                _write_samples(state, task, cfg, run_dir, vae, console)
+    train_seconds = time.perf_counter() - start
+    _write_samples(state, task, cfg, run_dir, vae, console)
+
+    # Export: the EMA student alone, as one safetensors file (gathered onto rank 0 when sharded).
+    student_path = run_dir / "student_ema.safetensors"
+    meta = {"kind": "student", "method": cfg.method, "iterations": str(state.iteration), "teacher": str(cfg.teacher)}
+    ema = state.ema
+    if mesh is not None:
+        from rcm.models.wan import WanDiT
+        from rcm.parallel import full_model_state_dict
+
+        full = full_model_state_dict(state.ema)
+        torch.distributed.barrier()
+        if not rank0:
+            return {"run_dir": str(run_dir), "rank": torch.distributed.get_rank()}
+        ema = WanDiT(task.config)
+        ema.load_state_dict(full)
+    export = copy.deepcopy(ema).to(device="cpu", dtype=getattr(torch, cfg.export_dtype))
+    tmp = student_path.with_name(".student_ema.tmp.safetensors")
+    save_dit(export, tmp, metadata=meta)
+    os.replace(tmp, student_path)  # a crash mid-export leaves the previous export (or none), never half a file
+    steps = timing["steps"]
+    summary = {"run_dir": str(run_dir), "student": str(student_path), "train_seconds": train_seconds,
+               "seconds_per_iteration": [round(s, 4) for _, s in steps], "phases": [p for p, _ in steps]}
+    if cuda:
+        summary["peak_memory_gib"] = max(timing.get("peak", 0.0), torch.cuda.max_memory_allocated(device) / 2**30)
+    console.print(f"student (EMA, {cfg.export_dtype}) → {student_path}   training took {train_seconds:.1f} s"
+                  + (f", {train_seconds / len(steps):.2f} s/iteration" if steps else ""))
+    return summary
+
+
+# `rcm distill` alone is the digits demo; `rcm distill <size> ...` a Wan run with that size's defaults.
+WanChoice = _OmitPrefixes[Union[
+    Annotated[None, _subcommand("digits", None, "the digits demo (the default; its options come before the model name)")],
+    Annotated[WanDistillConfig, _subcommand("wan2.1-t2v-1.3b", WAN_DISTILL_PRESETS["wan2.1-t2v-1.3b"],
+                                            "Wan2.1 T2V 1.3B, the reference's 1.3B recipe")],
+    Annotated[WanDistillConfig, _subcommand("wan2.1-t2v-14b", WAN_DISTILL_PRESETS["wan2.1-t2v-14b"],
+                                            "Wan2.1 T2V 14B, the reference's 14B recipe")],
+    Annotated[WanDistillConfig, _subcommand("wan", WAN_DISTILL_PRESETS["wan"],
+                                            "any Wan2.1 T2V DiT (architecture read from --teacher), 1.3B recipe")],
+]]
+
+
+# ----------------------------------------------------------------------------------------------------------
 # `rcm distill`: the digits demo (the embedded default). Wan2.1 distillation plugs in as another task.
 
 # The students learn the teacher's CFG-guided ODE at the guidance the teacher samples with.
@@ -460,6 +827,8 @@ class DistillConfig:
     report_settings: DigitsReport = field(default_factory=DigitsReport)
     threads: int = 0  # torch.set_num_threads; 0 keeps torch's default
     parallel: ParallelConfig = field(default_factory=ParallelConfig)  # used when launched by torchrun
+    wan: WanChoice = None
+    """a Wan2.1 model size (its own options follow its name; `rcm distill <size> --help`)."""
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -476,12 +845,24 @@ class DistillConfig:
         return Path(self.out_dir) if self.out_dir is not None else Path("runs") / f"{self.model}-{self.method}"
 
 
-def _fingerprint(cfg: DistillConfig) -> str:
+DistillConfig.__doc__ += (
+    "\n\n    Wan2.1: `rcm distill wan2.1-t2v-1.3b --teacher DIT --data DATASET` (`rcm synth` makes the dataset;\n"
+    "    `wan` reads the architecture from the teacher). The defaults of each size (RCM_METHOD.md §5.1):\n\n"
+    + "\n".join("    " + line for line in wan_defaults_table().splitlines()) + "\n")
+
+
+def _fingerprint(cfg: DistillConfig | WanDistillConfig) -> str:
     """Everything that changes the trajectory (not the iteration count, output paths or reporting)."""
+    if isinstance(cfg, WanDistillConfig):
+        return _wan_fingerprint(cfg)
     fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out_dir", "resume", "report",
-                                                                           "report_settings", "threads", "parallel")}
+                                                                           "report_settings", "threads", "parallel",
+                                                                           "wan")}
     fields["loop"] = {k: v for k, v in fields["loop"].items() if k in ("seed",)}
     return json.dumps(fields, sort_keys=True, default=str)
+
+
+_DIGITS_DEFAULTS = DistillConfig()
 
 
 def distill(cfg: DistillConfig) -> dict:
@@ -492,6 +873,13 @@ def distill(cfg: DistillConfig) -> dict:
     from rcm.demo import save_model
     from rcm.tasks import DigitsTask, digits_report
 
+    if cfg.wan is not None:  # a Wan run: the digits options must not be silently ignored
+        changed = [f.name for f in dataclasses.fields(DistillConfig)
+                   if f.name != "wan" and getattr(cfg, f.name) != getattr(_DIGITS_DEFAULTS, f.name)]
+        if changed:
+            raise ValueError(f"--{changed[0].replace('_', '-')} was given before the model name {cfg.wan.model}; "
+                             f"give Wan options after it (rcm distill {cfg.wan.model} --help)")
+        return distill_wan(cfg.wan)
     console = Console()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
