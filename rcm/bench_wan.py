@@ -128,6 +128,12 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _gpu_settings(device: torch.device) -> None:
+    if device.type == "cuda":  # TF32 for the few fp32 matmuls (time embedding), as the reference trainer
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -217,7 +223,8 @@ def _iteration_with(loss, kind: str, rollout_steps: int) -> int:
 
 
 def _check_compiled(state, task, device) -> dict:
-    """Compiled vs eager on identical inputs: the JVP tangent c s dF/dt and the student's F (relative L2)."""
+    """Compiled vs eager on identical inputs and weights: the JVP tangent c s dF/dt and the student's F
+    (relative L2; the reference runs the same modules with ``torch.compiler.set_stance("force_eager")``)."""
     from rcm.losses import scm_jvp
     from rcm.models.trigflow import trigflow_denoise
 
@@ -228,10 +235,11 @@ def _check_compiled(state, task, device) -> dict:
     t = torch.full((x0.shape[0],), 0.9, dtype=torch.float64, device=device)
     F_teacher = torch.randn(x0.shape, generator=g, device=device, dtype=torch.float64)
     with torch.no_grad():
-        eager_tangent = scm_jvp(state.student, x_t, t, context, F_teacher)
         compiled_tangent = jvp(x_t, t, context, F_teacher)
-        eager_F = trigflow_denoise(state.student, x_t, t, context).F
         compiled_F = trigflow_denoise(student, x_t, t, context).F
+        with torch.compiler.set_stance("force_eager"):  # the same modules, compiled blocks bypassed
+            eager_tangent = scm_jvp(student, x_t, t, context, F_teacher)
+            eager_F = trigflow_denoise(student, x_t, t, context).F
 
     def rel(a, b):
         return ((a - b).norm() / b.norm()).item()
@@ -263,6 +271,7 @@ def bench_step(cfg: BenchStepConfig) -> dict:
 
     console = _console()
     device = _device(cfg.device)
+    _gpu_settings(device)
     shape = wan_shape(cfg.model, cfg.resolution, cfg.num_frames, cfg.height, cfg.width, cfg.batch_size)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     loss = RCM_PRESETS.get(cfg.model, RCM_PRESETS["wan2.1-t2v-1.3b"])
@@ -285,8 +294,12 @@ def bench_step(cfg: BenchStepConfig) -> dict:
     for mode in cfg.modes:
         _free(device)
         try:
-            results["modes"][mode] = _bench_mode(cfg, mode, teacher, loss, optim, shape, dtype, device,
-                                                 student_k, critic_k, console)
+            results["modes"][mode] = out = _bench_mode(cfg, mode, teacher, loss, optim, shape, dtype, device,
+                                                       student_k, critic_k, console)
+            console.print(f"{mode}: student iteration {out['student']['seconds']:.2f} s "
+                          f"{ {k: round(v, 3) for k, v in out['student']['phases'].items()} }, critic "
+                          f"{out['critic']['seconds']:.2f} s, peak {out['peak_gib']} GiB, warm-up "
+                          f"{out['warmup_seconds']:.0f} s")
         except Exception as e:  # e.g. out of memory, or a compile failure: report it, keep the other mode's figures
             console.print(f"[red]{mode} failed:[/] {type(e).__name__}: {' '.join(str(e).split())[:500]}")
             results.setdefault("errors", {})[mode] = f"{type(e).__name__}: {e}"
@@ -462,10 +475,12 @@ def bench_sample(cfg: BenchSampleConfig) -> dict:
     """Run the sampling benchmark, print the table, return the results."""
     from rich.table import Table
 
+    from rcm.parallel import compile_blocks
     from rcm.sample import decode_videos, sample_wan_latent
 
     console = _console()
     device = _device(cfg.device)
+    _gpu_settings(device)
     shape = wan_shape(cfg.model, cfg.resolution, cfg.num_frames, cfg.height, cfg.width)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     console.print(f"[bold]rcm bench sample[/]: {cfg.model}, {shape.num_frames} frames {shape.height}x{shape.width}, "
@@ -488,7 +503,9 @@ def bench_sample(cfg: BenchSampleConfig) -> dict:
                      "torch": torch.__version__, "modes": {}}
     latent = None
     for mode in cfg.modes:
-        net = torch.compile(dit, backend=cfg.compile_backend) if mode == "compiled" else dit
+        if mode == "compiled":
+            compile_blocks(dit, cfg.compile_backend)
+        net = dit
         rows = {}
         # warm-up (compile): a 2-step student and a 2-step guided teacher
         t0 = time.perf_counter()

@@ -159,23 +159,21 @@ class TrainState:
     nonfinite_in_a_row: int = 0
     skipped_steps: int = 0
     compile: str | None = None
-    _compiled: dict = field(default_factory=dict, repr=False)
+    _compiled: bool = field(default=False, repr=False)
 
     def networks(self) -> tuple[Any, Any, Any, Any]:
         """(student, teacher, fake score, the student's sCM JVP pass ``(x_t, t, context, F_teacher) ->
-        c s dF/dt``) as the losses call them: the modules and ``scm_jvp``, or their compiled versions with
-        ``compile``. The JVP function is compiled whole over the plain student: Dynamo traces
-        ``torch.func.jvp`` through the DiT (the attention op's tangent included), which a compiled module
-        called inside an eager ``jvp`` would not do (DESIGN fact 3)."""
-        if not self.compile:
-            return self.student, self.teacher, self.fake_score, functools.partial(scm_jvp, self.student)
-        if not self._compiled:
-            compile = functools.partial(torch.compile, backend=self.compile)
-            self._compiled.update(
-                student=compile(self.student), teacher=compile(self.teacher),
-                fake_score=None if self.fake_score is None else compile(self.fake_score), jvp=compile(scm_jvp))
-        c = self._compiled
-        return c["student"], c["teacher"], c["fake_score"], functools.partial(c["jvp"], self.student)
+        c s dF/dt``) as the losses call them. With ``compile``, every DiT block is compiled first
+        (``rcm.parallel.compile_blocks``: one block graph per variant, shared by all layers and networks);
+        the JVP pass is ``torch.func.jvp`` around the compiled blocks."""
+        if self.compile and not self._compiled:
+            from rcm.parallel import compile_blocks
+
+            for module in (self.student, self.teacher, self.fake_score):
+                if module is not None:
+                    compile_blocks(module, self.compile)
+            self._compiled = True
+        return self.student, self.teacher, self.fake_score, functools.partial(scm_jvp, self.student)
 
 
 def _optimizer(params, cfg: OptimizerConfig):

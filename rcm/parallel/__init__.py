@@ -10,6 +10,7 @@
 The model file knows nothing of parallelism: everything is applied from outside.
 """
 from rcm.parallel.activation_checkpoint import apply_activation_checkpointing
+from rcm.parallel.compile import compile_blocks
 from rcm.parallel.context_parallel import (
     UlyssesSelfAttention,
     all_to_all,
@@ -56,6 +57,7 @@ __all__ = [
     "all_to_all",
     "apply_activation_checkpointing",
     "apply_context_parallel",
+    "compile_blocks",
     "broadcast_from_cp_leader",
     "build_mesh",
     "export_checkpoint",
