@@ -429,6 +429,10 @@ def _profile(state, task, loss, iteration: int, device, path: Path, top: int = 1
     prof.export_chrome_trace(str(path))
     attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     events = [e for e in prof.key_averages() if getattr(e, attr, 0) > 0 and not e.key.startswith("rcm.")]
+    if device.type == "cuda":  # kernels only: an operator's device time is also its kernels' (no double count)
+        kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA
+                   and e.key != "Command Buffer Full"]  # a CUPTI marker, not a kernel
+        events = kernels or events
     events.sort(key=lambda e: getattr(e, attr), reverse=True)
     total = sum(getattr(e, attr) for e in events)
     rows = [{"kernel": e.key[:90], "ms": getattr(e, attr) / 1e3, "share": getattr(e, attr) / total, "calls": e.count}

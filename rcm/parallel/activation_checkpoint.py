@@ -6,8 +6,8 @@ backward pass. Module names, parameters and state-dict keys do not change (no wr
 FSDP, context parallelism, EMA updates and checkpoints see the same model.
 
 When gradients are off (teacher forwards, the sCM no-grad JVP pass, rollouts) nothing would be saved,
-so the block runs directly. Under ``torch.func.jvp`` with gradients on, non-reentrant checkpointing
-works as is on torch 2.13 (tested: tangents and gradients equal the plain run).
+so the block runs directly; so it does inside ``torch.func`` transforms (torch 2.11's checkpoint fails under
+``torch.func.jvp`` with gradients on).
 """
 from __future__ import annotations
 
@@ -24,7 +24,10 @@ __all__ = ["apply_activation_checkpointing"]
 
 def _checkpointed_forward(self, *args, **kwargs):
     forward = type(self).forward  # the class's forward; the instance attribute shadows it
-    if torch.is_grad_enabled():
+    # Inside a torch.func transform the block runs directly: torch 2.11's non-reentrant checkpoint has no
+    # forward-AD rule there (its input-saving autograd.Function raises under torch.func.jvp with grad on; seen on
+    # 2 H200s), and a transform's own saved state is not what checkpointing is for.
+    if torch.is_grad_enabled() and torch._C._functorch.peek_interpreter_stack() is None:
         return checkpoint(forward, self, *args, use_reentrant=False, **kwargs)
     return forward(self, *args, **kwargs)
 
