@@ -129,3 +129,15 @@ def test_bad_input_is_one_line_exit_2(wan, tmp_path, capsys, argv, fragment):
         cli.main(argv(files, data, tmp_path))
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1 and fragment in err, err
+
+
+def test_compiled_run_matches_eager(wan, tmp_path):
+    """--compile (inductor, each block) gives the eager run's losses; resuming may switch it on or off."""
+    files, data = wan
+    cli.main(distill_args(files, data, tmp_path / "eager", 3))
+    cli.main(distill_args(files, data, tmp_path / "compiled", 3, "--compile"))
+    eager, compiled = _logs(tmp_path / "eager"), _logs(tmp_path / "compiled")
+    assert [e["phase"] for e in compiled] == ["student", "student", "critic"]
+    for e, c in zip(eager, compiled):
+        for key in (k for k in e if k.startswith("loss_")):
+            assert c[key] == pytest.approx(e[key], rel=1e-4), key
