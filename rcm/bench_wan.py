@@ -34,6 +34,7 @@ from typing import Literal
 import torch
 
 from rcm.models.wan import WAN_CONFIGS, WanConfig, WanDiT
+from rcm.sample import resolve_device
 
 WanModel = Literal["wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "wan-tiny"]
 Mode = Literal["eager", "compiled"]
@@ -119,13 +120,6 @@ def random_dit(config: WanConfig, seed: int = 0, device: torch.device | str = "c
         net.head.head.weight.normal_(0, 0.02, generator=generator)
     return net.cpu()
 
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device here")
-    return torch.device(name)
 
 
 def _gpu_settings(device: torch.device) -> None:
@@ -270,7 +264,7 @@ def bench_step(cfg: BenchStepConfig) -> dict:
     from rcm.train import OptimizerConfig
 
     console = _console()
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     _gpu_settings(device)
     shape = wan_shape(cfg.model, cfg.resolution, cfg.num_frames, cfg.height, cfg.width, cfg.batch_size)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -483,7 +477,7 @@ def bench_sample(cfg: BenchSampleConfig) -> dict:
     from rcm.sample import decode_videos, sample_wan_latent
 
     console = _console()
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     _gpu_settings(device)
     shape = wan_shape(cfg.model, cfg.resolution, cfg.num_frames, cfg.height, cfg.width)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -188,14 +189,16 @@ def _check_common(cfg: SampleConfig, kind: str) -> None:
         raise _bad("fps", f"must be >= 1, got {cfg.fps}")
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def resolve_device(name: str) -> torch.device:
+    """A ``--device`` value (auto, cpu, cuda) as a device: auto = cuda when available; under torchrun
+    (LOCAL_RANK set) the rank's own GPU. A missing GPU asked for by name is an error naming --device."""
+    if name not in ("auto", "cpu", "cuda"):
+        raise _bad("device", f"must be auto, cpu or cuda, got {name!r}")
     if name == "cuda" and not torch.cuda.is_available():
         raise _bad("device", "cuda was asked for but no CUDA device is available")
-    if name not in ("cpu", "cuda"):
-        raise _bad("device", f"must be auto, cpu or cuda, got {name!r}")
-    return torch.device(name)
+    if name == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
 
 
 def _save_path(cfg: SampleConfig, default: str, suffixes: tuple[str, ...]) -> Path:
@@ -450,7 +453,7 @@ def _sample_wan(cfg: SampleConfig, console) -> SampleResult:
         raise _bad("vae_chunk_size", f"must be >= 1, got {cfg.vae_chunk_size}")
     kind = _wan_kind(cfg, dit_path)
     _check_common(cfg, kind)
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     try:
         config = WAN_CONFIGS[cfg.model] if cfg.model != "wan" else read_dit_config(dit_path)

@@ -37,6 +37,7 @@ from torch import Tensor
 from rcm.checkpoint import atomic_write_bytes
 from rcm.data import INDEX_NAME, LATENT_FORMAT, NEGATIVE_NAME, LatentDataset, encode_shard, trim_embedding
 from rcm.models.text_encoder import TEXT_LEN, WAN_NEGATIVE_PROMPT
+from rcm.sample import resolve_device
 
 VIDEO_SUFFIXES = (".mp4", ".gif")
 
@@ -180,15 +181,6 @@ def _check(cfg: SynthConfig) -> str:
     return source
 
 
-def _device(name: str) -> torch.device:
-    if "LOCAL_RANK" in os.environ and name != "cpu" and torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise _bad("device", "cuda was asked for but no CUDA device is available")
-    return torch.device(name)
-
 
 def _list_videos(cfg: SynthConfig) -> list[tuple[Path, str]]:
     videos = sorted(p for p in Path(cfg.videos).iterdir() if p.suffix.lower() in VIDEO_SUFFIXES)
@@ -295,7 +287,7 @@ def synth(cfg: SynthConfig) -> dict:
     rank, world = _dist()
     console = Console(quiet=rank != 0)
     out = Path(cfg.out_dir)
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 
     # -- what to make: items in sample order, and the settings that define them --

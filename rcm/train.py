@@ -662,10 +662,9 @@ def distill_wan(cfg: WanDistillConfig) -> dict:
         device = torch.device(mesh.device_type, torch.cuda.current_device() if mesh.device_type == "cuda" else 0)
         seed = rank_seed(cfg.loop.seed, mesh)
     else:
-        if cfg.device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("--device: cuda was asked for but no CUDA device is available")
-        device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-                              else "cpu")
+        from rcm.sample import resolve_device
+
+        device = resolve_device(cfg.device)
         seed = cfg.loop.seed
     # Compute dtype: bf16 on CUDA with fp32 master weights (init_state); FSDP2's policy does it when sharded.
     if mesh is not None or cfg.precision == "float32" or (cfg.precision == "auto" and device.type != "cuda"):
