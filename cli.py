@@ -3,6 +3,7 @@
     rcm distill                 distill the shipped digits teacher with rCM (the embedded default)
     rcm sample                  sample a teacher or a distilled student
     rcm synth                   write a Wan latent dataset (teacher samples, videos or existing latents)
+    rcm export                  one network of a training checkpoint (any world size) as a safetensors file
     rcm eval                    quality / diversity table of the teacher and finished distill runs
     rcm train-teacher           train the digits teacher from scratch (how the shipped one was made)
     rcm train-classifier        train the digit-clip classifier used by `rcm eval` (how the shipped one was made)
@@ -22,12 +23,13 @@ from typing import Callable
 
 def _commands() -> dict[str, tuple[type, Callable]]:
     """name -> (config dataclass, function taking it). Imported lazily so `rcm --help` is quick."""
-    from rcm import bench_attention, bench_wan, demo, evaluate, sample, synth, tasks, train
+    from rcm import bench_attention, bench_wan, checkpoint, demo, evaluate, sample, synth, tasks, train
 
     return {
         "distill": (train.DistillConfig, train.distill),
         "sample": (sample.SampleConfig, sample.sample),
         "synth": (synth.SynthConfig, synth.synth),
+        "export": (checkpoint.ExportConfig, checkpoint.export),
         "eval": (tasks.EvalRunsConfig, tasks.eval_runs),
         "train-teacher": (demo.TrainTeacherConfig, demo.train_teacher),
         "train-classifier": (evaluate.TrainClassifierConfig, evaluate.train_classifier),

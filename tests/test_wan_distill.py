@@ -141,3 +141,58 @@ def test_compiled_run_matches_eager(wan, tmp_path):
     for e, c in zip(eager, compiled):
         for key in (k for k in e if k.startswith("loss_")):
             assert c[key] == pytest.approx(e[key], rel=1e-4), key
+
+
+def _torchrun(args, timeout=300):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(root / "cli.py"), *args]
+    done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+
+
+def test_torchrun_cp2_matches_one_process_and_its_dcp_checkpoint_exports_and_samples(wan, tmp_path):
+    """2 processes with context parallelism (CP=2: both ranks see the same sample) train exactly like one
+    process; the DCP checkpoint they write exports in one process (`rcm export`) and samples."""
+    files, data = wan
+    _torchrun(distill_args(files, data, tmp_path / "cp2", 3, "--parallel.cp", "2"))
+    cli.main(distill_args(files, data, tmp_path / "one", 3))
+    cp2, one = _logs(tmp_path / "cp2"), _logs(tmp_path / "one")
+    assert [e["phase"] for e in cp2] == ["student", "student", "critic"]
+    for a, b in zip(cp2, one):
+        for key in (k for k in b if k.startswith("loss_")):
+            assert a[key] == pytest.approx(b[key], rel=1e-6), key
+    assert (tmp_path / "cp2/checkpoints/step_00000003/.metadata").is_file()  # DCP, written by 2 ranks
+
+    exported = {}
+    for name in ("cp2", "one"):  # a DCP folder and a single-process checkpoint: the same command
+        out = tmp_path / f"{name}.safetensors"
+        cli.main(["export", "--checkpoint", str(tmp_path / name / "checkpoints"), "--out", str(out),
+                  "--dtype", "float32"])
+        exported[name] = load_file(out)
+    assert exported["cp2"].keys() == exported["one"].keys()
+    for k, v in exported["one"].items():
+        torch.testing.assert_close(exported["cp2"][k], v, rtol=1e-4, atol=1e-6)
+    video = tmp_path / "cp2.mp4"
+    cli.main(["sample", "--model", "wan", "--dit-path", str(tmp_path / "cp2.safetensors"), "--vae-path",
+              str(files / "vae"), "--text-encoder-path", str(files / "umt5"), "--prompt", "a cat", "--num-steps", "2",
+              "--num-frames", "5", "--height", "16", "--width", "32", "--device", "cpu", "--save-path", str(video)])
+    assert iio.imread(video, index=None, plugin="FFMPEG").shape == (5, 16, 32, 3)
+
+
+def test_export_errors(tmp_path, capsys):
+    for argv, fragment in (
+        (["export", "--checkpoint", str(tmp_path / "missing")], "no such file"),
+        (["export", "--checkpoint", str(tmp_path)], "no complete checkpoint"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            cli.main(argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and fragment in err, err
