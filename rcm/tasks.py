@@ -124,11 +124,13 @@ class WanTask:
         self.batches = LatentBatches(self.dataset, batch_size, cfg.text_len, seed=seed, max_frames=max_frames,
                                      rank=rank, world=world)
 
-    def build_teacher(self) -> nn.Module:
+    def build_teacher(self, device: torch.device | str | None = None) -> nn.Module:
+        """The teacher on ``device`` (default the task's); "meta": its structure only (headers checked)."""
         from rcm.models.checkpoint import load_dit
 
         try:
-            return load_dit(self.teacher_path, config=self.config, dtype=self.dtype, device=self.device)
+            return load_dit(self.teacher_path, config=self.config, dtype=self.dtype,
+                            device=self.device if device is None else device)
         except ValueError as e:
             raise ValueError(f"--teacher: {e}") from e
 

@@ -193,8 +193,12 @@ def init_state(teacher: nn.Module, loss: RCMConfig, student_optim: OptimizerConf
 
     dtype: the networks' compute dtype (default: the teacher's). With bf16 the teacher, student and fake
     score are bf16 modules and their optimizers step fp32 master weights (``MasterWeightAdamW``); the EMA
-    is always fp32. (Under FSDP2, keep fp32 here: its mixed-precision policy computes in bf16.)"""
-    teacher = teacher.to(device=device, dtype=dtype).requires_grad_(False).eval()
+    is always fp32. (Under FSDP2, keep fp32 here: its mixed-precision policy computes in bf16.)
+
+    A teacher on the meta device gives a state of meta modules (no memory), to shard and then fill with
+    ``rcm.parallel.materialize_train_state``; ``device`` is then only the generator's."""
+    on_meta = any(p.is_meta for p in teacher.parameters())
+    teacher = (teacher.to(dtype=dtype) if on_meta else teacher.to(device=device, dtype=dtype)).requires_grad_(False).eval()
     student = copy.deepcopy(teacher).requires_grad_(True).train()
     ema = copy.deepcopy(teacher).float()
     fake = copy.deepcopy(teacher).requires_grad_(True).train() if loss.dmd_enabled else None
@@ -685,12 +689,20 @@ def distill_wan(cfg: WanDistillConfig) -> dict:
                    max_frames=cfg.max_latent_frames, config=named, negative_embedding=cfg.negative_embedding,
                    need_negative=guided, rank=0 if mesh is None else mesh.dp_rank,
                    world=1 if mesh is None else mesh.dp_size)
-    state = init_state(task.build_teacher(), loss, cfg.student_optim, cfg.critic_optim, seed, device, dtype=dtype)
     if mesh is not None:
-        from rcm.parallel import shard_train_state
+        # Built on the meta device and sharded before any weight exists; rank 0 alone reads the teacher and
+        # broadcasts it into every rank's shards (one copy of a 14B teacher in host memory, not four per rank).
+        from rcm.parallel import materialize_train_state, shard_train_state
 
+        state = init_state(task.build_teacher(device="meta"), loss, cfg.student_optim, cfg.critic_optim, seed,
+                           device, dtype=dtype)
         shard_train_state(state, mesh, cfg.parallel)
-    elif cfg.parallel.activation_checkpointing:
+        weights = task.build_teacher(device="cpu").state_dict() if rank0 else None
+        materialize_train_state(state, weights, device)
+        del weights
+    else:
+        state = init_state(task.build_teacher(), loss, cfg.student_optim, cfg.critic_optim, seed, device, dtype=dtype)
+    if mesh is None and cfg.parallel.activation_checkpointing:
         from rcm.parallel import apply_activation_checkpointing
 
         for module in (state.student, state.fake_score):  # the networks that backpropagate

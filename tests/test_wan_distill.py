@@ -158,8 +158,9 @@ def _torchrun(args, timeout=300):
 
 
 def test_torchrun_cp2_matches_one_process_and_its_dcp_checkpoint_exports_and_samples(wan, tmp_path):
-    """2 processes with context parallelism (CP=2: both ranks see the same sample) train exactly like one
-    process; the DCP checkpoint they write exports in one process (`rcm export`) and samples."""
+    """2 processes with context parallelism (CP=2: both ranks see the same sample), the models built on the
+    meta device and filled from rank 0, train like one process and resume exactly; the DCP checkpoint they
+    write exports in one process (`rcm export`) and samples."""
     files, data = wan
     _torchrun(distill_args(files, data, tmp_path / "cp2", 3, "--parallel.cp", "2"))
     cli.main(distill_args(files, data, tmp_path / "one", 3))
@@ -169,6 +170,9 @@ def test_torchrun_cp2_matches_one_process_and_its_dcp_checkpoint_exports_and_sam
         for key in (k for k in b if k.startswith("loss_")):
             assert a[key] == pytest.approx(b[key], rel=1e-6), key
     assert (tmp_path / "cp2/checkpoints/step_00000003/.metadata").is_file()  # DCP, written by 2 ranks
+    _torchrun(distill_args(files, data, tmp_path / "cp2_resumed", 2, "--parallel.cp", "2"))  # stopped after 2 ...
+    _torchrun(distill_args(files, data, tmp_path / "cp2_resumed", 3, "--parallel.cp", "2"))  # ... and resumed
+    assert _logs(tmp_path / "cp2_resumed") == cp2
 
     exported = {}
     for name in ("cp2", "one"):  # a DCP folder and a single-process checkpoint: the same command

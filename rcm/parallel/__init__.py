@@ -37,6 +37,7 @@ from rcm.parallel.fsdp import (
     grads_finite,
     mixed_precision_policy,
     parallelize,
+    materialize_train_state,
     shard_train_state,
 )
 from rcm.parallel.mesh import (
@@ -79,6 +80,7 @@ __all__ = [
     "save_sharded_checkpoint",
     "save_train_state",
     "sequence_to_heads",
+    "materialize_train_state",
     "shard_train_state",
     "split_sequence",
 ]

@@ -137,6 +137,23 @@ def shard_train_state(state, mesh: ParallelMesh, cfg: ParallelConfig | None = No
     return state
 
 
+def materialize_train_state(state, weights: dict[str, torch.Tensor] | None, device: torch.device):
+    """Allocate the sharded meta-device models of ``state`` (from ``init_state`` on a meta teacher, then
+    ``shard_train_state``) on ``device`` and fill each (student, teacher, fake score, EMA) with the full
+    teacher ``weights``, given on rank 0 only (``None`` elsewhere) and broadcast into every rank's shards.
+    The optimizers keep their parameters (allocation swaps the tensors inside them). Collective."""
+    from rcm.parallel.dcp import load_full_model_state_dict
+
+    for name in ("student", "teacher", "fake_score", "ema"):
+        model = getattr(state, name)
+        if model is None:
+            continue
+        model.to_empty(device=device)
+        # a fresh dict each time: the broadcast replaces the entries it is given by this rank's shards
+        load_full_model_state_dict(model, None if weights is None else dict(weights), broadcast_from_rank0=True)
+    return state
+
+
 def _repoint(optimizer: torch.optim.Optimizer, new: dict[int, nn.Parameter], name: str) -> None:
     for group in optimizer.param_groups:
         try:
