@@ -27,13 +27,16 @@ import gc
 import json
 import math
 import time
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 
 from rcm.models.wan import WAN_CONFIGS, WanConfig, WanDiT
+from rcm.parallel import ParallelConfig
 from rcm.sample import resolve_device
 
 WanModel = Literal["wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "wan-tiny"]
@@ -171,6 +174,10 @@ class BenchStepConfig:
     json_path: Path | None = None  # write the results as JSON
     seed: int = 0
     compile_backend: str = "inductor"  # torch.compile backend of the compiled mode
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """under torchrun: FSDP2 / CP layout (--parallel.cp 2 ...); activation checkpointing follows the flag above."""
+    compare: Path | None = None
+    """a JSON of an earlier run (e.g. one GPU) to compare with: first-iteration losses, step times, scaling."""
 
     def __post_init__(self):
         if self.repeats < 1:
@@ -242,7 +249,7 @@ def _check_compiled(state, task, device) -> dict:
             "F_rel_err": rel(compiled_F, eager_F)}
 
 
-def _time_iteration(state, task, loss, iteration: int, device) -> tuple[float, dict[str, float]]:
+def _time_iteration(state, task, loss, iteration: int, device) -> tuple[float, dict[str, float], dict]:
     from rcm.losses import power_ema_gamma
     from rcm.timing import PhaseTimer
     from rcm.train import train_step
@@ -251,9 +258,11 @@ def _time_iteration(state, task, loss, iteration: int, device) -> tuple[float, d
     _sync(device)
     start = time.perf_counter()
     with PhaseTimer(cuda=device.type == "cuda") as timer:
-        train_step(state, task, loss, power_ema_gamma(0.1), max_nonfinite=10**9)
+        logs = train_step(state, task, loss, power_ema_gamma(0.1), max_nonfinite=10**9)
     _sync(device)
-    return time.perf_counter() - start, timer.seconds()
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # a sharded iteration ends when its slowest rank's does
+    return time.perf_counter() - start, timer.seconds(), logs
 
 
 def bench_step(cfg: BenchStepConfig) -> dict:
@@ -264,23 +273,40 @@ def bench_step(cfg: BenchStepConfig) -> dict:
     from rcm.train import OptimizerConfig
 
     console = _console()
-    device = resolve_device(cfg.device)
-    _gpu_settings(device)
     shape = wan_shape(cfg.model, cfg.resolution, cfg.num_frames, cfg.height, cfg.width, cfg.batch_size)
+    mesh, parallel = None, replace(cfg.parallel, activation_checkpointing=cfg.activation_checkpointing)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: FSDP2 (+ CP) over all ranks
+        from rcm.parallel import init_distributed
+
+        if "compiled" in cfg.modes:
+            raise ValueError("--modes: compiled runs in one process only for now (regional compile is untested "
+                             "with FSDP2); pass --modes eager under torchrun")
+        mesh = init_distributed(parallel)
+        device = torch.device(mesh.device_type, torch.cuda.current_device() if mesh.device_type == "cuda" else 0)
+        console.quiet = dist.get_rank() != 0
+    else:
+        device = resolve_device(cfg.device)
+    _gpu_settings(device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     loss = RCM_PRESETS.get(cfg.model, RCM_PRESETS["wan2.1-t2v-1.3b"])
+    layout = "" if mesh is None else f", {dist.get_world_size()} ranks (FSDP {mesh.dp_size} x CP {mesh.cp_size})"
     console.print(f"[bold]rcm bench step[/]: {cfg.model}, {shape.num_frames} frames {shape.height}x{shape.width}, "
-                  f"latent {list(shape.latent)}, {shape.tokens} tokens, {dtype}, {device}"
+                  f"latent {list(shape.latent)}, {shape.tokens} tokens, {dtype}, {device}{layout}"
                   f"{', activation checkpointing' if cfg.activation_checkpointing else ''}")
     peak_tflops = matmul_tflops(device) if device.type == "cuda" else matmul_tflops(device, 512, 200)
     flops = phase_flops(shape, cfg.rollout_steps, guidance=loss.scm.guidance > 1)
     student_k = _iteration_with(loss, "student", cfg.rollout_steps)
     critic_k = _iteration_with(loss, "critic", cfg.rollout_steps)
 
-    teacher = random_dit(shape.config, cfg.seed, device)
-    if cfg.activation_checkpointing:
+    if mesh is None or dist.get_rank() == 0:
+        teacher = random_dit(shape.config, cfg.seed, device)
+    else:  # the other ranks receive their shards from rank 0
+        with torch.device("meta"):
+            teacher = WanDiT(shape.config)
+    if cfg.activation_checkpointing and mesh is None:  # (sharded: parallelize applies it)
         apply_activation_checkpointing(teacher)  # student and fake score are copies; no-grad passes skip it
-    results: dict = {"model": cfg.model, "tokens": shape.tokens, "latent": list(shape.latent),
+    results: dict = {"world": 1 if mesh is None else dist.get_world_size(),
+                     "cp": 1 if mesh is None else mesh.cp_size, "model": cfg.model, "tokens": shape.tokens, "latent": list(shape.latent),
                      "height": shape.height, "width": shape.width, "num_frames": shape.num_frames,
                      "rollout_steps": cfg.rollout_steps, "matmul_tflops": peak_tflops, "device": _device_name(device),
                      "torch": torch.__version__, "phase_flops": flops, "modes": {}}
@@ -289,12 +315,14 @@ def bench_step(cfg: BenchStepConfig) -> dict:
         _free(device)
         try:
             results["modes"][mode] = out = _bench_mode(cfg, mode, teacher, loss, optim, shape, dtype, device,
-                                                       student_k, critic_k, console)
+                                                       student_k, critic_k, console, mesh, parallel)
             console.print(f"{mode}: student iteration {out['student']['seconds']:.2f} s "
                           f"{ {k: round(v, 3) for k, v in out['student']['phases'].items()} }, critic "
                           f"{out['critic']['seconds']:.2f} s, peak {out['peak_gib']} GiB, warm-up "
                           f"{out['warmup_seconds']:.0f} s")
         except Exception as e:  # e.g. out of memory, or a compile failure: report it, keep the other mode's figures
+            if mesh is not None:  # the other ranks would wait in a collective for ever
+                raise
             console.print(f"[red]{mode} failed:[/] {type(e).__name__}: {' '.join(str(e).split())[:500]}")
             results.setdefault("errors", {})[mode] = f"{type(e).__name__}: {e}"
         _free(device)
@@ -302,18 +330,29 @@ def bench_step(cfg: BenchStepConfig) -> dict:
         raise RuntimeError(f"every mode failed: {results['errors']}")
     _summarize(results, flops)
     _print_step(console, results)
-    if cfg.json_path is not None:
+    if cfg.compare is not None:
+        _print_comparison(console, results, json.loads(Path(cfg.compare).read_text()))
+    if cfg.json_path is not None and (mesh is None or dist.get_rank() == 0):
         Path(cfg.json_path).write_text(json.dumps(results, indent=2) + "\n")
     return results
 
 
 def _bench_mode(cfg: BenchStepConfig, mode: str, teacher, loss, optim, shape: WanShape, dtype, device,
-                student_k: int, critic_k: int, console) -> dict:
+                student_k: int, critic_k: int, console, mesh=None, parallel: ParallelConfig | None = None) -> dict:
     """Warm up, check (compiled) and time one mode; returns its figures."""
     from rcm.train import init_state
 
-    state = init_state(copy.deepcopy(teacher), loss, optim, optim, cfg.seed, device, dtype=dtype,
-                       compile=cfg.compile_backend if mode == "compiled" else None)
+    if mesh is None:
+        state = init_state(copy.deepcopy(teacher), loss, optim, optim, cfg.seed, device, dtype=dtype,
+                           compile=cfg.compile_backend if mode == "compiled" else None)
+    else:  # built on meta, sharded, filled from rank 0's weights (fp32 masters; FSDP computes in bf16 on GPU)
+        from rcm.parallel import materialize_train_state, shard_train_state
+
+        with torch.device("meta"):
+            skeleton = WanDiT(shape.config)
+        state = init_state(skeleton, loss, optim, optim, cfg.seed, device, dtype=torch.float32)
+        shard_train_state(state, mesh, parallel)
+        materialize_train_state(state, teacher.state_dict() if dist.get_rank() == 0 else None, device)
     task = _RandomTask(shape, device, dtype, cfg.seed)
     out: dict = {}
     if mode == "compiled":
@@ -324,20 +363,26 @@ def _bench_mode(cfg: BenchStepConfig, mode: str, teacher, loss, optim, shape: Wa
                       f"(norm {out['check']['tangent_norm']:.3g}), F {out['check']['F_rel_err']:.2e}")
     with console.status(f"{mode}: warm-up iterations (compile)"):
         t0 = time.perf_counter()
-        _time_iteration(state, task, loss, student_k, device)
-        _time_iteration(state, task, loss, critic_k, device)
+        # the first iterations' losses: the same draws and weights in every run, so runs compare
+        out["first_losses"] = {kind: {k: v for k, v in _time_iteration(state, task, loss, it, device)[2].items()
+                                      if k.startswith("loss_")}
+                               for kind, it in (("student", student_k), ("critic", critic_k))}
         out["warmup_seconds"] = time.perf_counter() - t0
     _reset_peak(device)
     for kind, k in (("student", student_k), ("critic", critic_k)):
         walls, phases = [], {}
         for _ in range(cfg.repeats):
-            wall, seconds = _time_iteration(state, task, loss, k, device)
+            wall, seconds, _ = _time_iteration(state, task, loss, k, device)
             walls.append(wall)
             for name, s in seconds.items():
                 phases.setdefault(name, []).append(s)
         out[kind] = {"seconds": min(walls), "all_seconds": walls,
                      "phases": {n: min(v) for n, v in phases.items()}}
     out["peak_gib"] = _peak_gib(device)
+    if mesh is not None:  # every rank's peak; the largest is the one that must fit
+        peaks = [None] * dist.get_world_size()
+        dist.all_gather_object(peaks, out["peak_gib"])
+        out["peak_gib_per_rank"], out["peak_gib"] = peaks, max(p or 0 for p in peaks) or None
     if mode == "compiled" and cfg.profile is not None:
         out["top_kernels"] = _profile(state, task, loss, student_k, device, cfg.profile)
     return out
@@ -362,7 +407,8 @@ def _summarize(results: dict, flops: dict) -> None:
     for out in results["modes"].values():
         for kind in ("student", "critic"):
             r = out[kind]
-            r["flops"] = sum(f for name, f in flops.items() if name in r["phases"])
+            # per GPU: with CP each rank computes 1/cp of a sample; with data parallelism a sample of its own
+            r["flops"] = sum(f for name, f in flops.items() if name in r["phases"]) / results.get("cp", 1)
             r["tflops"] = r["flops"] / r["seconds"] / 1e12
             r["mfu"] = r["tflops"] / peak
         p = out["student"]["phases"]
@@ -410,6 +456,25 @@ def _print_step(console, results: dict) -> None:
     if "compile_speedup" in results:
         s = results["compile_speedup"]
         console.print(f"torch.compile speed-up: student iteration {s['student']:.2f}x, critic {s['critic']:.2f}x")
+
+
+def _print_comparison(console, results: dict, ref: dict) -> None:
+    """This run against an earlier one (``--compare``): first-iteration losses (the same weights and draws),
+    iteration times, and scaling efficiency = per-GPU sample throughput over the reference's,
+    (cp_ref · t_ref) / (cp · t)."""
+    for mode, out in results["modes"].items():
+        base = ref.get("modes", {}).get(mode)
+        if base is None:
+            continue
+        for kind in ("student", "critic"):
+            diffs = {k: abs(v - base["first_losses"][kind][k]) / max(abs(base["first_losses"][kind][k]), 1e-30)
+                     for k, v in out["first_losses"][kind].items() if k in base["first_losses"][kind]}
+            t, t_ref = out[kind]["seconds"], base[kind]["seconds"]
+            efficiency = ref.get("cp", 1) * t_ref / (results.get("cp", 1) * t)
+            console.print(f"{mode} {kind} vs {ref.get('world', 1)} rank(s): {t:.3f} s against {t_ref:.3f} s, "
+                          f"scaling efficiency {efficiency:.0%}; first-iteration loss relative differences "
+                          + ", ".join(f"{k} {d:.1e}" for k, d in diffs.items()))
+        results.setdefault("comparison", {})[mode] = {"reference_world": ref.get("world", 1)}
 
 
 def _profile(state, task, loss, iteration: int, device, path: Path, top: int = 15) -> list[dict]:

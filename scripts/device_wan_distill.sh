@@ -9,6 +9,9 @@
 #
 #   bash scripts/device_wan_distill.sh            # on the GPU machine, from the repo root (python3 cli.py ...)
 #   bash scripts/device_wan_distill.sh --tiny     # the same pipeline with tiny random models, on the CPU
+#   LAUNCH="torchrun --standalone --nproc-per-node 2" bash scripts/device_wan_distill.sh
+#       synth and distill sharded over 2 GPUs (FSDP2, DCP checkpoints); the student is then exported from the
+#       DCP checkpoint by `rcm export` in one process and sampled on one GPU (issue 10, acceptance 3)
 # Wheels the GPU image lacks are installed from .whl/cli (tyro and its needs) and .whl/sample
 # (imageio-ffmpeg, for the MP4s) when present: carry .whl.
 set -euo pipefail
@@ -62,21 +65,26 @@ te.tokenizer.save_pretrained(work / "umt5")
 print(f"random checkpoints written in {time.perf_counter() - t0:.1f} s")
 EOF
 
+LAUNCH=${LAUNCH:-python3}
 echo "== synth"
-python3 cli.py synth --prompts "$WORK/prompts.txt" --teacher "$WORK/teacher.safetensors" \
+$LAUNCH cli.py synth --prompts "$WORK/prompts.txt" --teacher "$WORK/teacher.safetensors" \
   --text-encoder-path "$WORK/umt5" --out-dir "$WORK/data" "${SIZE[@]}" --steps 4 --shard-size 1 \
   --device $DEVICE "${EXTRA[@]}" 2>&1 | tee "$SAVE/synth.log"
 
 echo "== distill"
-python3 cli.py distill $MODEL --teacher "$WORK/teacher.safetensors" --data "$WORK/data" --out-dir "$WORK/run" \
+$LAUNCH cli.py distill $MODEL --teacher "$WORK/teacher.safetensors" --data "$WORK/data" --out-dir "$WORK/run" \
   --loop.iterations 3 --loop.log-every 1 --loop.checkpoint-every 3 --loss.scm.tangent-warmup 1 \
   --loss.student-update-freq 2 --sample-every 0 --num-sample-prompts 1 --sample-steps 1 4 \
   --vae-path "$WORK/vae" --device $DEVICE "${EXTRA[@]}" 2>&1 | tee "$SAVE/distill.log"
 cp "$WORK/run/log.jsonl" "$SAVE/distill_log.jsonl"
 cp "$WORK/run/samples/iter_00000003_4step_0.mp4" "$SAVE/training_sample_4step.mp4"
 
+echo "== export the EMA student from the latest checkpoint (DCP under torchrun), in one process"
+CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0} python3 cli.py export --checkpoint "$WORK/run/checkpoints" \
+  --out "$WORK/run/exported.safetensors" 2>&1 | tee "$SAVE/export.log"
+
 echo "== sample the exported student"
-python3 cli.py sample --model wan --dit-path "$WORK/run/student_ema.safetensors" --vae-path "$WORK/vae" \
+CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0} python3 cli.py sample --model wan --dit-path "$WORK/run/exported.safetensors" --vae-path "$WORK/vae" \
   --text-encoder-path "$WORK/umt5" --prompt "A red fox running through fresh snow, cinematic" --num-steps 4 \
   "${SIZE[@]}" --device $DEVICE --save-path "$SAVE/student.mp4" 2>&1 | tee "$SAVE/sample.log"
 

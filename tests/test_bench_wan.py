@@ -79,3 +79,37 @@ def test_bench_sample_cli(tmp_path):
     assert list(runs) == ["student 1 step", "student 2 steps", "student 4 steps", "teacher 3 steps CFG 5"]
     assert runs["teacher 3 steps CFG 5"]["speedup_vs_teacher"] == 1.0
     assert all(r["dit_seconds"] > 0 for r in runs.values())
+
+
+def test_bench_step_under_torchrun_cp2_matches_one_process(tmp_path):
+    """The sharded benchmark (FSDP2 + CP=2 on 2 gloo processes, models built on meta and filled from rank 0)
+    starts from the same losses as one process, and compares itself to that run (--compare)."""
+    import os
+
+    tiny = ["--model", "wan-tiny", "--height", "32", "--width", "32", "--num-frames", "5", "--device", "cpu",
+            "--repeats", "1", "--modes", "eager"]
+    one, cp2 = tmp_path / "one.json", tmp_path / "cp2.json"
+    run = subprocess.run([sys.executable, str(CLI), "bench", "step", *tiny, "--json-path", str(one)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          str(CLI), "bench", "step", *tiny, "--parallel.cp", "2", "--compare", str(one),
+                          "--json-path", str(cp2)], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    assert "scaling efficiency" in run.stdout
+    a, b = json.loads(one.read_text()), json.loads(cp2.read_text())
+    assert (b["world"], b["cp"]) == (2, 2) and len(b["modes"]["eager"]["peak_gib_per_rank"]) == 2
+    for kind in ("student", "critic"):
+        ref, got = a["modes"]["eager"]["first_losses"][kind], b["modes"]["eager"]["first_losses"][kind]
+        assert ref.keys() == got.keys() and ref
+        for key in ref:
+            assert got[key] == pytest.approx(ref[key], rel=1e-5), key
+
+
+def test_compiled_bench_is_refused_under_torchrun(monkeypatch):
+    from rcm.bench_wan import bench_step
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="one process only"):
+        bench_step(BenchStepConfig(model="wan-tiny", height=32, width=32, num_frames=5, device="cpu"))
