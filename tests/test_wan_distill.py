@@ -134,8 +134,12 @@ def test_bad_input_is_one_line_exit_2(wan, tmp_path, capsys, argv, fragment):
 def test_compiled_run_matches_eager(wan, tmp_path):
     """--compile (inductor, each block) gives the eager run's losses; resuming may switch it on or off."""
     files, data = wan
+    from torch._dynamo.utils import counters
+
     cli.main(distill_args(files, data, tmp_path / "eager", 3))
+    graphs = counters["stats"]["unique_graphs"]
     cli.main(distill_args(files, data, tmp_path / "compiled", 3, "--compile"))
+    assert counters["stats"]["unique_graphs"] > graphs  # the blocks really ran compiled
     eager, compiled = _logs(tmp_path / "eager"), _logs(tmp_path / "compiled")
     assert [e["phase"] for e in compiled] == ["student", "student", "critic"]
     for e, c in zip(eager, compiled):
