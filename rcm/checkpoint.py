@@ -111,9 +111,6 @@ def load_latest(folder: str | Path, map_location: str | torch.device = "cpu") ->
 # `rcm export`: one network of a training checkpoint as a file `rcm sample` loads
 
 
-EXPORTABLE = ("ema", "student", "fake_score")
-
-
 @dataclass
 class ExportConfig:
     """Export one network of a training checkpoint as a single safetensors file for `rcm sample --model wan`.
@@ -150,7 +147,7 @@ def export(cfg: ExportConfig) -> Path:
     """Write ``cfg.model``'s weights from ``cfg.checkpoint`` to ``cfg.out`` (atomically); returns the path."""
     from safetensors.torch import save
 
-    from rcm.parallel import export_checkpoint
+    from rcm.parallel import read_checkpoint_model
 
     path = Path(cfg.checkpoint)
     if not path.exists():
@@ -158,12 +155,7 @@ def export(cfg: ExportConfig) -> Path:
     if path.is_dir() and not (path / ".metadata").is_file():
         path = _newest(path)
     if path.is_dir():  # DCP: read in this process, whatever world size wrote it
-        tmp = Path(cfg.out).with_name(f".{Path(cfg.out).name}.dcp.tmp")
-        export_checkpoint(path, tmp, model=cfg.model)
-        from safetensors.torch import load_file as load_safetensors
-
-        weights = load_safetensors(str(tmp))
-        tmp.unlink()
+        weights = read_checkpoint_model(path, cfg.model)
     else:
         train = load_file(path).get("train")
         if not isinstance(train, dict) or train.get(cfg.model) is None:

@@ -19,7 +19,6 @@ over Wan's shifted schedule with CFG v = v_u + w (v_c − v_u).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import time
@@ -28,7 +27,6 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rcm.data import NUM_CLASSES, ClipBatches, ClipSpec

@@ -37,7 +37,7 @@ from torch import Tensor
 from rcm.checkpoint import atomic_write_bytes
 from rcm.data import INDEX_NAME, LATENT_FORMAT, NEGATIVE_NAME, LatentDataset, encode_shard, trim_embedding
 from rcm.models.text_encoder import TEXT_LEN, WAN_NEGATIVE_PROMPT
-from rcm.sample import resolve_device
+from rcm.sample import _bad, resolve_device
 
 VIDEO_SUFFIXES = (".mp4", ".gif")
 
@@ -99,10 +99,6 @@ class SynthConfig:
     """auto = cuda when available (bf16 there, fp32 on the CPU); under torchrun, this rank's GPU."""
     threads: int = 0
     """torch.set_num_threads; 0 keeps torch's default."""
-
-
-def _bad(arg: str, message: str) -> ValueError:
-    return ValueError(f"--{arg.replace('_', '-')}: {message}")
 
 
 def _file_sha256(paths: list[Path]) -> str:

@@ -586,15 +586,6 @@ def wan_defaults_table() -> str:
     return "\n".join(lines)
 
 
-def _wan_fingerprint(cfg: WanDistillConfig) -> str:
-    """What changes a Wan run's trajectory (not the length, paths of outputs, sampling or parallel layout)."""
-    skip = ("out_dir", "resume", "threads", "parallel", "device", "sample_every", "sample_steps", "num_sample_prompts",
-            "vae_path", "export_dtype", "compile")
-    fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip}
-    fields["loop"] = {"seed": cfg.loop.seed}
-    return json.dumps(fields, sort_keys=True, default=str)
-
-
 def _write_samples(state, task, cfg: WanDistillConfig, run_dir: Path, vae, console) -> dict:
     """EMA-student samples of the fixed prompts at each of ``cfg.sample_steps``: latents (always) and MP4s
     (with a VAE) under run_dir/samples/. Collective under FSDP (every rank samples, rank 0 writes)."""
@@ -783,7 +774,7 @@ def distill_wan(cfg: WanDistillConfig) -> dict:
             return {"run_dir": str(run_dir), "rank": torch.distributed.get_rank()}
         ema = WanDiT(task.config)
         ema.load_state_dict(full)
-    export = copy.deepcopy(ema).to(device="cpu", dtype=getattr(torch, cfg.export_dtype))
+    export = ema.to(device="cpu", dtype=getattr(torch, cfg.export_dtype))  # the run is over: no copy needed
     tmp = student_path.with_name(".student_ema.tmp.safetensors")
     save_dit(export, tmp, metadata=meta)
     os.replace(tmp, student_path)  # a crash mid-export leaves the previous export (or none), never half a file
@@ -867,14 +858,19 @@ DistillConfig.__doc__ += (
     + "\n".join("    " + line for line in wan_defaults_table().splitlines()) + "\n")
 
 
+# Settings that do not change a run's trajectory: its length, output paths, reporting/sampling, layout.
+_NOT_FINGERPRINTED = {
+    DistillConfig: ("out_dir", "resume", "report", "report_settings", "threads", "parallel", "wan"),
+    WanDistillConfig: ("out_dir", "resume", "threads", "parallel", "device", "sample_every", "sample_steps",
+                       "num_sample_prompts", "vae_path", "export_dtype", "compile"),
+}
+
+
 def _fingerprint(cfg: DistillConfig | WanDistillConfig) -> str:
-    """Everything that changes the trajectory (not the iteration count, output paths or reporting)."""
-    if isinstance(cfg, WanDistillConfig):
-        return _wan_fingerprint(cfg)
-    fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out_dir", "resume", "report",
-                                                                           "report_settings", "threads", "parallel",
-                                                                           "wan")}
-    fields["loop"] = {k: v for k, v in fields["loop"].items() if k in ("seed",)}
+    """Everything that changes the trajectory (of the loop settings, only the seed)."""
+    skip = _NOT_FINGERPRINTED[type(cfg)]
+    fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip}
+    fields["loop"] = {"seed": cfg.loop.seed}
     return json.dumps(fields, sort_keys=True, default=str)
 
 

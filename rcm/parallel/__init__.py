@@ -22,6 +22,7 @@ from rcm.parallel.context_parallel import (
 )
 from rcm.parallel.dcp import (
     export_checkpoint,
+    read_checkpoint_model,
     export_safetensors,
     full_model_state_dict,
     list_sharded_checkpoints,
@@ -62,6 +63,7 @@ __all__ = [
     "broadcast_from_cp_leader",
     "build_mesh",
     "export_checkpoint",
+    "read_checkpoint_model",
     "export_safetensors",
     "full_model_state_dict",
     "gather_sequence",

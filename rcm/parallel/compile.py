@@ -1,7 +1,7 @@
 """Regional ``torch.compile``: each DiT block compiled on its own, from outside the model.
 
 All blocks of a DiT share one forward, so Dynamo traces and inductor compiles one block graph per variant
-(grad or no grad, activation-checkpointed or not, under ``torch.func.jvp`` or not) and reuses it for every
+(grad or no grad, trainable parameters or frozen, activation-checkpointed or not) and reuses it for every
 layer and every network of the same architecture: minutes of compilation for a 30-layer model become
 seconds, where compiling the whole model unrolls all 30 layers into each graph. The embeddings, head and
 the TrigFlow wrapper around them stay eager (a few small kernels per call).

@@ -293,6 +293,12 @@ def export_checkpoint(checkpoint: str | Path, path: str | Path, model: str = "em
     """Convert one model (``"ema"``, ``"student"`` or ``"fake_score"``) of a ``save_train_state``
     folder into a single safetensors file, in one process without any process group (any world size
     wrote it). The keys are the model's own: a ``WanDiT``'s load with ``load_state_dict(strict=True)``."""
+    return _save_safetensors(read_checkpoint_model(checkpoint, model), Path(path), dtype)
+
+
+def read_checkpoint_model(checkpoint: str | Path, model: str = "ema") -> dict[str, torch.Tensor]:
+    """One model's full weights (CPU tensors, the model's own keys) from a ``save_train_state`` folder,
+    read in this process without any process group, whatever world size wrote it."""
     checkpoint = Path(checkpoint)
     if not (checkpoint / ".metadata").is_file():
         raise FileNotFoundError(f"{checkpoint} is not a DCP checkpoint folder (no .metadata)")
@@ -306,4 +312,4 @@ def export_checkpoint(checkpoint: str | Path, path: str | Path, model: str = "em
         models = sorted({k.split(".", 1)[0] for k in meta.state_dict_metadata})
         raise ValueError(f"{checkpoint} has no tensors of model {model!r}; top-level entries: {models}")
     dcp.load(empty, checkpoint_id=str(checkpoint), no_dist=True)
-    return _save_safetensors({k[len(prefix):]: v for k, v in empty.items()}, Path(path), dtype)
+    return {k[len(prefix):]: v for k, v in empty.items()}
