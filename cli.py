@@ -106,6 +106,18 @@ def _parse(config_cls: type, args: list[str], prog: str):
     return config
 
 
+def _end_distributed() -> None:
+    """Destroy the process group a command started under torchrun, once it has finished on this rank.
+
+    Left to interpreter shutdown, gloo's worker threads can outlive Python and abort the process
+    (SIGABRT, "terminate called without an active exception") after a run that succeeded. Only on
+    success: after an error another rank may still be inside a collective, and destroying would hang."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
@@ -131,6 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         config = _parse(config_cls, rest, prog)
         fn(config)
+        _end_distributed()
     except _ParseError as e:
         if debug:
             print(e.args[1], file=sys.stderr, end="")

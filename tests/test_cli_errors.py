@@ -267,3 +267,21 @@ def test_real_process_prints_one_line(argv, fragment, files, tmp_path):
     assert proc.returncode == 2, proc.stderr
     _check_one_line(proc.stderr, fragment)
     assert proc.stdout == ""
+
+
+def test_a_finished_command_releases_the_process_group(tmp_path):
+    """Under torchrun a command's process group is destroyed when it succeeds (left to interpreter
+    shutdown, gloo's threads can abort a finished run) and kept when it fails (a peer may still be in a
+    collective)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        with pytest.raises(SystemExit):
+            cli.main(["sample", "--save-path", str(tmp_path / "out.txt")])  # unsupported suffix
+        assert dist.is_initialized()
+        cli.main(["sample", "--save-path", str(tmp_path / "out.png"), "--steps", "2", "--num-samples", "1"])
+        assert (tmp_path / "out.png").is_file() and not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

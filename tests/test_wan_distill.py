@@ -172,7 +172,7 @@ def test_torchrun_cp2_matches_one_process_and_its_dcp_checkpoint_exports_and_sam
     assert [e["phase"] for e in cp2] == ["student", "student", "critic"]
     for a, b in zip(cp2, one):
         for key in (k for k in b if k.startswith("loss_")):
-            assert a[key] == pytest.approx(b[key], rel=1e-6), key
+            assert a[key] == pytest.approx(b[key], rel=1e-5), key  # fp32: CP changes the order of sums
     assert (tmp_path / "cp2/checkpoints/step_00000003/.metadata").is_file()  # DCP, written by 2 ranks
     _torchrun(distill_args(files, data, tmp_path / "cp2_resumed", 2, "--parallel.cp", "2"))  # stopped after 2 ...
     _torchrun(distill_args(files, data, tmp_path / "cp2_resumed", 3, "--parallel.cp", "2"))  # ... and resumed
