@@ -107,7 +107,8 @@ def _parse(config_cls: type, args: list[str], prog: str):
 
 
 def _end_distributed() -> None:
-    """Destroy the process group a command started under torchrun, once it has finished on this rank.
+    """Destroy the default process group (under torchrun, the one the command started) once the command
+    has finished on this rank.
 
     Left to interpreter shutdown, gloo's worker threads can outlive Python and abort the process
     (SIGABRT, "terminate called without an active exception") after a run that succeeded. Only on
