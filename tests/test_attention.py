@@ -305,3 +305,145 @@ def test_dtensor_batch_and_head_sharding():
     for errs in results.values():
         for name, (e_out, e_grad) in errs.items():
             assert e_out < 1e-12 and e_grad < 1e-12, (name, e_out, e_grad)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Routing: tangent-free 16-bit CUDA calls go to PyTorch's SDPA (its own autograd); a call with a tangent never
+# does (SDPA's fast backends have no forward AD: it would raise, or a custom route would drop the tangent).
+# On the CPU the route is exercised by declaring fp64 CPU tensors SDPA-eligible (SDPA runs there too).
+
+
+def test_select_route_rules(monkeypatch):
+    x = torch.randn(1, 4, 2, 8)
+    assert ops.select_route(x, x, x, has_tangent=False) == "reference"  # CPU: SDPA not eligible
+    monkeypatch.setattr(ops, "sdpa_eligible", lambda q: True)
+    assert ops.select_route(x, x, x, has_tangent=False) == "sdpa"
+    assert ops.select_route(x, x, x, has_tangent=True) == "reference"  # a tangent is never routed to SDPA
+    assert ops.select_route(x, x, x, "reference", has_tangent=False) == "reference"  # explicit backend wins
+    monkeypatch.setenv("RCM_ATTENTION_BACKEND", "reference")
+    assert ops.select_route(x, x, x, has_tangent=False) == "reference"  # so does the environment
+    monkeypatch.delenv("RCM_ATTENTION_BACKEND")
+    ops.set_backend("reference")
+    try:
+        assert ops.select_route(x, x, x, has_tangent=False) == "reference"
+    finally:
+        ops.set_backend(None)
+    # functorch-wrapped inputs (vmap, grad) keep to our ops
+    seen = []
+    torch.func.vmap(lambda a: seen.append(ops.select_route(a, a, a, has_tangent=False)) or a)(x.unsqueeze(0))
+    assert seen == ["reference"]
+
+
+def test_sdpa_eligibility():
+    x = torch.randn(1, 4, 2, 64)
+    assert not ops.sdpa_eligible(x)  # CPU
+    if torch.cuda.is_available():
+        assert ops.sdpa_eligible(x.cuda().bfloat16()) and ops.sdpa_eligible(x.cuda().half())
+        assert not ops.sdpa_eligible(x.cuda())  # fp32 stays on our kernels
+
+
+@pytest.fixture
+def sdpa_on_cpu(monkeypatch):
+    """fp64 CPU tensors count as SDPA-eligible; returns the list of calls that took the SDPA route."""
+    calls = []
+    real = ops._sdpa
+
+    def spy(*args):
+        calls.append(args[0].shape)
+        return real(*args)
+
+    monkeypatch.setattr(ops, "sdpa_eligible", lambda q: q.dtype == torch.float64)
+    monkeypatch.setattr(ops, "_sdpa", spy)
+    return calls
+
+
+def test_sdpa_route_primal_and_grad_match_fp64(sdpa_on_cpu):
+    q, k, v, *_ = draw((2, 37, 21, 3, 16))
+    qs = [x.clone().requires_grad_() for x in (q, k, v)]
+    cot = torch.randn(2, 37, 3, 16, dtype=torch.float64)
+    out = attention(*qs)
+    assert len(sdpa_on_cpu) == 1
+    (out * cot).sum().backward()
+    qr = [x.clone().requires_grad_() for x in (q, k, v)]
+    (math_attention(*qr) * cot).sum().backward()
+    assert rel_err(out, math_attention(q, k, v)) < 1e-12
+    for a, b in zip(qs, qr):
+        assert rel_err(a.grad, b.grad) < 1e-12
+
+
+def test_tangents_never_take_the_sdpa_route(sdpa_on_cpu):
+    q, k, v, tq, tk, tv = draw((1, 30, 19, 2, 16))
+    _, t_ref = torch.func.jvp(math_attention, (q, k, v), (tq, tk, tv))
+    with torch.no_grad():
+        _, t_nograd = torch.func.jvp(attention, (q, k, v), (tq, tk, tv))
+    _, t_grad = torch.func.jvp(attention, (q.clone().requires_grad_(), k, v), (tq, tk, tv))
+    with fwAD.dual_level():
+        t_dual = fwAD.unpack_dual(attention(fwAD.make_dual(q, tq), fwAD.make_dual(k, tk), fwAD.make_dual(v, tv))).tangent
+    jac = torch.func.jacfwd(attention)(q[:, :3], k[:, :4], v[:, :4])
+    jac_ref = torch.func.jacfwd(math_attention)(q[:, :3], k[:, :4], v[:, :4])
+    assert sdpa_on_cpu == []
+    for t in (t_nograd, t_grad, t_dual):
+        assert rel_err(t, t_ref) < 1e-12
+    assert rel_err(jac, jac_ref) < 1e-12
+
+
+def test_sdpa_route_under_compile_equals_eager(sdpa_on_cpu):
+    torch._dynamo.reset()
+    q, k, v, tq, tk, tv = draw((2, 24, 24, 2, 16))
+
+    def loss(q, k, v):
+        return attention(q, k, v).square().sum()
+
+    g_eager = torch.func.grad(loss, argnums=(0, 1, 2))(q, k, v)  # functorch-wrapped: our ops
+    qs = [x.clone().requires_grad_() for x in (q, k, v)]
+    torch.compile(loss, fullgraph=True)(*qs).backward()
+    assert len(sdpa_on_cpu) >= 1  # traced through the SDPA route
+    for x, g in zip(qs, g_eager):
+        assert rel_err(x.grad, g) < 1e-10
+
+    def jvp(q, k, v, tq, tk, tv):
+        return torch.func.jvp(attention, (q, k, v), (tq, tk, tv))
+
+    n = len(sdpa_on_cpu)
+    _, t_e = jvp(q, k, v, tq, tk, tv)
+    _, t_c = torch.compile(jvp, fullgraph=True)(q, k, v, tq, tk, tv)
+    assert len(sdpa_on_cpu) == n, "a compiled JVP was routed to SDPA"
+    assert t_c.norm() > 0.1 and rel_err(t_c, t_e) < 1e-10
+
+
+# --------------------------------------------------------------------------------------------------------------
+# GPU: the public op's routes against fp64 (bf16 bound 1e-2 relative L2, as above).
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(2, 1000, 1000, 3, 128), (1, 333, 1537, 2, 64), (2, 1, 77, 2, 128), (1, 517, 300, 4, 256)])
+def test_gpu_public_op_routes_match_fp64(dtype, shape):
+    q, k, v, tq, tk, tv = (x.cuda() for x in draw(shape, seed=3))
+    cot = torch.randn_like(q)
+    lo = [x.to(dtype) for x in (q, k, v, tq, tk, tv)]
+    ref = [x.double() for x in lo]  # the rounded inputs, in fp64
+    assert ops.select_route(*lo[:3], has_tangent=False) == "sdpa"
+    leaves = [x.clone().requires_grad_() for x in lo[:3]]
+    out = attention(*leaves)
+    (out.float() * cot).sum().backward()
+    leaves_ref = [x.clone().requires_grad_() for x in ref[:3]]
+    out_ref = math_attention(*leaves_ref)
+    (out_ref * cot).sum().backward()
+    assert rel_err(out, out_ref) < 1e-2
+    for a, b in zip(leaves, leaves_ref):
+        assert a.grad.dtype == dtype and rel_err(a.grad, b.grad) < 1e-2
+    _, t_ref = torch.func.jvp(math_attention, tuple(ref[:3]), tuple(ref[3:]))
+    with torch.no_grad():
+        _, t_nograd = torch.func.jvp(attention, tuple(lo[:3]), tuple(lo[3:]))
+    _, t_grad = torch.func.jvp(attention, tuple(leaves), tuple(lo[3:]))
+    for t in (t_nograd, t_grad):
+        assert t.norm() > 0 and rel_err(t, t_ref) < 1e-2
+    # backend='triton' forces our kernels for the primal path too
+    leaves_t = [x.clone().requires_grad_() for x in lo[:3]]
+    out_t = attention(*leaves_t, backend="triton")
+    (out_t.float() * cot).sum().backward()
+    assert rel_err(out_t, out_ref) < 1e-2
+    for a, b in zip(leaves_t, leaves_ref):
+        assert rel_err(a.grad, b.grad) < 1e-2

@@ -2,9 +2,9 @@
 
 import torch
 
-from .ops import BACKENDS, attention, resolve_backend, set_backend
+from .ops import BACKENDS, ROUTES, attention, resolve_backend, select_route, set_backend
 
 if torch.distributed.is_available():
     from . import sharding  # noqa: F401  (registers DTensor sharding rules)
 
-__all__ = ["BACKENDS", "attention", "resolve_backend", "set_backend"]
+__all__ = ["BACKENDS", "ROUTES", "attention", "resolve_backend", "select_route", "set_backend"]

@@ -8,6 +8,14 @@ always contiguous, which is what the fake impls promise):
 torch.library has no forward-AD registration (a custom op under torch.func.jvp gives an all-zero tangent
 without error), so differentiation goes through `_AttentionFunction`, a torch.autograd.Function whose
 `jvp` and `backward` call these ops.
+
+Backend selection lives here and only here (`select_route`): an explicit `backend=` argument, then
+`set_backend()`, then $RCM_ATTENTION_BACKEND, then 'auto'. Under 'auto' on CUDA, tangent-free 16-bit
+calls on plain tensors go to PyTorch's public `F.scaled_dot_product_attention` with its own autograd
+(cuDNN first, then flash), the fastest primal forward and backward measured (docs/kernels.md); every
+call that carries a tangent runs the fused Triton JVP kernel, because SDPA's fast backends have no
+forward AD (docs/design.md, platform fact 4). 'triton' forces our kernels for everything, 'reference'
+the pure-torch backend.
 """
 
 from __future__ import annotations
@@ -24,6 +32,8 @@ from torch import Tensor
 from . import reference
 
 BACKENDS = ("reference", "triton")
+ROUTES = ("sdpa", "triton", "reference")
+_SDPA_DTYPES = (torch.bfloat16, torch.float16)
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 MAX_HEAD_DIM = 256
 _ENV_BACKEND = "RCM_ATTENTION_BACKEND"
@@ -59,18 +69,53 @@ def _triton_usable(q: Tensor, k: Tensor, v: Tensor) -> str | None:
     return mod.supports(q, k, v)
 
 
-def resolve_backend(q: Tensor, k: Tensor, v: Tensor, backend: str | None = None) -> str:
-    """Explicit argument > set_backend() > $RCM_ATTENTION_BACKEND > auto (Triton on CUDA when it supports the inputs)."""
+def requested_backend(backend: str | None = None) -> str:
+    """The backend asked for: explicit argument > set_backend() > $RCM_ATTENTION_BACKEND > 'auto'."""
     name = backend or _forced_backend or os.environ.get(_ENV_BACKEND) or "auto"
+    if name != "auto":
+        _backend_module(name)  # a ValueError for unknown names
+    return name
+
+
+def resolve_backend(q: Tensor, k: Tensor, v: Tensor, backend: str | None = None) -> str:
+    """The backend of the custom ops for these inputs: 'triton' (CUDA, when it supports them) or 'reference'."""
+    name = requested_backend(backend)
     if name == "auto":
         return "triton" if _triton_usable(q, k, v) is None else "reference"
     if name == "triton":
         reason = _triton_usable(q, k, v)
         if reason is not None:
             raise ValueError(f"attention backend 'triton' was requested but cannot run these inputs: {reason}")
-        return name
-    _backend_module(name)
     return name
+
+
+def _plain_tensor(x: Tensor) -> bool:
+    """A plain tensor: no subclass (DTensor has our sharding rules) and, in eager, no functorch wrapper
+    (vmap / grad / jvp levels keep to our ops, whose vmap rules and Function are tested)."""
+    if type(x) is not Tensor:
+        return False
+    return torch.compiler.is_compiling() or not torch._C._functorch.is_functorch_wrapped_tensor(x)
+
+
+def sdpa_eligible(q: Tensor) -> bool:
+    """Whether PyTorch's SDPA fast backends take these inputs: CUDA, 16-bit, head dim <= 256."""
+    return q.is_cuda and q.dtype in _SDPA_DTYPES and q.shape[-1] <= MAX_HEAD_DIM
+
+
+def select_route(q: Tensor, k: Tensor, v: Tensor, backend: str | None = None, *, has_tangent: bool) -> str:
+    """The one routing decision: 'sdpa' (public F.scaled_dot_product_attention), 'triton' or 'reference'.
+
+    'sdpa' is chosen only under 'auto', only without a tangent, and only for plain tensors SDPA's fast
+    backends take; a call with a tangent is never routed there (it would lose the tangent or raise).
+    """
+    if (
+        not has_tangent
+        and requested_backend(backend) == "auto"
+        and sdpa_eligible(q)
+        and all(_plain_tensor(x) for x in (q, k, v))
+    ):
+        return "sdpa"
+    return resolve_backend(q, k, v, backend)
 
 
 def validate(q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> float:
@@ -265,17 +310,32 @@ class _AttentionFunction(_AttentionGradFunction):
         return out_dot, None
 
 
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """PyTorch's SDPA on [B, L, H, D] views (no copies), cuDNN preferred, flash next; never the math backend."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+    with sdpa_kernel(order, set_priority=True):
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
+    return out.transpose(1, 2)
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None, backend: str | None = None) -> Tensor:
     """softmax(scale · q kᵀ) v for layout [B, L, H, D]; Lq ≠ Lk allowed; O(L) extra memory.
 
     Differentiable (backward), forward-AD capable (torch.func.jvp / forward_ad / jacfwd), vmap-able,
-    torch.compile-able. `backend`: 'reference' (pure torch), 'triton' (CUDA) or None/'auto'.
+    torch.compile-able. `backend`: 'reference' (pure torch), 'triton' (CUDA) or None/'auto' (see
+    `select_route`).
     """
     scale = validate(q, k, v, scale)
-    backend = resolve_backend(q, k, v, backend)
     compiling = torch.compiler.is_compiling()
     duals = [fwAD.unpack_dual(x) for x in (q, k, v)]
-    if any(d.tangent is not None for d in duals):
+    has_tangent = any(d.tangent is not None for d in duals)
+    route = select_route(q, k, v, backend, has_tangent=has_tangent)
+    if route == "sdpa":
+        return _sdpa(q, k, v, scale)
+    if has_tangent:
         # (requires_grad is not visible through torch.func.jvp's wrappers, so grad mode decides.)
         if compiling or not torch.is_grad_enabled():
             # The JVP traced explicitly: one fused pass gives primal and tangent. This is the path of sCM's
@@ -283,10 +343,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None, ba
             # with a custom jvp yields an all-zero tangent without error (pytorch issue 192985).
             # A gradient through this output fails loudly (the fused op has no autograd rule).
             out, out_dot, _ = attention_forward_jvp(
-                *(d.primal for d in duals), *(d.tangent for d in duals), scale, backend
+                *(d.primal for d in duals), *(d.tangent for d in duals), scale, route
             )
             return fwAD.make_dual(out, out_dot)
     # Dynamo cannot trace an autograd.Function with a custom jvp when grads are on, so compiled code gets
     # the reverse-mode-only Function (forward AD under compile is handled above).
-    out, _ = (_AttentionGradFunction if compiling else _AttentionFunction).apply(q, k, v, scale, backend)
+    out, _ = (_AttentionGradFunction if compiling else _AttentionFunction).apply(q, k, v, scale, route)
     return out
