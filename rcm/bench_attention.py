@@ -1,14 +1,18 @@
-"""`rcm bench attention`: our Triton attention kernels against the alternatives, one process.
+"""`rcm bench attention`: the public attention op against PyTorch's SDPA and a matmul, one process.
 
-Every row runs on the same inputs (random normal, layout [B, L, H, D]) and reports the median time
-(triton.testing.do_bench), TFLOP/s, peak extra memory (peak allocated during one call minus what
-was allocated before it, outputs included), the wall time of the first call of that row in this
-process (compile and autotune included), and the relative L2 error against a float64 reference
-evaluated on a sample of heads, query rows and key rows (full fp64 attention at L=32760 would not
-fit). FLOP counts: JVP 12·B·H·Lq·Lk·D (six matmuls), forward 4·B·H·Lq·Lk·D, backward
-10·B·H·Lq·Lk·D (five matmuls, the FlashAttention convention). Ratios: TFLOP/s over the bf16
-8192³ matmul measured in the same run, and speed-ups of our fused JVP over jvp-flash-attention and
-over torch.func.jvp through SDPA-math.
+Per shape (random normal bf16 inputs, layout [B, L, H, D]) it times, with the median of
+`triton.testing.do_bench`:
+  * the fused forward+JVP: `torch.func.jvp(rcm.kernels.attention, ...)` under no_grad, counted as
+    12·B·H·L²·D FLOP (six matmuls);
+  * forward+backward through the public op (`attention(q, k, v)` then `torch.autograd.grad`) and the
+    same with `backend='triton'` (our backward kernels), counted as 14·B·H·L²·D (two + five matmuls);
+  * SDPA forward+backward on each fast backend (cuDNN, flash, efficient) on the same [B, L, H, D]
+    views; "SDPA best" is the fastest of them;
+  * optionally torch.func.jvp through SDPA-math and the jvp-flash-attention package.
+It reports TFLOP/s, the ratio to a bf16 8192³ matmul timed in the same process (`matmul_tflops`),
+MFU against the datasheet peak (989 TFLOP/s dense bf16, H100/H200 SXM), peak extra memory, the first
+call's wall time (compile included) and the relative L2 error against a float64 reference on a sample
+of heads, query rows and key rows (full fp64 attention at L=32760 would not fit).
 """
 from __future__ import annotations
 
@@ -22,9 +26,11 @@ from typing import Callable, Iterable, Literal, Optional
 
 import torch
 
-DEFAULT_SHAPES = [(2, 24, 4096, 128), (1, 12, 32760, 128), (1, 40, 32760, 128), (1, 24, 4096, 64)]
-ALL = ("ours_jvp", "ours_fwd", "ours_bwd", "jvp_flash_attention", "sdpa_math_jvp",
-       "sdpa_cudnn_fwd", "sdpa_flash_fwd", "sdpa_cudnn_bwd", "sdpa_flash_bwd", "matmul")
+DEFAULT_SHAPES = [(1, 12, 32760, 128), (2, 24, 4096, 128), (1, 40, 32760, 128), (1, 24, 4096, 64)]
+DATASHEET_BF16_TFLOPS = 989.0  # dense bf16, H100 / H200 SXM
+ALL = ("ours_jvp", "ours_fwd_bwd", "triton_fwd_bwd", "sdpa_fwd_bwd", "matmul", "jvp_flash_attention",
+       "sdpa_math_jvp")
+DEFAULT_INCLUDE = ("ours_jvp", "ours_fwd_bwd", "triton_fwd_bwd", "sdpa_fwd_bwd", "matmul")
 _DT = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -87,7 +93,7 @@ class _Ref:
         return math.sqrt(num / den) if den > 0 else float("nan")
 
 
-# ---- runners -----------------------------------------------------------------------------------
+# ---- timing ------------------------------------------------------------------------------------
 
 
 def _bench(fn: Callable, budget_ms=400):
@@ -122,11 +128,39 @@ def _measure(fn: Callable):
 
 
 def matmul_tflops(device: torch.device, n: int = 8192, budget_ms: int = 1200) -> float:
-    """TFLOP/s of an n³ bf16 matmul on ``device``: the chip's practical ceiling, for ratios and MFU.
-    The default budget is long enough for the clocks to settle."""
+    """TFLOP/s of n³ bf16 matmuls on ``device``: the chip's practical ceiling, for ratios and MFU.
+
+    On CUDA: warm-up for a quarter of the budget (clocks settle, cuBLAS picks its kernel), then rounds
+    of at least 20 back-to-back products between two CUDA events, until the budget is spent; the best
+    round counts. (Timing single products with a cache flush between them, as do_bench does, read
+    ~15% low on an H200.) Inputs are random normal: zeros run faster than real data.
+    On the CPU: the wall clock of a few products.
+    """
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    return 2 * n**3 / _bench(lambda: a @ b, budget_ms) / 1e9
+    flops = 2 * n**3
+    if device.type != "cuda":
+        a @ b
+        t0 = time.perf_counter()
+        for _ in range(3):
+            a @ b
+        return 3 * flops / (time.perf_counter() - t0) / 1e12
+    c = torch.empty_like(a)
+    t_end = time.perf_counter() + budget_ms / 4e3
+    while time.perf_counter() < t_end:
+        torch.matmul(a, b, out=c)
+        torch.cuda.synchronize()
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    best_ms, spent_ms, rounds = float("inf"), 0.0, 0
+    while rounds < 3 or spent_ms < budget_ms * 0.75:
+        start.record()
+        for _ in range(20):
+            torch.matmul(a, b, out=c)
+        stop.record()
+        stop.synchronize()
+        ms = start.elapsed_time(stop)
+        best_ms, spent_ms, rounds = min(best_ms, ms / 20), spent_ms + ms, rounds + 1
+    return flops / best_ms / 1e9
 
 
 def _nbytes(*ts):
@@ -149,11 +183,23 @@ def _jvp_flash_attention():
         return e
 
 
+def _fwd_bwd(forward: Callable, q, k, v, go, layout="blhd"):
+    """A callable doing forward + backward of `forward` on fresh leaves; returns (out, dq, dk, dv)."""
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+
+    def step():
+        out = forward(*leaves)
+        grads = torch.autograd.grad(out, leaves, go if layout == "blhd" else go.transpose(1, 2))
+        return (out, *grads)
+
+    return step
+
+
 def run_attention_bench(shapes: Optional[Iterable] = None, dtype: str = "bf16",
-                        include: Iterable[str] = ALL, out_json: Optional[str] = None,
+                        include: Iterable[str] = DEFAULT_INCLUDE, out_json: Optional[str] = None,
                         fresh_cache: bool = True, budget_ms: int = 400,
                         math_jvp_max_gib: float = 40.0) -> list[dict]:
-    """Time the attention kernels; print a table; return one dict per row (and write JSON)."""
+    """Time the attention paths; print the table and the per-shape summary; return one dict per row."""
     if fresh_cache and "TRITON_CACHE_DIR" not in os.environ:
         import tempfile
         # first-call figures must include compilation: start from an empty Triton cache
@@ -161,32 +207,32 @@ def run_attention_bench(shapes: Optional[Iterable] = None, dtype: str = "bf16",
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from rcm.kernels import triton_attention as ta
+    from rcm.kernels import attention
 
     cuda = torch.cuda.is_available()
     if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise SystemExit("rcm bench attention needs a CUDA device (or TRITON_INTERPRET=1 for a "
                          "smoke run on tiny shapes)")
     include = set(include)
+    unknown = include - set(ALL)
+    if unknown:
+        raise ValueError(f"include: unknown rows {sorted(unknown)}; choose from {ALL}")
     shapes = [tuple(s) for s in (shapes or DEFAULT_SHAPES)]
     dt = _DT[dtype]
     dev = torch.device("cuda" if cuda else "cpu")
     n_mm = 8192 if cuda else 256
     rows: list[dict] = []
-
-    mm_tflops = None
+    mm = dict(tflops=None)
 
     def matmul_row(when):
         tflops = matmul_tflops(dev, n_mm, 3 * budget_ms)
-        r = dict(method=f"matmul bf16 {n_mm}^3", shape=f"{n_mm}^3", ms=2 * n_mm**3 / tflops / 1e9,
-                 tflops=tflops, note=when)
-        rows.append(r)
-        return r["tflops"]
+        rows.append(dict(method=f"matmul bf16 {n_mm}^3 ({when})", shape=f"{n_mm}^3",
+                         ms=2 * n_mm**3 / tflops / 1e9, tflops=tflops))
+        mm["tflops"] = max(mm["tflops"] or 0.0, tflops)
 
     if "matmul" in include:
-        mm_tflops = matmul_row("first; ratios use the larger of the two matmul runs")
-
-    jfa = _jvp_flash_attention()
+        matmul_row("start")
+    jfa = _jvp_flash_attention() if "jvp_flash_attention" in include else None
 
     for (B, H, L, D) in shapes:
         t = _inputs(B, H, L, D, dt, dev)
@@ -194,7 +240,8 @@ def run_attention_bench(shapes: Optional[Iterable] = None, dtype: str = "bf16",
         shape = f"{B}x{H}x{L}x{D}"
         ref = _Ref(t, scale)
         q, k, v, qd, kd, vd, go = (t[n] for n in ("q", "k", "v", "qd", "kd", "vd", "go"))
-        fl_jvp, fl_fwd, fl_bwd = (c * B * H * L * L * D for c in (12, 4, 10))
+        fl_jvp, fl_fb = (c * B * H * L * L * D for c in (12, 14))
+        o_bytes = _nbytes(q)
 
         def row(method, fn, flops, errs, out_bytes, note=""):
             try:
@@ -202,149 +249,112 @@ def run_attention_bench(shapes: Optional[Iterable] = None, dtype: str = "bf16",
                 e = errs(res)
                 del res
                 ms = _bench(fn, budget_ms)
-                tf = flops / ms / 1e9
-                r = dict(method=method, shape=shape, ms=ms, tflops=tf, first_call_s=first,
-                         peak_extra_gib=peak / 2**30, peak_over_outputs=peak / out_bytes,
-                         note=note, **e)
+                r = dict(method=method, shape=shape, ms=ms, tflops=flops / ms / 1e9, first_call_s=first,
+                         peak_extra_gib=peak / 2**30, peak_over_outputs=peak / out_bytes, note=note, **e)
             except torch.OutOfMemoryError:
                 r = dict(method=method, shape=shape, note="out of memory")
             except Exception as ex:  # one broken alternative must not hide the others
                 r = dict(method=method, shape=shape, note=f"failed: {type(ex).__name__}: {ex}"[:160])
-            if mm_tflops and r.get("tflops"):
-                r["x_matmul"] = r["tflops"] / mm_tflops
             rows.append(r)
             gc.collect()
             if cuda:
                 torch.cuda.empty_cache()
             return r
 
-        o_bytes = _nbytes(q)  # one output [B, L, H, D]
-        lse_bytes = B * H * L * 4
-        ours_jvp = None
+        def jvp_errs(r, lay="blhd"):
+            return dict(err_out=ref.err("out", r[0], lay), err_tangent=ref.err("out_dot", r[1], lay))
+
+        def grad_errs(r, lay="blhd"):
+            return dict(err_out=ref.err("out", r[0], lay), err_dq=ref.err("dq", r[1], lay),
+                        err_dk=ref.err("dk", r[2], lay), err_dv=ref.err("dv", r[3], lay))
+
         if "ours_jvp" in include:
-            ours_jvp = row(
-                "ours fused fwd+JVP", lambda: ta.forward_jvp(q, k, v, qd, kd, vd, scale), fl_jvp,
-                lambda r: dict(err_out=ref.err("out", r[0]), err_tangent=ref.err("out_dot", r[1]),
-                               err_lse=ref.err("lse", r[2])),
-                2 * o_bytes + lse_bytes)
+            def ours_jvp():
+                with torch.no_grad():
+                    return torch.func.jvp(attention, (q, k, v), (qd, kd, vd))
+            row("ours fused fwd+JVP", ours_jvp, fl_jvp, jvp_errs, 2 * o_bytes)
         if "jvp_flash_attention" in include:
             if isinstance(jfa, Exception):
-                rows.append(dict(method="jvp-flash-attention 0.14", shape=shape,
+                rows.append(dict(method="jvp-flash-attention", shape=shape,
                                  note=f"not installed ({type(jfa).__name__})"))
             else:
-                qh, kh, vh, qdh, kdh, vdh = (x.transpose(1, 2).contiguous()
-                                             for x in (q, k, v, qd, kd, vd))
-                row("jvp-flash-attention 0.14",
-                    lambda: torch.func.jvp(lambda a, b_, c: jfa(a, b_, c, sm_scale=scale),
-                                           (qh, kh, vh), (qdh, kdh, vdh)),
-                    fl_jvp, lambda r: dict(err_out=ref.err("out", r[0], "bhld"),
-                                           err_tangent=ref.err("out_dot", r[1], "bhld")),
-                    2 * o_bytes, note="inputs pre-made [B,H,L,D] contiguous")
-                del qh, kh, vh, qdh, kdh, vdh
+                hs = [x.transpose(1, 2).contiguous() for x in (q, k, v, qd, kd, vd)]
+                row("jvp-flash-attention",
+                    lambda: torch.func.jvp(lambda a, b_, c: jfa(a, b_, c, sm_scale=scale), tuple(hs[:3]),
+                                           tuple(hs[3:])),
+                    fl_jvp, lambda r: jvp_errs(r, "bhld"), 2 * o_bytes, note="inputs pre-made [B,H,L,D]")
+                del hs
         if "sdpa_math_jvp" in include:
             est = 4 * B * H * L * L * 4 / 2**30  # several fp32 L x L buffers
             if est > math_jvp_max_gib:
                 rows.append(dict(method="torch.func.jvp(SDPA math)", shape=shape,
                                  note=f"skipped: needs > {est:.0f} GiB (L x L buffers)"))
             else:
-                qh, kh, vh, qdh, kdh, vdh = (x.transpose(1, 2) for x in (q, k, v, qd, kd, vd))
-
                 def math_jvp():
                     with sdpa_kernel(SDPBackend.MATH):
                         return torch.func.jvp(
                             lambda a, b_, c: F.scaled_dot_product_attention(a, b_, c, scale=scale),
-                            (qh, kh, vh), (qdh, kdh, vdh))
-                row("torch.func.jvp(SDPA math)", math_jvp, fl_jvp,
-                    lambda r: dict(err_out=ref.err("out", r[0], "bhld"),
-                                   err_tangent=ref.err("out_dot", r[1], "bhld")), 2 * o_bytes)
-        fwd_out = None
-        if "ours_fwd" in include:
-            route = ta.forward_route(q)
-            row("ours forward (triton)", lambda: ta._forward_triton(q, k, v, scale), fl_fwd,
-                lambda r: dict(err_out=ref.err("out", r[0]), err_lse=ref.err("lse", r[1])),
-                o_bytes + lse_bytes)
-            if route != "triton":
-                r = row(f"ours forward (routed: {route})", lambda: ta.forward(q, k, v, scale),
-                        fl_fwd, lambda r: dict(err_out=ref.err("out", r[0]), err_lse=ref.err("lse", r[1])),
-                        o_bytes + lse_bytes)
-                if any(x[0] == route for x in ta._REFUSED):
-                    r["note"] = f"{route} refused these inputs: ran the Triton kernel"
-        hq, hk, hv = (x.transpose(1, 2) for x in (q, k, v))
-        for be, name in ((SDPBackend.CUDNN_ATTENTION, "cudnn"), (SDPBackend.FLASH_ATTENTION, "flash")):
-            if f"sdpa_{name}_fwd" in include:
-                def sdpa_fwd(be=be):
+                            tuple(x.transpose(1, 2) for x in (q, k, v)),
+                            tuple(x.transpose(1, 2) for x in (qd, kd, vd)))
+                row("torch.func.jvp(SDPA math)", math_jvp, fl_jvp, lambda r: jvp_errs(r, "bhld"), 2 * o_bytes)
+        if "ours_fwd_bwd" in include:
+            row("ours fwd+bwd (public op)", _fwd_bwd(lambda a, b_, c: attention(a, b_, c), q, k, v, go),
+                fl_fb, grad_errs, 4 * o_bytes)
+        if "triton_fwd_bwd" in include:
+            row("ours fwd+bwd (backend='triton')",
+                _fwd_bwd(lambda a, b_, c: attention(a, b_, c, backend="triton"), q, k, v, go),
+                fl_fb, grad_errs, 4 * o_bytes)
+        if "sdpa_fwd_bwd" in include and cuda:
+            for be, name in ((SDPBackend.CUDNN_ATTENTION, "cudnn"), (SDPBackend.FLASH_ATTENTION, "flash"),
+                             (SDPBackend.EFFICIENT_ATTENTION, "efficient")):
+                def sdpa(a, b_, c, be=be):
                     with sdpa_kernel(be):
-                        return F.scaled_dot_product_attention(hq, hk, hv, scale=scale)
-                row(f"SDPA {name} forward", sdpa_fwd, fl_fwd,
-                    lambda r: dict(err_out=ref.err("out", r, "bhld")), o_bytes)
-        if "ours_bwd" in include or any(f"sdpa_{n}_bwd" in include for n in ("cudnn", "flash")):
-            fwd_out, fwd_lse = ta.forward(q, k, v, scale)
-            fwd_out = fwd_out.contiguous() if fwd_out.stride(-1) != 1 else fwd_out
-            gerr = lambda r, lay="blhd": dict(err_dq=ref.err("dq", r[0], lay),  # noqa: E731
-                                              err_dk=ref.err("dk", r[1], lay),
-                                              err_dv=ref.err("dv", r[2], lay))
-            if "ours_bwd" in include:
-                row("ours backward (triton)",
-                    lambda: ta._bwd_triton(go, q, k, v, fwd_out, fwd_lse, scale), fl_bwd, gerr,
-                    3 * o_bytes)
-                broute = ta.backward_route(q)
-                if broute != "triton":
-                    r = row(f"ours backward (routed: {broute})",
-                            lambda: ta.backward(go, q, k, v, fwd_out, fwd_lse, scale), fl_bwd, gerr,
-                            3 * o_bytes)
-                    if any(x[0] == "bwd-" + broute for x in ta._REFUSED):
-                        r["note"] = f"{broute} refused these inputs: ran the Triton kernels"
-            for be, name in ((SDPBackend.CUDNN_ATTENTION, "cudnn"),
-                             (SDPBackend.FLASH_ATTENTION, "flash")):
-                if f"sdpa_{name}_bwd" not in include:
-                    continue
-                try:
-                    lq, lk, lv = (x.detach().requires_grad_() for x in (hq, hk, hv))
-                    with sdpa_kernel(be):
-                        o = F.scaled_dot_product_attention(lq, lk, lv, scale=scale)
-                    ho = go.transpose(1, 2)
-                    row(f"SDPA {name} backward",
-                        lambda: torch.autograd.grad(o, (lq, lk, lv), ho, retain_graph=True),
-                        fl_bwd, lambda r: gerr(r, "bhld"), 3 * o_bytes)
-                    del o, lq, lk, lv
-                except Exception as ex:
-                    rows.append(dict(method=f"SDPA {name} backward", shape=shape,
-                                     note=f"failed: {type(ex).__name__}: {ex}"[:160]))
-            del fwd_out, fwd_lse
-        # ratios for this shape
-        if ours_jvp and ours_jvp.get("ms"):
-            for r in rows:
-                if r.get("shape") == shape and r.get("ms") and r["method"] in (
-                        "jvp-flash-attention 0.14", "torch.func.jvp(SDPA math)"):
-                    r["ours_jvp_speedup"] = r["ms"] / ours_jvp["ms"]
-        del t, q, k, v, qd, kd, vd, go, hq, hk, hv, ref
+                        return F.scaled_dot_product_attention(a, b_, c, scale=scale)
+                hq, hk, hv = (x.transpose(1, 2) for x in (q, k, v))
+                row(f"SDPA {name} fwd+bwd", _fwd_bwd(sdpa, hq, hk, hv, go, "bhld"), fl_fb,
+                    lambda r: grad_errs(r, "bhld"), 4 * o_bytes)
+        del t, q, k, v, qd, kd, vd, go, ref
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
 
     if "matmul" in include:  # again at the end: the ceiling is the better of the two
-        mm2 = matmul_row("last")
-        if mm2 > mm_tflops:
-            mm_tflops = mm2
-            for r in rows:
-                if r.get("tflops") and "matmul" not in r["method"]:
-                    r["x_matmul"] = r["tflops"] / mm_tflops
+        matmul_row("end")
+    for r in rows:
+        if r.get("tflops") and not r["method"].startswith("matmul"):
+            r["mfu"] = r["tflops"] / DATASHEET_BF16_TFLOPS
+            if mm["tflops"]:
+                r["x_matmul"] = r["tflops"] / mm["tflops"]
     _print(rows, dtype)
-    for r in rows:  # the acceptance figures of issue 3, one line per shape
-        if r["method"] == "ours fused fwd+JVP" and r.get("ms"):
-            others = {o["method"]: o.get("ours_jvp_speedup") for o in rows
-                      if o.get("shape") == r["shape"] and o.get("ours_jvp_speedup")}
-            print(f"fused JVP {r['shape']}: {r['tflops']:.0f} TFLOP/s = {r.get('x_matmul', 0):.3f} x matmul;"
-                  f" first call {r['first_call_s']:.2f} s; peak extra {r['peak_over_outputs']:.2f} x outputs;"
-                  f" err out {r['err_out']:.1e} tangent {r['err_tangent']:.1e};"
-                  + "".join(f"; {v:.1f}x the speed of {k}" for k, v in others.items()))
+    summary = _summary(rows, mm["tflops"])
     if out_json:
         with open(out_json, "w") as f:
-            json.dump(dict(device=torch.cuda.get_device_name() if cuda else "cpu",
-                           torch=torch.__version__,
-                           triton=__import__("triton").__version__, dtype=dtype, rows=rows), f,
-                      indent=1)
+            json.dump(dict(device=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__,
+                           triton=__import__("triton").__version__, dtype=dtype, matmul_tflops=mm["tflops"],
+                           datasheet_tflops=DATASHEET_BF16_TFLOPS, rows=rows, summary=summary), f, indent=1)
     return rows
+
+
+def _summary(rows: list[dict], mm_tflops: Optional[float]) -> list[dict]:
+    """Per shape: matmul, fused JVP (TFLOP/s, ×matmul, MFU), fwd+bwd ours vs SDPA's best backend."""
+    out = []
+    for shape in dict.fromkeys(r["shape"] for r in rows if not r["method"].startswith("matmul")):
+        mine = {r["method"]: r for r in rows if r["shape"] == shape and r.get("tflops")}
+        jvp = mine.get("ours fused fwd+JVP", {})
+        fb = mine.get("ours fwd+bwd (public op)", {})
+        sdpa = [r for m, r in mine.items() if m.startswith("SDPA ") and m.endswith("fwd+bwd")]
+        best = max(sdpa, key=lambda r: r["tflops"]) if sdpa else {}
+        out.append(dict(shape=shape, matmul=mm_tflops, jvp=jvp.get("tflops"), jvp_x_matmul=jvp.get("x_matmul"),
+                        jvp_mfu=jvp.get("mfu"), fwd_bwd=fb.get("tflops"), sdpa_best=best.get("tflops"),
+                        sdpa_best_backend=best.get("method", "")[5:-8] or None,
+                        ratio=(fb["tflops"] / best["tflops"]) if fb and best else None))
+    print("| B·H·L·D | matmul | fused JVP | ×matmul | MFU (989) | fwd+bwd ours | SDPA best fwd+bwd | ours/SDPA |")
+    print("|---|---|---|---|---|---|---|---|")
+    for s in out:
+        print(f"| {s['shape']} | {_fmt(s['matmul'], '.0f')} | {_fmt(s['jvp'], '.0f')} | {_fmt(s['jvp_x_matmul'], '.3f')}"
+              f" | {_fmt(s['jvp_mfu'], '.3f')} | {_fmt(s['fwd_bwd'], '.0f')} | {_fmt(s['sdpa_best'], '.0f')}"
+              f" ({s['sdpa_best_backend']}) | {_fmt(s['ratio'], '.3f')} |")
+    return out
 
 
 def _fmt(x, spec):
@@ -353,26 +363,18 @@ def _fmt(x, spec):
 
 def _print(rows: list[dict], dtype: str) -> None:
     cols = [("method", "method", "s"), ("shape", "B·H·L·D", "s"), ("ms", "ms", ".3f"),
-            ("tflops", "TFLOP/s", ".0f"), ("x_matmul", "×mm", ".2f"),
+            ("tflops", "TFLOP/s", ".0f"), ("x_matmul", "×mm", ".3f"), ("mfu", "MFU", ".3f"),
             ("peak_extra_gib", "peak GiB", ".3f"), ("peak_over_outputs", "×out", ".2f"),
             ("first_call_s", "1st s", ".2f"), ("err_out", "err out", ".1e"),
             ("err_tangent", "err tan", ".1e"), ("err_dq", "err dq", ".1e"),
-            ("err_dk", "err dk", ".1e"), ("err_dv", "err dv", ".1e"),
-            ("ours_jvp_speedup", "ours×", ".1f"), ("note", "note", "s")]
-    try:
-        from rich.console import Console
-        from rich.table import Table
-        name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu, interpreter"
-        tab = Table(title=f"rcm bench attention ({dtype}, {name})")
-        for _, head, _ in cols:
-            tab.add_column(head, overflow="fold")
-        for r in rows:
-            tab.add_row(*(_fmt(r.get(key), spec) for key, _, spec in cols))
-        Console(width=240).print(tab)
-    except ImportError:
-        print(" | ".join(h for _, h, _ in cols))
-        for r in rows:
-            print(" | ".join(_fmt(r.get(key), spec) for key, _, spec in cols))
+            ("err_dk", "err dk", ".1e"), ("err_dv", "err dv", ".1e"), ("note", "note", "s")]
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu, interpreter"
+    print(f"rcm bench attention ({dtype}, {name}, torch {torch.__version__}, "
+          f"triton {__import__('triton').__version__}); MFU against {DATASHEET_BF16_TFLOPS:.0f} TFLOP/s")
+    print("| " + " | ".join(h for _, h, _ in cols) + " |")
+    print("|" + "---|" * len(cols))
+    for r in rows:
+        print("| " + " | ".join(_fmt(r.get(key), spec) for key, _, spec in cols) + " |")
 
 
 BenchRow = Literal[ALL]
@@ -380,12 +382,12 @@ BenchRow = Literal[ALL]
 
 @dataclass
 class BenchAttentionConfig:
-    """Time our attention kernels against the alternatives on the same inputs (needs CUDA for real figures;
+    """Time the attention op against SDPA and a matmul on the same inputs (needs CUDA for real figures;
     on the CPU it runs a tiny smoke version under the Triton interpreter)."""
 
     shapes: tuple[str, ...] = tuple(",".join(map(str, s)) for s in DEFAULT_SHAPES)  # B,H,L,D each
     dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
-    include: tuple[BenchRow, ...] = ALL
+    include: tuple[BenchRow, ...] = DEFAULT_INCLUDE
     out_json: Optional[str] = None
 
     def parsed_shapes(self) -> list[tuple[int, int, int, int]]:
@@ -399,7 +401,7 @@ class BenchAttentionConfig:
 
 
 def bench_attention(cfg: BenchAttentionConfig) -> list[dict]:
-    """Time the attention kernels side by side and print the table of ratios."""
+    """Time the attention paths side by side and print the table of ratios."""
     return run_attention_bench(cfg.parsed_shapes(), cfg.dtype, cfg.include, cfg.out_json)
 
 
