@@ -80,7 +80,7 @@ def variant(cfg, shape, mm):
         return rec(what="variant failed", cfg=cfg._asdict(), shape=shape, err=f"{type(e).__name__}: {e}"[:300])
 
 
-def main():
+def main(stage="all"):
     mm = matmul_tflops(torch.device("cuda"))
     rec(what="matmul", tflops=round(mm, 1), device=torch.cuda.get_device_name(), torch=torch.__version__,
         triton=triton.__version__)
@@ -93,6 +93,9 @@ def main():
            Cfg(128, 128, 8, 2, early=True), Cfg(128, 64, 8, 3, early=True, tma=True),
            Cfg(128, 64, 8, 2, early=True, ws=True), Cfg(64, 128, 4, 2, early=True, tma=True),
            Cfg(256, 64, 16, 2, early=True)]
+    if stage == "d64":  # the follow-up round around the D=64 winner of the first
+        d128, d64 = [], [Cfg(128, 128, 8, 2, early=True), Cfg(128, 128, 8, 2, early=True, tma=True),
+                         Cfg(128, 128, 8, 2), Cfg(128, 128, 8, 2, early=True, lazy=False)]
     for c in d128:
         variant(c, S2, mm)
     best = sorted((r for r in RESULTS if r["correct"]), key=lambda r: -r["tflops"])[:3]
@@ -109,4 +112,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1] if len(sys.argv) > 1 else "all")

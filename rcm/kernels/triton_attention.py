@@ -43,10 +43,12 @@ class Cfg(NamedTuple):
 # docs/kernels.md (triton 3.6). Fused JVP, bf16, D=128: BM=128 / 8 warps (two consumer
 # warpgroups), BN=64, 2 stages, pointer loads, tangent logits issued early: 578-596 TFLOP/s on the
 # H100; BN=32: 454; BM=64 / 4 warps: 469; BN=128 (1 stage, 158 spills): 258; 3 stages: over the
-# 227 KiB of shared memory. D=64: BM=64 / 4 warps / 3 stages through descriptors 471.
+# 227 KiB of shared memory. H200 sweep (docs/kernels.md): warp specialization, descriptors, eager
+# rescaling and BM=256 / 16 warps all lose at D=128. D=64: BM=128 / BN=128 / 8 warps / 2 stages 500
+# TFLOP/s on the H200 (8 spills), BM=64 / BN=64 / 4 warps / 3 stages through descriptors 467.
 # D=256 and fp32 spill heavily: correct, slow.
 JVP_SM90 = {
-    (64, True): Cfg(64, 64, 4, 3, tma=True),
+    (64, True): Cfg(128, 128, 8, 2, early=True),
     (128, True): Cfg(128, 64, 8, 2, early=True),
     (256, True): Cfg(64, 64, 8, 1),
     (64, False): Cfg(64, 32, 4, 2),
