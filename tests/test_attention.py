@@ -173,7 +173,7 @@ def test_opcheck():
 
 # --------------------------------------------------------------------------------------------------------------
 # torch.compile: forward, gradients and tangents must equal eager. A compiled JVP through an autograd.Function
-# with a custom jvp silently returns zeros (DESIGN fact 3): the tangent checks below catch exactly that.
+# with a custom jvp silently returns zeros (docs/design.md, platform fact 3): the tangent checks below catch exactly that.
 
 
 def _compile_inputs():
