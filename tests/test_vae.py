@@ -175,8 +175,10 @@ def test_config():
     with torch.device("meta"):
         default = AutoencoderKLWan()
     assert WanVAEConfig.from_diffusers(dict(default.config)) == WanVAEConfig()
-    with pytest.raises(ValueError, match="is_residual"):
-        WanVAEConfig.from_diffusers({**TINY.to_diffusers(), "is_residual": True})
+    with pytest.raises(ValueError, match="attn_scales"):
+        WanVAEConfig.from_diffusers({**TINY.to_diffusers(), "attn_scales": [0.5]})
+    with pytest.raises(ValueError, match="in_channels=3 with patch_size=2"):
+        WanVAEConfig.from_diffusers({**TINY.to_diffusers(), "patch_size": 2})
     with pytest.raises(ValueError, match="latents_mean"):
         WanVAEConfig(z_dim=4)
 
