@@ -1,4 +1,5 @@
-"""Wan2.1 VAE: parity with diffusers' AutoencoderKLWan, chunked (cached) processing, key layouts, loading."""
+"""Wan2.1 VAE: parity with diffusers' AutoencoderKLWan, chunked (cached) processing, key layouts, loading.
+(Wan2.2: tests/test_vae_wan22.py, sharing the helpers here.)"""
 
 import json
 
@@ -18,7 +19,7 @@ from rcm.models.vae import (
 )
 
 diffusers = pytest.importorskip("diffusers")
-from diffusers import AutoencoderKLWan  # noqa: E402
+from diffusers import AutoencoderKLWan
 
 
 def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -337,3 +338,4 @@ def test_truncated_and_foreign_files(files, tmp_path):
         load_vae(tmp_path / "foreign.pth")
     with pytest.raises(FileNotFoundError):
         load_vae(tmp_path / "nope.pth")
+

@@ -34,10 +34,10 @@ __all__ = [
 #   decoder.stages.{i}.blocks.{j}          decoder.upsamples.{i(n+2)+j}           decoder.up_blocks.{i}.resnets.{j}
 #   decoder.stages.{i}.upsample            decoder.upsamples.{i(n+2)+n+1}         decoder.up_blocks.{i}.upsamplers.0
 # Wan2.2 (residual stages; their shortcuts have no parameters):
-#   encoder.stages.{i}.blocks.{j}          encoder.downsamples.{i}.downsamples.{j}    encoder.down_blocks.{i}.resnets.{j}
-#   encoder.stages.{i}.downsample          encoder.downsamples.{i}.downsamples.{n}    encoder.down_blocks.{i}.downsampler
-#   decoder.stages.{i}.blocks.{j}          decoder.upsamples.{i}.upsamples.{j}        decoder.up_blocks.{i}.resnets.{j}
-#   decoder.stages.{i}.upsample            decoder.upsamples.{i}.upsamples.{n+1}      decoder.up_blocks.{i}.upsampler
+#   encoder.stages.{i}.blocks.{j}       encoder.downsamples.{i}.downsamples.{j}   encoder.down_blocks.{i}.resnets.{j}
+#   encoder.stages.{i}.downsample       encoder.downsamples.{i}.downsamples.{n}   encoder.down_blocks.{i}.downsampler
+#   decoder.stages.{i}.blocks.{j}       decoder.upsamples.{i}.upsamples.{j}       decoder.up_blocks.{i}.resnets.{j}
+#   decoder.stages.{i}.upsample         decoder.upsamples.{i}.upsamples.{n+1}     decoder.up_blocks.{i}.upsampler
 # with n = num_res_blocks, and inside the modules:
 #   res block  norm1.weight conv1 norm2.weight conv2 shortcut  |  residual.0.gamma residual.2 residual.3.gamma
 #              residual.6 shortcut  |  norm1.gamma conv1 norm2.gamma conv2 conv_shortcut

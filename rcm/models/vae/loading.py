@@ -13,7 +13,7 @@ from .config import WanVAEConfig
 from .layouts import _FROM, _TO, LAYOUTS, detect_vae_layout, vae_key_table
 from .model import WanVAE
 
-__all__ = ["load_vae", "save_vae", "default_vae_config"]
+__all__ = ["default_vae_config", "load_vae", "save_vae"]
 
 
 
@@ -72,10 +72,10 @@ def load_vae(
         config = config if config is not None else default_vae_config(sd, layout)
     ours = sd if layout == "ours" else _FROM[layout](sd, config)
     if layout == "ours":
-        report = lambda k: k  # noqa: E731
+        report = lambda k: k
     else:
         table = vae_key_table(layout, len(config.dim_mult), config.num_res_blocks, config.residual)
-        report = lambda k: table.get(k, k)  # noqa: E731
+        report = lambda k: table.get(k, k)
     with torch.device("meta"):
         model = WanVAE(config)
     load_state_dict_strict(model, ours, what="Wan VAE", source=source, dtype=dtype, device=device,
