@@ -23,6 +23,7 @@ __all__ = [
     "ResBlock",
     "Upsample",
     "patchify",
+    "memory_format",
     "unpatchify",
 ]
 
@@ -41,17 +42,16 @@ class CausalConv3d(nn.Conv3d):
         self.space_padding = (pw, pw, ph, ph)
 
     def forward(self, x: Tensor, cache: Cache | None = None) -> Tensor:
+        # One copy of the activation at most (the concatenation in time); space is padded inside the
+        # convolution, which costs no copy.
         if self.history:
             past = cache.get(self) if cache is not None else None
-            if past is not None:
-                x = torch.cat([past, x], dim=2)
+            # at the start of the video the missing frames are zeros (F.pad keeps the memory format)
+            x = F.pad(x, (0, 0, 0, 0, self.history, 0)) if past is None else torch.cat([past, x], dim=2)
             if cache is not None:
                 cache[self] = x[:, :, -self.history :].clone()  # clone: don't keep the chunk alive
-            front = self.history - (past.shape[2] if past is not None else 0)
-            x = F.pad(x, (*self.space_padding, front, 0))
-        elif any(self.space_padding):
-            x = F.pad(x, self.space_padding)
-        return F.conv3d(x, self.weight, self.bias, self.stride)
+        pw, _, ph, _ = self.space_padding
+        return F.conv3d(x, self.weight, self.bias, self.stride, padding=(0, ph, pw))
 
 
 def conv_frames(conv: nn.Conv2d, x: Tensor, stride: int = 1, padding: int = 0) -> Tensor:
@@ -59,9 +59,17 @@ def conv_frames(conv: nn.Conv2d, x: Tensor, stride: int = 1, padding: int = 0) -
     return F.conv3d(x, conv.weight.unsqueeze(2), conv.bias, stride=(1, stride, stride), padding=(0, padding, padding))
 
 
+def memory_format(x: Tensor) -> torch.memory_format:
+    """``channels_last_3d`` for a channels-last 5-D tensor (the decoder's fast layout on CUDA), else the
+    contiguous format."""
+    cl = x.ndim == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous()
+    return torch.channels_last_3d if cl else torch.contiguous_format
+
+
 class RMSNorm(nn.Module):
-    """``x / ||x|| * sqrt(C) * weight`` with the norm over channels (dim 1), computed in fp32.
-    ``weight`` keeps Wan's broadcast shape ``[C, 1, 1(, 1)]`` so checkpoints load unchanged."""
+    """``x / ||x|| * sqrt(C) * weight`` with the norm over channels (dim 1) reduced in fp32 and applied
+    in the input's dtype (no fp32 copy of the activation). ``weight`` keeps Wan's broadcast shape
+    ``[C, 1, 1(, 1)]`` so checkpoints load unchanged."""
 
     def __init__(self, dim: int, spatial_dims: int = 3):
         super().__init__()
@@ -69,8 +77,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, *([1] * spatial_dims)))
 
     def forward(self, x: Tensor) -> Tensor:
-        w = self.weight.reshape(1, -1, *([1] * (x.ndim - 2)))
-        return (F.normalize(x.float(), dim=1) * self.scale * w.float()).to(x.dtype)
+        w = self.weight.reshape(1, -1, *([1] * (x.ndim - 2))).to(x.dtype)
+        norm = torch.linalg.vector_norm(x, dim=1, keepdim=True, dtype=torch.float32).clamp_min_(1e-12)
+        return x * (self.scale / norm).to(x.dtype) * w
 
 
 class ResBlock(nn.Module):
@@ -161,8 +170,10 @@ class Upsample(nn.Module):
             first, x = x[:, :, :1], x[:, :, 1:]
         if x.shape[2]:
             b, c, t, h, w = x.shape
-            y = self.time_conv(x, cache).view(b, 2, c, t, h, w)
-            x = y.permute(0, 2, 3, 1, 4, 5).reshape(b, c, 2 * t, h, w)  # frame 2i+j = half j of frame i
+            y = self.time_conv(x, cache)
+            # frame 2i + j = channel half j of frame i; written into a tensor of y's memory format
+            x = torch.empty((b, c, 2 * t, h, w), dtype=y.dtype, device=y.device, memory_format=memory_format(y))
+            x[:, :, 0::2], x[:, :, 1::2] = y[:, :c], y[:, c:]
         return x if first is None else torch.cat([first, x], dim=2)
 
 

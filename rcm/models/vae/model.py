@@ -248,9 +248,11 @@ class WanVAE(nn.Module):
         return torch.cat(latents)
 
     @torch.no_grad()
-    def decode(self, latent: Tensor, *, chunk_size: int | None = 1) -> Tensor:
+    def decode(self, latent: Tensor, *, chunk_size: int | None = 1, channels_last: bool = False) -> Tensor:
         """Normalized ``latent [B, z_dim, T, h, w]`` -> ``video [B, 3, 1 + 4(T-1), s h, s w]`` in [-1, 1]
-        (float32, clamped). ``chunk_size`` as in ``encode``."""
+        (float32, clamped). ``chunk_size`` as in ``encode``. ``channels_last``: run the decoder on
+        ``channels_last_3d`` activations (cuDNN's native layout for bf16 3-D convolutions; the same
+        result up to rounding)."""
         cfg = self.config
         _check_chunk_size(chunk_size)
         if not isinstance(latent, Tensor) or latent.ndim != 5 or latent.shape[1] != cfg.z_dim:
@@ -265,7 +267,9 @@ class WanVAE(nn.Module):
         for part in latent.split(step):
             x = self.post_quant_conv(self.denormalize(part.to(p.device)).to(p.dtype))
             cache: Cache = {}
-            outs = [self.decoder(x[:, :, s:e], cache) for s, e in _latent_chunks(n, chunk_size)]
+            fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+            outs = [self.decoder(x[:, :, s:e].contiguous(memory_format=fmt), cache)
+                    for s, e in _latent_chunks(n, chunk_size)]  # fmt: skip
             videos.append(unpatchify(torch.cat(outs, dim=2), cfg.patch_size).float().clamp_(-1.0, 1.0))
         return torch.cat(videos)
 
