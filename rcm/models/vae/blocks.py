@@ -22,8 +22,8 @@ __all__ = [
     "RepeatUpShortcut",
     "ResBlock",
     "Upsample",
-    "patchify",
     "memory_format",
+    "patchify",
     "unpatchify",
 ]
 
