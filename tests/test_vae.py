@@ -1,4 +1,5 @@
-"""Wan2.1 VAE: parity with diffusers' AutoencoderKLWan, chunked (cached) processing, key layouts, loading."""
+"""Wan2.1 VAE: parity with diffusers' AutoencoderKLWan, chunked (cached) processing, key layouts, loading.
+(Wan2.2: tests/test_vae_wan22.py, sharing the helpers here.)"""
 
 import json
 
@@ -18,7 +19,7 @@ from rcm.models.vae import (
 )
 
 diffusers = pytest.importorskip("diffusers")
-from diffusers import AutoencoderKLWan  # noqa: E402
+from diffusers import AutoencoderKLWan
 
 
 def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -175,8 +176,10 @@ def test_config():
     with torch.device("meta"):
         default = AutoencoderKLWan()
     assert WanVAEConfig.from_diffusers(dict(default.config)) == WanVAEConfig()
-    with pytest.raises(ValueError, match="is_residual"):
-        WanVAEConfig.from_diffusers({**TINY.to_diffusers(), "is_residual": True})
+    with pytest.raises(ValueError, match="attn_scales"):
+        WanVAEConfig.from_diffusers({**TINY.to_diffusers(), "attn_scales": [0.5]})
+    with pytest.raises(ValueError, match="in_channels=3 with patch_size=2"):
+        WanVAEConfig.from_diffusers({**TINY.to_diffusers(), "patch_size": 2})
     with pytest.raises(ValueError, match="latents_mean"):
         WanVAEConfig(z_dim=4)
 
@@ -335,3 +338,48 @@ def test_truncated_and_foreign_files(files, tmp_path):
         load_vae(tmp_path / "foreign.pth")
     with pytest.raises(FileNotFoundError):
         load_vae(tmp_path / "nope.pth")
+
+
+
+# ---------------------------------------------------------------------------------------------------
+# the fast decode path: bf16 and channels-last against the fp32 decode
+
+# relative L2 of a bf16 decode against fp32: bf16 convolutions dominate (random tiny weights: 1.3e-2 to 3.3e-2
+# over seeds, the same with the fp32-applied norm of before); a layout or ordering bug gives ~1
+BF16_DECODE_REL_TOL = 5e-2
+
+
+@pytest.mark.parametrize("cfg", [TINY, WanVAEConfig.tiny_wan22()], ids=["wan21", "wan22"])
+def test_fast_decode_paths_match_fp32(cfg):
+    ours = randomize_(WanVAE(cfg), seed=20)
+    z = ours.encode(video_like(1, 9, 32, 48, seed=21))
+    x32 = ours.decode(z)
+    assert (x32.abs() < 1).float().mean() > 0.5
+    assert rel(ours.decode(z, channels_last=True), x32) <= 1e-6
+    bf16 = randomize_(WanVAE(cfg), seed=20).to(torch.bfloat16)
+    for channels_last in (False, True):
+        x = bf16.decode(z, channels_last=channels_last)
+        assert x.dtype == torch.float32 and rel(x, x32) <= BF16_DECODE_REL_TOL, channels_last
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_channels_last_decode_keeps_the_layout_on_cuda():
+    """On CUDA (cuDNN) the decoder's convolutions must see channels-last inputs all the way through,
+    else the layout is converted back and forth and the fast path is slower than the plain one."""
+    from rcm.models.vae.blocks import CausalConv3d
+
+    cfg = WanVAEConfig(base_dim=16)
+    ours = randomize_(WanVAE(cfg), seed=22).cuda()
+    z = torch.randn(1, 16, 3, 16, 24, device="cuda")
+    x32 = ours.decode(z)
+    ours = ours.to(torch.bfloat16)
+    misses = []
+    hooks = [m.register_forward_pre_hook(lambda m, a: misses.append(
+        (type(m).__name__, tuple(a[0].shape)) if not a[0].is_contiguous(memory_format=torch.channels_last_3d) else None))
+        for m in ours.decoder.modules() if isinstance(m, CausalConv3d)]  # fmt: skip
+    x = ours.decode(z, channels_last=True)
+    for h in hooks:
+        h.remove()
+    assert [m for m in misses if m] == []
+    assert rel(x, x32) <= BF16_DECODE_REL_TOL
