@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
-from safetensors.torch import save_file  # noqa: E402
-from transformers import CLIPVisionConfig, CLIPVisionModel  # noqa: E402
+from safetensors.torch import save_file
+from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from rcm.models.image_encoder import (  # noqa: E402
+from rcm.models.image_encoder import (
     CLIP_MEAN,
     CLIP_STD,
     CLIPImageEncoder,
@@ -76,7 +76,9 @@ def wan_visual_reference(sd, images, *, num_heads, image_size, eps=1e-5):
     then all blocks but the last (pre-LN attention with fused qkv, exact GELU MLP)."""
     w = {k: v.double() for k, v in sd.items() if k.startswith("visual.")}
     x = F.interpolate(images.double(), size=(image_size, image_size), mode="bicubic", align_corners=False)
-    x = (x * 0.5 + 0.5 - torch.tensor(CLIP_MEAN).double().view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).double().view(1, 3, 1, 1)
+    x = (x * 0.5 + 0.5 - torch.tensor(CLIP_MEAN).double().view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).double().view(
+        1, 3, 1, 1
+    )
     patch_w = w["visual.patch_embedding.weight"]
     x = F.conv2d(x, patch_w, stride=patch_w.shape[-1]).flatten(2).transpose(1, 2)
     b, dim = x.shape[0], x.shape[-1]
@@ -166,7 +168,13 @@ def test_preprocess_at_native_size_is_exactly_the_affine_normalization():
 
 
 @pytest.mark.parametrize(
-    "bad", [torch.zeros(3, 16, 16), torch.zeros(1, 4, 16, 16), torch.zeros(1, 3, 1, 16, 16), torch.zeros(1, 3, 8, 8, dtype=torch.uint8)]
+    "bad",
+    [
+        torch.zeros(3, 16, 16),
+        torch.zeros(1, 4, 16, 16),
+        torch.zeros(1, 3, 1, 16, 16),
+        torch.zeros(1, 3, 8, 8, dtype=torch.uint8),
+    ],
 )
 def test_preprocess_rejects_bad_images(bad):
     with pytest.raises(ValueError, match="images"):
@@ -249,7 +257,9 @@ def test_official_loading_is_strict_and_names_the_key(tmp_path):
     assert f"visual.pos_embedding: [1, 17, {DIM}] vs [1, 10, {DIM}]" in msg
     msg = _official_error(tmp_path, sd | {"visual.transformer.0.attn.to_qkv.bias": torch.zeros(2 * DIM)})
     assert "visual.transformer.0.attn.to_qkv.bias" in msg
-    msg = _official_error(tmp_path, sd | {"visual.patch_embedding.bias": torch.zeros(DIM), "logit_bias": torch.zeros(1)})
+    msg = _official_error(
+        tmp_path, sd | {"visual.patch_embedding.bias": torch.zeros(DIM), "logit_bias": torch.zeros(1)}
+    )
     assert "unexpected keys (2)" in msg and "visual.patch_embedding.bias" in msg and "logit_bias" in msg
     # a ViT-H/14 config against the tiny file: every shape is wrong, reported before any data is read
     path = tmp_path / "tiny.pth"

@@ -48,7 +48,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .checkpoint import LazyTensor, dit_weight_files, load_state_dict_strict, open_state_dict
+from .checkpoint import (
+    LazyTensor,
+    dit_weight_files,
+    load_state_dict_strict,
+    open_state_dict,
+)
 
 __all__ = [
     "CLIP_IMAGE_SIZE",
@@ -140,9 +145,7 @@ def _official_ignored(key: str) -> bool:
 
 def _hf_ignored(key: str) -> bool:
     """The keys of ``CLIPVisionModelWithProjection`` / ``CLIPModel`` files outside the vision tower."""
-    return key in ("visual_projection.weight", "text_projection.weight", "logit_scale") or key.startswith(
-        "text_model."
-    )
+    return key in ("visual_projection.weight", "text_projection.weight", "logit_scale") or key.startswith("text_model.")
 
 
 def clip_visual_key_to_official(key: str) -> str:
@@ -251,7 +254,9 @@ class CLIPImageEncoder:
 
     def __init__(self, model, *, offload_device: str | torch.device = "cpu"):
         if model.config.num_hidden_layers < 2:
-            raise ValueError(f"the model needs at least 2 layers (Wan reads the penultimate), got {model.config.num_hidden_layers}")
+            raise ValueError(
+                f"the model needs at least 2 layers (Wan reads the penultimate), got {model.config.num_hidden_layers}"
+            )
         self.model = model.eval().requires_grad_(False)
         self.offload_device = torch.device(offload_device)
 
@@ -317,7 +322,9 @@ def _check_official_keys(model, sd: Mapping, source: str) -> None:
     got = {k: tuple(v.shape) for k, v in sd.items() if not _official_ignored(k)}
     missing = sorted(set(expected) - set(got))
     unexpected = sorted(set(got) - set(expected))
-    mismatched = sorted(f"{k}: {list(got[k])} vs {list(expected[k])}" for k in expected if k in got and got[k] != expected[k])
+    mismatched = sorted(
+        f"{k}: {list(got[k])} vs {list(expected[k])}" for k in expected if k in got and got[k] != expected[k]
+    )
     if not (missing or unexpected or mismatched):
         return
     lines = [f"CLIP image encoder checkpoint {source} does not match the model:"]
@@ -386,7 +393,11 @@ def load_image_encoder(
         rename = clip_visual_key_to_official
     else:
         prefixed = any(k.startswith("vision_model.") for k in sd)
-        hf = {k.removeprefix("vision_model."): v for k, v in sd.items() if not _hf_ignored(k.removeprefix("vision_model."))}
+        hf = {
+            k.removeprefix("vision_model."): v
+            for k, v in sd.items()
+            if not _hf_ignored(k.removeprefix("vision_model."))
+        }
         rename = (lambda k: "vision_model." + k) if prefixed else (lambda k: k)
     load_state_dict_strict(model, hf, what="CLIP image encoder", source=sd.source, dtype=dtype, device=device,
                            rename_for_report=rename)  # fmt: skip
