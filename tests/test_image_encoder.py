@@ -14,6 +14,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 from rcm.models.image_encoder import (
     CLIP_MEAN,
     CLIP_STD,
+    OFFICIAL_CLIP_FILE,
     CLIPImageEncoder,
     clip_visual_state_dict_from_official,
     clip_visual_state_dict_to_official,
@@ -268,6 +269,17 @@ def test_official_loading_is_strict_and_names_the_key(tmp_path):
         load_image_encoder(path)
 
 
+def test_official_file_found_in_the_release_folder(tmp_path):
+    """Wan's release folder also holds the DiT (config.json, shards): the CLIP file is picked by name."""
+    torch.save(official_state_dict(), tmp_path / OFFICIAL_CLIP_FILE)
+    (tmp_path / "config.json").write_text('{"_class_name": "WanModel", "model_type": "i2v", "dim": 5120}')
+    save_file({"blocks.0.self_attn.q.weight": torch.zeros(2, 2)}, tmp_path / "diffusion_pytorch_model.safetensors")
+    encoder = load_image_encoder(tmp_path, config=tiny_config())
+    state_equal(encoder.model.state_dict(), clip_visual_state_dict_from_official(official_state_dict()))
+    with pytest.raises(FileNotFoundError, match="no CLIP image encoder checkpoint"):
+        load_image_encoder(tmp_path / "missing.pth")
+
+
 def test_meta_device_validates_without_reading(tmp_path):
     path = tmp_path / "clip.pth"
     torch.save(official_state_dict(), path)
@@ -316,6 +328,18 @@ def test_transformers_layout_with_vision_model_prefix_and_projection(tmp_path):
     assert "missing keys (1)" in msg and "vision_model.encoder.layers.0.mlp.fc1.bias" in msg
     assert "unexpected keys (1)" in msg and "vision_model.encoder.layers.7.layer_norm1.weight" in msg
     assert f"vision_model.pre_layrnorm.weight: [{DIM + 1}] vs [{DIM}]" in msg
+
+
+def test_full_clip_model_folder_loads_its_vision_tower(tmp_path):
+    """A whole ``CLIPModel`` folder (config.json with a ``vision_config``; text tower, projections and logit
+    scale beside the ``vision_model.`` keys): the vision tower loads, the rest is ignored by name."""
+    torch.manual_seed(5)
+    text = dict(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    full = transformers.CLIPModel(transformers.CLIPConfig(text_config=text, vision_config=tiny_config().to_dict()))
+    full.save_pretrained(tmp_path)
+    loaded = load_image_encoder(tmp_path)
+    assert loaded.model.config.num_hidden_layers == LAYERS
+    state_equal(loaded.model.state_dict(), full.vision_model.state_dict())
 
 
 def test_unknown_layout_is_rejected(tmp_path):

@@ -60,6 +60,7 @@ __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
     "CLIP_LAYOUTS",
+    "OFFICIAL_CLIP_FILE",
     "vit_h14_config",
     "preprocess_images",
     "clip_visual_key_to_official",
@@ -75,6 +76,7 @@ CLIP_IMAGE_SIZE = 224
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's, used by Wan's transforms
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 CLIP_LAYOUTS = ("official", "transformers")
+OFFICIAL_CLIP_FILE = "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"  # in Wan2.1 I2V's release folder
 
 
 def vit_h14_config():
@@ -364,8 +366,8 @@ def load_image_encoder(
     config=None,
 ) -> CLIPImageEncoder:
     """Loads the CLIP image encoder from
-    * Wan's official ``models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth`` (or any file in that
-      layout; ``config`` defaults to ViT-H/14),
+    * Wan's official ``models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth``, the release folder
+      holding it, or any file in that layout (``config`` defaults to ViT-H/14),
     * a ``transformers`` folder (``config.json`` + safetensors, e.g. diffusers' ``image_encoder/``), a
       pipeline root holding ``image_encoder/``, or a weights file in that layout (``config`` or a CLIP
       ``config.json`` beside it, else ViT-H/14).
@@ -374,7 +376,11 @@ def load_image_encoder(
     from transformers import CLIPVisionModel
 
     path = Path(path)
-    if path.is_dir() and (path / "image_encoder").is_dir():
+    if not path.exists():
+        raise FileNotFoundError(f"no CLIP image encoder checkpoint at {path}")
+    if path.is_dir() and (path / OFFICIAL_CLIP_FILE).is_file():  # Wan's release folder
+        path = path / OFFICIAL_CLIP_FILE
+    elif path.is_dir() and (path / "image_encoder").is_dir():  # a diffusers pipeline root
         path = path / "image_encoder"
     files = dit_weight_files(path)  # a file, a shard index, or a folder holding one (generic despite the name)
     device = torch.device(device)
