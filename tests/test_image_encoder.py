@@ -77,9 +77,9 @@ def wan_visual_reference(sd, images, *, num_heads, image_size, eps=1e-5):
     then all blocks but the last (pre-LN attention with fused qkv, exact GELU MLP)."""
     w = {k: v.double() for k, v in sd.items() if k.startswith("visual.")}
     x = F.interpolate(images.double(), size=(image_size, image_size), mode="bicubic", align_corners=False)
-    x = (x * 0.5 + 0.5 - torch.tensor(CLIP_MEAN).double().view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).double().view(
-        1, 3, 1, 1
-    )
+    x = (x * 0.5 + 0.5 - torch.tensor(CLIP_MEAN, dtype=torch.float64).view(1, 3, 1, 1)) / torch.tensor(
+        CLIP_STD, dtype=torch.float64
+    ).view(1, 3, 1, 1)
     patch_w = w["visual.patch_embedding.weight"]
     x = F.conv2d(x, patch_w, stride=patch_w.shape[-1]).flatten(2).transpose(1, 2)
     b, dim = x.shape[0], x.shape[-1]
@@ -149,11 +149,13 @@ def test_preprocess_is_bicubic_resize_then_clip_normalization(h, w, size):
     images[:, :, : h // 2] = -1.0  # a sharp edge: bicubic overshoots past [-1, 1] and Wan does not clamp
     got = preprocess_images(images, size)
     assert got.shape == (2, 3, size, size) and got.dtype == torch.float32
+    assert preprocess_images(images.half(), size).dtype == torch.float32
     resized = keys_cubic_matrix(h, size) @ images.double() @ keys_cubic_matrix(w, size).T
-    mean, std = torch.tensor(CLIP_MEAN).double(), torch.tensor(CLIP_STD).double()
+    mean, std = torch.tensor(CLIP_MEAN, dtype=torch.float64), torch.tensor(CLIP_STD, dtype=torch.float64)
     want = ((resized + 1) / 2 - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
     # fp32 resampling (as Wan's, on fp32 images) is off the fp64 kernel by <= 5e-5 in [-1, 1] units: 2e-4 here
     torch.testing.assert_close(got.double(), want, atol=2e-4, rtol=0)
+    torch.testing.assert_close(preprocess_images(images.double(), size), want, atol=1e-12, rtol=0)
 
 
 def test_preprocess_at_native_size_is_exactly_the_affine_normalization():
@@ -199,6 +201,10 @@ def test_official_checkpoint_matches_a_plain_transcription_of_wans_forward(tmp_p
     err = ((got.double() - want).abs().max() / want.abs().max()).item()
     assert err <= 1e-5, err
     assert encoder.encode(images, dtype=torch.float64).dtype == torch.float64
+    # in fp64 throughout, only the order of operations differs from the transcription
+    encoder64 = load_image_encoder(path, config=tiny_config(), dtype=torch.float64)
+    err64 = ((encoder64.encode(images.double()) - want).abs().max() / want.abs().max()).item()
+    assert err64 <= 1e-12, err64
 
 
 def test_official_key_map_round_trips_and_ignores_the_text_tower(tmp_path):

@@ -98,7 +98,8 @@ def vit_h14_config():
 def preprocess_images(images: Tensor, image_size: int = CLIP_IMAGE_SIZE) -> Tensor:
     """Wan's CLIP preprocessing: ``[B, 3, H, W]`` images in ``[-1, 1]`` -> ``[B, 3, S, S]`` fp32 pixel values
     (``S = image_size``): bicubic resize of the whole frame (align_corners=False, no antialias, no
-    clamp), then ``[-1, 1] -> [0, 1]``, then CLIP's mean/std normalization. Computed in fp32."""
+    clamp), then ``[-1, 1] -> [0, 1]``, then CLIP's mean/std normalization. Computed in fp32 as Wan
+    (fp64 images stay fp64, for references)."""
     if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[1] != 3:
         shape = list(images.shape) if isinstance(images, Tensor) else type(images).__name__
         raise ValueError(f"images must be a [B, 3, H, W] tensor, got {shape}")
@@ -106,9 +107,10 @@ def preprocess_images(images: Tensor, image_size: int = CLIP_IMAGE_SIZE) -> Tens
         raise ValueError(f"images must be floating point in [-1, 1], got dtype {images.dtype}")
     if image_size < 1:
         raise ValueError(f"image_size must be positive, got {image_size}")
-    x = F.interpolate(images.float(), size=(image_size, image_size), mode="bicubic", align_corners=False)
-    mean = torch.tensor(CLIP_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD, device=x.device).view(1, 3, 1, 1)
+    x = images.to(torch.promote_types(images.dtype, torch.float32))
+    x = F.interpolate(x, size=(image_size, image_size), mode="bicubic", align_corners=False)
+    mean = torch.tensor(CLIP_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     return (x * 0.5 + 0.5 - mean) / std
 
 
