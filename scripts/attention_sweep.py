@@ -94,8 +94,8 @@ def main(stage="all"):
            Cfg(128, 64, 8, 2, early=True, ws=True), Cfg(64, 128, 4, 2, early=True, tma=True),
            Cfg(256, 64, 16, 2, early=True)]
     if stage == "d64":  # the follow-up round around the D=64 winner of the first
-        d128, d64 = [], [Cfg(128, 128, 8, 2, early=True, prescale=False), Cfg(128, 128, 8, 2, early=True),
-                         Cfg(64, 64, 4, 3, tma=True, prescale=False), Cfg(64, 64, 4, 3, tma=True)]
+        d128, d64 = [], [Cfg(128, 128, 8, 2, early=True), Cfg(128, 128, 8, 2, early=True, tma=True),
+                         Cfg(128, 128, 8, 2), Cfg(128, 128, 8, 2, early=True, lazy=False)]
     for c in d128:
         variant(c, S2, mm)
     best = sorted((r for r in RESULTS if r["correct"]), key=lambda r: -r["tflops"])[:3]

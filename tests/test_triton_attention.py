@@ -123,8 +123,7 @@ def test_interpreter_strided_and_saturated():
 
 
 @interp
-@pytest.mark.parametrize("cfg", [dict(tma=True), dict(early=True), dict(lazy=False), dict(ws=True),
-                                 dict(prescale=False)])
+@pytest.mark.parametrize("cfg", [dict(tma=True), dict(early=True), dict(lazy=False), dict(ws=True)])
 def test_interpreter_kernel_variants(cfg, monkeypatch):
     # the tensor-descriptor path (taken on Hopper) and the other variants also run interpreted;
     # tuning is an argument: the explicit config is launched as given

@@ -14,7 +14,6 @@ fp32 accumulation; D in {64, 128, 256}. Outputs are fresh contiguous tensors.
 """
 from __future__ import annotations
 
-import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -38,7 +37,6 @@ class Cfg(NamedTuple):
     tma: bool = False  # K/V tiles through tensor descriptors (forward kernel only)
     early: bool = False  # JVP: issue the tangent-logit matmuls before the softmax math
     ws: bool = False  # warp-specialize the key loop (triton's tl.range(warp_specialize=...))
-    prescale: bool = True  # fold a power-of-two softmax scale into Q, Qdot (forward kernel only)
 
 
 # Tables keyed by (head dim, 16-bit dtype?) for sm_90 (H100/H200), from the device sweeps in
@@ -228,16 +226,15 @@ def launch_forward(q, k, v, q_dot, k_dot, v_dot, scale: float, cfg: Cfg):
     kd = k_dot if k_dot is not None else k
     vd = v_dot if v_dot is not None else v
     grid = (triton.cdiv(Lq, cfg.bm), B * H)
-    prescale = cfg.prescale and math.frexp(scale)[0] == 0.5  # a power of two: exact in any float
     kernel = forward_jvp_kernel[grid](
         q, k, v, qd, kd, vd, out, out_dot, lse,
         *_s4(q), *_s4(k), *_s4(v), *_s4(qd), *_s4(kd), *_s4(vd),
         out.stride(0), out.stride(1), out.stride(2),
-        H, Lq, Lk, float(scale), LOG2E if prescale else float(scale) * LOG2E,
+        H, Lq, Lk, float(scale), float(scale) * LOG2E,
         D=D, BLOCK_M=cfg.bm, BLOCK_N=cfg.bn,
         HAS_QD=q_dot is not None, HAS_KD=k_dot is not None, HAS_VD=v_dot is not None,
         LAZY=cfg.lazy, PREC=_dot_precision(q.dtype), UPCAST=interpreted(), TMA=tma,
-        EARLY=cfg.early, WS=cfg.ws, PRESCALE=prescale, num_warps=cfg.warps, num_stages=cfg.stages,
+        EARLY=cfg.early, WS=cfg.ws, num_warps=cfg.warps, num_stages=cfg.stages,
     )
     return (out, (out_dot if jvp else None), lse), kernel
 

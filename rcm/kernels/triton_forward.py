@@ -19,10 +19,6 @@ Every term carries the same stale max, so the state may be rescaled late. With L
 moves when some row's block max exceeds it by more than 8 (log2 units): p <= 2^8, and the alpha
 multiplies of the two [M, D] accumulators are skipped on almost every block.
 
-With PRESCALE (the host sets it when tau is a power of two, e.g. D = 64: tau = 1/8) Q and Qdot are
-multiplied by tau once per program, exactly, so S and Sdot come out of the matmuls already scaled and
-the per-element multiply of Sdot by tau goes away.
-
 With no tangent (HAS_QD = HAS_KD = HAS_VD = False) the same kernel is the primal forward.
 Lengths and H are runtime ints excluded from specialization (a new length never recompiles); the
 last, partial key block is peeled and masked; query rows are masked on load and store.
@@ -56,7 +52,7 @@ def _key_block(
     D: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
     HAS_QD: tl.constexpr, HAS_KD: tl.constexpr, HAS_VD: tl.constexpr,
     LAZY: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr,
-    EARLY: tl.constexpr, PRESCALE: tl.constexpr,
+    EARLY: tl.constexpr,
 ):
     """One step of the recurrence above over the key block starting at start_n."""
     JVP: tl.constexpr = HAS_QD or HAS_KD or HAS_VD
@@ -99,10 +95,7 @@ def _key_block(
             sd = _tangent_logits(q, qd, k, kd_base, start_n, Lk, s_kdl, s_kdd, BLOCK_N, D, MASK,
                                  TMA, HAS_QD, HAS_KD, PREC, UPCAST)
         # masked key columns: k = kd = 0 there, so sd = 0 and p = 0: h = 0.
-        if PRESCALE:
-            h = p * sd
-        else:
-            h = p * (sd * scale)
+        h = p * (sd * scale)
         r_i += tl.sum(h, 1)
         acc_t = mma(h.to(v.dtype), v, acc_t, PREC, UPCAST)
     if HAS_VD:
@@ -126,7 +119,7 @@ def forward_jvp_kernel(
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_QD: tl.constexpr, HAS_KD: tl.constexpr, HAS_VD: tl.constexpr,
     LAZY: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr,
-    EARLY: tl.constexpr, WS: tl.constexpr, PRESCALE: tl.constexpr,
+    EARLY: tl.constexpr, WS: tl.constexpr,
 ):
     """O, Odot (when a tangent is given) and lse of one query block of one (batch, head)."""
     JVP: tl.constexpr = HAS_QD or HAS_KD or HAS_VD
@@ -141,13 +134,6 @@ def forward_jvp_kernel(
         qd = load_rows(QD + b64 * s_qdb + h64 * s_qdh, start_m, Lq, s_qdl, s_qdd, BLOCK_M, D, True)
     else:
         qd = q
-    if PRESCALE:  # tau is a power of two: exact
-        if UPCAST:  # the interpreter's casts to bf16 are broken; its dots run in fp32 anyway
-            q = q.to(tl.float32) * scale
-            qd = qd.to(tl.float32) * scale
-        else:
-            q = (q * scale).to(Q.dtype.element_ty)
-            qd = (qd * scale).to(Q.dtype.element_ty)
     k_base = K + b64 * s_kb + h64 * s_kh
     v_base = V + b64 * s_vb + h64 * s_vh
     kd_base = KD + b64 * s_kdb + h64 * s_kdh
@@ -171,12 +157,12 @@ def forward_jvp_kernel(
         acc, acc_t, m_i, l_i, r_i = _key_block(
             acc, acc_t, m_i, l_i, r_i, q, qd, k_base, kd_base, v_base, vd_base, start_n, Lk,
             s_kl, s_kd, s_kdl, s_kdd, s_vl, s_vd, s_vdl, s_vdd, qk_scale, scale,
-            D, BLOCK_N, False, HAS_QD, HAS_KD, HAS_VD, LAZY, PREC, UPCAST, TMA, EARLY, PRESCALE)
+            D, BLOCK_N, False, HAS_QD, HAS_KD, HAS_VD, LAZY, PREC, UPCAST, TMA, EARLY)
     if n_full < Lk:
         acc, acc_t, m_i, l_i, r_i = _key_block(
             acc, acc_t, m_i, l_i, r_i, q, qd, k_base, kd_base, v_base, vd_base, n_full, Lk,
             s_kl, s_kd, s_kdl, s_kdd, s_vl, s_vd, s_vdl, s_vdd, qk_scale, scale,
-            D, BLOCK_N, True, HAS_QD, HAS_KD, HAS_VD, LAZY, PREC, UPCAST, TMA, EARLY, PRESCALE)
+            D, BLOCK_N, True, HAS_QD, HAS_KD, HAS_VD, LAZY, PREC, UPCAST, TMA, EARLY)
 
     l_rcp = 1.0 / l_i
     o = acc * l_rcp[:, None]
