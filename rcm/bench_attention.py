@@ -312,7 +312,7 @@ def run_attention_bench(shapes: Optional[Iterable] = None, dtype: str = "bf16",
                 hq, hk, hv = (x.transpose(1, 2) for x in (q, k, v))
                 row(f"SDPA {name} fwd+bwd", _fwd_bwd(sdpa, hq, hk, hv, go, "bhld"), fl_fb,
                     lambda r: grad_errs(r, "bhld"), 4 * o_bytes)
-        del t, q, k, v, qd, kd, vd, go, ref
+        t.clear()  # q, k, ... are rebound by the next shape (briefly two shapes' inputs: a few GiB)
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
