@@ -1,4 +1,4 @@
-"""Pure loss functions of rCM (RCM_METHOD.md §2-4): networks in, per-sample losses out.
+"""Pure loss functions of rCM (docs/method.md §2-4): networks in, per-sample losses out.
 
 Every loss takes networks called as ``net(x, timestep, context) -> v`` (use
 ``rcm.models.trigflow.FunctionalNet(module, params, buffers)`` to evaluate a module on explicit
@@ -16,7 +16,7 @@ from rcm.losses.config import (
 )
 from rcm.losses.dmd import backward_simulation, dmd_loss, fake_score_loss, rollout_times
 from rcm.losses.ema import ema_update_, power_ema_beta, power_ema_gamma
-from rcm.losses.rcm import (
+from rcm.losses.objectives import (
     critic_iteration_count,
     critic_loss,
     is_student_iteration,
