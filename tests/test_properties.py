@@ -349,3 +349,19 @@ def test_fake_score_loss_matches_the_formula(case, cap):
     expected.sum().backward()
     for grad, expected_grad in zip(grads, _grads(fake)):
         _rel_close(grad, expected_grad, case["dtype"], "critic gradient")
+
+    # non-finite samples: loss and gradient exactly 0 for them, the others' gradient that of `expected` alone
+    if any(case["bad"]):
+        _zero_grads(fake)
+        bad_G, mask = _with_bad_samples(G, case["bad"])
+        guarded, diagnostics = fake_score_loss(bad_G, fake, ctx, config=config, t=t, noise=noise)
+        assert int(diagnostics["nonfinite"]) == int(mask.sum()) and torch.isfinite(guarded).all()
+        assert torch.equal(guarded[mask], torch.zeros_like(guarded[mask]))
+        _rel_close(guarded[~mask].detach(), loss[~mask].detach(), case["dtype"], "other samples' critic loss")
+        guarded.sum().backward()
+        guarded_grads = _grads(fake)
+        _zero_grads(fake)
+        expected = weight * ((G64 - denoise(guided(fake, 1.0, None), x_D, t, ctx)[0]) ** 2).flatten(1).sum(1)
+        expected[~mask].sum().backward()
+        for grad, expected_grad in zip(guarded_grads, _grads(fake)):
+            _rel_close(grad, expected_grad, case["dtype"], "other samples' critic gradient")

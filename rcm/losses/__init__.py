@@ -8,6 +8,7 @@ detached diagnostics. Nothing holds state.
 """
 from rcm.losses.config import (
     RCM_PRESETS,
+    ConfigError,
     DMDConfig,
     LogNormalTime,
     RCMConfig,
@@ -28,6 +29,7 @@ from rcm.losses.objectives import (
 from rcm.losses.scm import normalize_tangent, scm_jvp, scm_loss, scm_target, tangent_warmup_ratio
 
 __all__ = [
+    "ConfigError",
     "DMDConfig",
     "LogNormalTime",
     "RCMConfig",
