@@ -68,7 +68,8 @@ def backward_simulation(student: Callable, context: Any, noise: Tensor, num_step
     num_steps = check_count(num_steps, "num_steps", 1)
     check_config(config, DMDConfig)
     check_context(context, noise, "context", "noise")
-    if times is None:
+    drawn = times is None
+    if drawn:
         times = rollout_times(batch, num_steps, config=config, generator=generator, device=noise.device)
     if not isinstance(times, Tensor) or not times.is_floating_point() or times.shape != (num_steps + 1, batch) \
             or times.device != noise.device:
@@ -76,9 +77,10 @@ def backward_simulation(student: Callable, context: Any, noise: Tensor, num_step
             else type(times).__name__
         raise ValueError(f"times must be a floating tensor [num_steps + 1, B] = [{num_steps + 1}, {batch}] on "
                          f"{noise.device}, got {got}")
-    check_time_range(times, "times")
-    if bool((times[1:] > times[:-1]).any()):
-        raise ValueError("times must be non-increasing along the rollout (dim 0): a step only removes noise")
+    if not drawn:  # (drawn times are valid by construction: no host syncs for them)
+        check_time_range(times, "times")
+        if bool((times[1:] > times[:-1]).any()):
+            raise ValueError("times must be non-increasing along the rollout (dim 0): a step only removes noise")
     x = noise
     for i in range(num_steps):
         last = i == num_steps - 1
