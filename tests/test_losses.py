@@ -84,7 +84,7 @@ def test_lognormal_time_is_arctan_of_lognormal_sigma():
     assert t.dtype == f64 and t.shape == (5000,)
     torch.testing.assert_close(t, torch.atan(torch.exp(0.7 + 1.6 * n)), rtol=0, atol=1e-12)
     assert (t >= 0).all() and (t < math.pi / 2).all()
-    # quantiles at n = -1, 0, 1 (RCM_METHOD §2.1): 0.386, 1.110, 1.471
+    # quantiles at n = -1, 0, 1 (docs/method.md §2.1): 0.386, 1.110, 1.471
     q = torch.quantile(t, torch.tensor([0.158655, 0.5, 0.841345], dtype=f64))
     torch.testing.assert_close(q, torch.tensor([0.386, 1.110, 1.471], dtype=f64), rtol=0, atol=0.03)
 

@@ -6,7 +6,7 @@ outputs finite and equal to fp64 math attention, for the forward, the tangent of
 (no-grad fused pass and the autograd.Function rule) and the gradients.
 
 Losses: sCM, DMD and the fake-score critic on tiny nonlinear velocity networks over random batches,
-shapes, times, guidance and scales: finite, equal to a direct transcription of RCM_METHOD.md's
+shapes, times, guidance and scales: finite, equal to a direct transcription of docs/method.md's
 formulas (values and parameter gradients), and a non-finite sample changes nothing for the others.
 """
 
@@ -191,7 +191,7 @@ def guided(net, w, negative):
 
 
 def denoise(v_of, x_t, t, context):
-    """RCM_METHOD.md §1.4 written out: x_ρ = x_t/(c + s), ρ = s/(c + s), v = net(x_ρ, 1000ρ);
+    """docs/method.md §1.4 written out: x_ρ = x_t/(c + s), ρ = s/(c + s), v = net(x_ρ, 1000ρ);
     x̂0 = (x_t − s v)/(c + s), F = ((c − s) x_t + v)/(c + s)."""
     c, s = _b(torch.cos(t), x_t), _b(torch.sin(t), x_t)
     v = v_of(x_t / (c + s), 1000 * torch.sin(t) / (torch.cos(t) + torch.sin(t)), context)
@@ -349,3 +349,19 @@ def test_fake_score_loss_matches_the_formula(case, cap):
     expected.sum().backward()
     for grad, expected_grad in zip(grads, _grads(fake)):
         _rel_close(grad, expected_grad, case["dtype"], "critic gradient")
+
+    # non-finite samples: loss and gradient exactly 0 for them, the others' gradient that of `expected` alone
+    if any(case["bad"]):
+        _zero_grads(fake)
+        bad_G, mask = _with_bad_samples(G, case["bad"])
+        guarded, diagnostics = fake_score_loss(bad_G, fake, ctx, config=config, t=t, noise=noise)
+        assert int(diagnostics["nonfinite"]) == int(mask.sum()) and torch.isfinite(guarded).all()
+        assert torch.equal(guarded[mask], torch.zeros_like(guarded[mask]))
+        _rel_close(guarded[~mask].detach(), loss[~mask].detach(), case["dtype"], "other samples' critic loss")
+        guarded.sum().backward()
+        guarded_grads = _grads(fake)
+        _zero_grads(fake)
+        expected = weight * ((G64 - denoise(guided(fake, 1.0, None), x_D, t, ctx)[0]) ** 2).flatten(1).sum(1)
+        expected[~mask].sum().backward()
+        for grad, expected_grad in zip(guarded_grads, _grads(fake)):
+            _rel_close(grad, expected_grad, case["dtype"], "other samples' critic gradient")

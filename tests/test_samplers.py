@@ -50,7 +50,7 @@ def test_consistency_times():
     torch.testing.assert_close(consistency_times(1), torch.tensor([t_max, 0.0], dtype=f64))
     torch.testing.assert_close(consistency_times(4), torch.tensor([t_max, 1.5, 1.4, 1.0, 0.0], dtype=f64))
     assert consistency_times(1)[0] == pytest.approx(1.55830, abs=1e-5)
-    # the RF form of the inference script (RCM_METHOD §5.2)
+    # the RF form of the inference script (docs/method.md §5.2)
     rf = trig_to_rf(consistency_times(4))
     torch.testing.assert_close(rf, torch.tensor([0.98765, 0.93378, 0.85290, 0.60898, 0.0], dtype=f64),
                                rtol=0, atol=1e-5)

@@ -89,7 +89,7 @@ def test_scalings_and_their_time_derivatives():
     assert all(x.dtype == f64 for x in (c_skip, c_out, c_in, c_noise))
     torch.testing.assert_close(c_noise, 1000 * trig_to_rf(t.float().double()))
     torch.testing.assert_close(c_in, 1 / (c + s), rtol=1e-6, atol=0)  # t went through fp32
-    # derivatives the JVP needs (RCM_METHOD §1.4), from torch.func.jvp on the scaling function
+    # derivatives the JVP needs (docs/method.md §1.4), from torch.func.jvp on the scaling function
     _, dots = torch.func.jvp(lambda tt: tuple(trigflow_scalings(tt)), (t,), (torch.ones_like(t),))
     d_skip, d_out, d_in, d_noise = dots
     torch.testing.assert_close(d_in, (s - c) / (c + s) ** 2)

@@ -1,4 +1,4 @@
-"""Pure loss functions of rCM (RCM_METHOD.md §2-4): networks in, per-sample losses out.
+"""Pure loss functions of rCM (docs/method.md §2-4): networks in, per-sample losses out.
 
 Every loss takes networks called as ``net(x, timestep, context) -> v`` (use
 ``rcm.models.trigflow.FunctionalNet(module, params, buffers)`` to evaluate a module on explicit
@@ -8,6 +8,7 @@ detached diagnostics. Nothing holds state.
 """
 from rcm.losses.config import (
     RCM_PRESETS,
+    ConfigError,
     DMDConfig,
     LogNormalTime,
     RCMConfig,
@@ -16,7 +17,7 @@ from rcm.losses.config import (
 )
 from rcm.losses.dmd import backward_simulation, dmd_loss, fake_score_loss, rollout_times
 from rcm.losses.ema import ema_update_, power_ema_beta, power_ema_gamma
-from rcm.losses.rcm import (
+from rcm.losses.objectives import (
     critic_iteration_count,
     critic_loss,
     is_student_iteration,
@@ -28,6 +29,7 @@ from rcm.losses.rcm import (
 from rcm.losses.scm import normalize_tangent, scm_jvp, scm_loss, scm_target, tangent_warmup_ratio
 
 __all__ = [
+    "ConfigError",
     "DMDConfig",
     "LogNormalTime",
     "RCMConfig",

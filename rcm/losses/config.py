@@ -1,4 +1,4 @@
-"""Time distributions and loss configs, with the reference's Wan2.1 values (RCM_METHOD.md §5.1).
+"""Time distributions and loss configs, with the reference's Wan2.1 values (docs/method.md §5.1).
 
 Defaults are the 1.3B run; ``RCM_PRESETS`` holds both sizes:
 
@@ -15,16 +15,18 @@ sigma_max (80 / 200) are not loss settings; they live with the training loop and
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
-from typing import Union
+from typing import Any, Union
 
 import torch
 from torch import Tensor
 
-from rcm.losses.common import draw_normal, draw_uniform
+from rcm.losses.common import check_count, draw_normal, draw_uniform
 from rcm.models.trigflow import rf_to_trig, shift_rf_time
 
 __all__ = [
+    "ConfigError",
     "DMDConfig",
     "LogNormalTime",
     "RCMConfig",
@@ -32,6 +34,40 @@ __all__ = [
     "SCMConfig",
     "UniformShiftTime",
 ]
+
+
+class ConfigError(ValueError):
+    """A config dataclass refused one of its fields: ``config`` is the class name, ``field`` the field's
+    name (the CLI maps the pair to its flag), the message says what is wrong and starts with both."""
+
+    def __init__(self, config: str, field: str, message: str):
+        super().__init__(f"{config}.{field} {message}")
+        self.config, self.field = config, field
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_real(obj: Any, name: str, *, minimum: float = -math.inf, strict: bool = False) -> None:
+    """``obj.name`` is a finite real number >= minimum (> minimum with ``strict``)."""
+    value = getattr(obj, name)
+    if not _is_real(value) or value < minimum or (strict and value == minimum):
+        bound = "" if minimum == -math.inf else f" {'>' if strict else '>='} {minimum:g}"
+        raise ConfigError(type(obj).__name__, name, f"must be a finite number{bound}, got {value!r}")
+
+
+def _check_int(obj: Any, name: str, minimum: int) -> None:
+    value = getattr(obj, name)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ConfigError(type(obj).__name__, name, f"must be an int >= {minimum}, got {value!r}")
+
+
+def _check_type(obj: Any, name: str, types: tuple[type, ...]) -> None:
+    value = getattr(obj, name)
+    if not isinstance(value, types):
+        raise ConfigError(type(obj).__name__, name, f"must be a {' or '.join(t.__name__ for t in types)}, "
+                                                    f"got {type(value).__name__}")
 
 
 @dataclass(frozen=True)
@@ -44,10 +80,11 @@ class LogNormalTime:
     p_std: float = 1.6
 
     def __post_init__(self):
-        if not (math.isfinite(self.p_mean) and self.p_std > 0):
-            raise ValueError(f"LogNormalTime needs finite p_mean and p_std > 0, got {self}")
+        _check_real(self, "p_mean")
+        _check_real(self, "p_std", minimum=0, strict=True)
 
     def sample(self, batch_size: int, generator: torch.Generator | None, device="cpu") -> Tensor:
+        batch_size = check_count(batch_size, "batch_size", 1)
         n = draw_normal((batch_size,), generator, device, name="t").to(torch.float64)
         sigma = torch.exp(self.p_mean + self.p_std * n)
         rho = (sigma / (1 + sigma)).clamp(0.0, 1.0)
@@ -63,10 +100,10 @@ class UniformShiftTime:
     shift: float = 5.0
 
     def __post_init__(self):
-        if not (math.isfinite(self.shift) and self.shift > 0):
-            raise ValueError(f"UniformShiftTime.shift must be a positive float, got {self.shift}")
+        _check_real(self, "shift", minimum=0, strict=True)
 
     def sample(self, batch_size: int, generator: torch.Generator | None, device="cpu") -> Tensor:
+        batch_size = check_count(batch_size, "batch_size", 1)
         u = draw_uniform(batch_size, generator, device).to(torch.float64)
         return rf_to_trig(shift_rf_time(u, self.shift))
 
@@ -74,21 +111,15 @@ class UniformShiftTime:
 TimeDistribution = Union[LogNormalTime, UniformShiftTime]
 
 
-def _check_nonneg(obj, *names: str) -> None:
-    for name in names:
-        value = getattr(obj, name)
-        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-            raise ValueError(f"{type(obj).__name__}.{name} must be a finite number >= 0, got {value!r}")
-
-
 @dataclass(frozen=True)
 class SCMConfig:
-    """sCM distillation (RCM_METHOD.md §2).
+    """sCM distillation (docs/method.md §2).
 
     loss_scale: λ_CM multiplying the per-sample sum (100).
     guidance: teacher CFG weight w, applied for w > 1 against the negative prompt (5).
     tangent_warmup: iterations over which r = min(1, iteration/tangent_warmup) ramps (1000; 0: r = 1).
-    tangent_norm_eps: c in ĝ = g/(‖g‖ + c) (0.1).
+    tangent_norm_eps: c in ĝ = g/(‖g‖ + c) (0.1); > 0, since a zero tangent (a sample zeroed by the
+        non-finite guard) would give 0/0.
     time_dist: p_G.
     """
 
@@ -99,14 +130,16 @@ class SCMConfig:
     time_dist: TimeDistribution = field(default_factory=LogNormalTime)
 
     def __post_init__(self):
-        _check_nonneg(self, "loss_scale", "guidance", "tangent_norm_eps")
-        if not isinstance(self.tangent_warmup, int) or self.tangent_warmup < 0:
-            raise ValueError(f"SCMConfig.tangent_warmup must be an int >= 0, got {self.tangent_warmup!r}")
+        _check_real(self, "loss_scale", minimum=0)
+        _check_real(self, "guidance", minimum=0)
+        _check_int(self, "tangent_warmup", 0)
+        _check_real(self, "tangent_norm_eps", minimum=0, strict=True)
+        _check_type(self, "time_dist", (LogNormalTime, UniformShiftTime))
 
 
 @dataclass(frozen=True)
 class DMDConfig:
-    """DMD2 regularizer, student rollout and fake-score critic (RCM_METHOD.md §3).
+    """DMD2 regularizer, student rollout and fake-score critic (docs/method.md §3).
 
     loss_scale: λ_DMD (1); 0 turns the regularizer (and the critic phase) off: pure sCM.
     guidance: CFG weight of the teacher's "real" x̂0 (5).
@@ -114,7 +147,7 @@ class DMDConfig:
     max_simulation_steps: rollouts cycle through 1..max steps (4).
     fix_timesteps: use ``backward_timesteps`` as rollout mid-times instead of draws from p_D.
     backward_timesteps: fixed TrigFlow mid-times (1.5, 1.4, 1.0).
-    omega_min: floor of the mean-abs normalizer ω (1e-5).
+    omega_min: floor of the mean-abs normalizer ω (1e-5), > 0.
     critic_max_weight: cap on the critic's 1/sin²t weight. Below sin t ≈ 0.01 the loss mostly measures
         the network-input rounding amplified by 1/sin²t; the reference has no cap (None reproduces it,
         and an exact t = 0 draw then gives an infinite loss).
@@ -130,24 +163,35 @@ class DMDConfig:
     critic_max_weight: float | None = 1e4
 
     def __post_init__(self):
-        _check_nonneg(self, "loss_scale", "guidance", "omega_min")
-        if not isinstance(self.max_simulation_steps, int) or self.max_simulation_steps < 1:
-            raise ValueError(f"DMDConfig.max_simulation_steps must be an int >= 1, "
-                             f"got {self.max_simulation_steps!r}")
-        times = tuple(float(t) for t in self.backward_timesteps)
+        _check_real(self, "loss_scale", minimum=0)
+        _check_real(self, "guidance", minimum=0)
+        _check_type(self, "time_dist", (LogNormalTime, UniformShiftTime))
+        _check_int(self, "max_simulation_steps", 1)
+        _check_type(self, "fix_timesteps", (bool,))
+        given = self.backward_timesteps
+        if isinstance(given, (str, bytes)) or not hasattr(given, "__iter__") \
+                or not all(_is_real(t) for t in given):
+            raise ConfigError("DMDConfig", "backward_timesteps", f"must be a sequence of numbers, got {given!r}")
+        times = tuple(float(t) for t in given)
         if any(not 0 < t <= math.pi / 2 for t in times):
-            raise ValueError(f"DMDConfig.backward_timesteps must lie in (0, π/2], got {times}")
+            raise ConfigError("DMDConfig", "backward_timesteps", f"must lie in (0, π/2], got {times}")
+        if any(b > a for a, b in zip(times, times[1:])):
+            raise ConfigError("DMDConfig", "backward_timesteps",
+                              f"must be non-increasing (a rollout only removes noise), got {times}")
         object.__setattr__(self, "backward_timesteps", times)
         if self.fix_timesteps and len(times) < self.max_simulation_steps - 1:
-            raise ValueError(f"DMDConfig.backward_timesteps needs max_simulation_steps - 1 = "
-                             f"{self.max_simulation_steps - 1} times with fix_timesteps, got {times}")
-        if self.critic_max_weight is not None and not self.critic_max_weight > 0:
-            raise ValueError(f"DMDConfig.critic_max_weight must be > 0 or None, got {self.critic_max_weight}")
+            raise ConfigError("DMDConfig", "backward_timesteps", f"needs max_simulation_steps - 1 = "
+                              f"{self.max_simulation_steps - 1} times with fix_timesteps, got {times}")
+        _check_real(self, "omega_min", minimum=0, strict=True)
+        if self.critic_max_weight is not None:
+            value = self.critic_max_weight
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
+                raise ConfigError("DMDConfig", "critic_max_weight", f"must be > 0 or None, got {value!r}")
 
 
 @dataclass(frozen=True)
 class RCMConfig:
-    """rCM = sCM + DMD2 regularizer, with the phase schedule of RCM_METHOD.md §3.1.
+    """rCM = sCM + DMD2 regularizer, with the phase schedule of docs/method.md §3.1.
 
     student_update_freq: after warmup, one student iteration per ``student_update_freq`` iterations,
     critic iterations in between (5 for 1.3B, 10 for 14B).
@@ -158,9 +202,9 @@ class RCMConfig:
     student_update_freq: int = 5
 
     def __post_init__(self):
-        if not isinstance(self.student_update_freq, int) or self.student_update_freq < 1:
-            raise ValueError(f"RCMConfig.student_update_freq must be an int >= 1, "
-                             f"got {self.student_update_freq!r}")
+        _check_type(self, "scm", (SCMConfig,))
+        _check_type(self, "dmd", (DMDConfig,))
+        _check_int(self, "student_update_freq", 1)
 
     @property
     def dmd_enabled(self) -> bool:

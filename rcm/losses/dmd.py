@@ -1,4 +1,4 @@
-"""DMD2-style reverse-divergence regularizer: student rollout, DMD loss, fake-score critic (RCM_METHOD.md §3).
+"""DMD2-style reverse-divergence regularizer: student rollout, DMD loss, fake-score critic (docs/method.md §3).
 
     rollout  t_0 = π/2, x = ε;  x̂0 = f_θ(x, t_i);  x ← c_{i+1} x̂0 + s_{i+1} z  …  G = x̂0 at the last step
     DMD      t ~ p_D, x^D = c G + s ε;  ω = max(mean|G − x̂0_real|, 1e-5);  Δ = (x̂0_fake − x̂0_real)/ω
@@ -13,9 +13,18 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from rcm.losses.common import check_sample, draw_normal, draw_time_and_noise, per_sample, per_sample_sum
+from rcm.losses.common import (
+    check_callable,
+    check_config,
+    check_context,
+    check_count,
+    check_sample,
+    draw_normal,
+    draw_time_and_noise,
+    per_sample_sum,
+)
 from rcm.losses.config import DMDConfig
-from rcm.models.trigflow import classifier_free_guidance, trigflow_denoise
+from rcm.models.trigflow import check_time_range, classifier_free_guidance, per_sample, trigflow_denoise
 from rcm.timing import phase
 
 __all__ = ["backward_simulation", "dmd_loss", "fake_score_loss", "rollout_times"]
@@ -27,8 +36,9 @@ def rollout_times(batch_size: int, num_steps: int, *, config: DMDConfig = DMDCon
 
     Mid-times are fresh draws t'_i ~ p_D made non-increasing, t_i = min(t'_i, t_{i−1}), or the fixed
     ``config.backward_timesteps`` with ``config.fix_timesteps``."""
-    if not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}")
+    batch_size = check_count(batch_size, "batch_size", 1)
+    num_steps = check_count(num_steps, "num_steps", 1)
+    check_config(config, DMDConfig)
     times = [torch.full((batch_size,), math.pi / 2, dtype=torch.float64, device=device)]
     for i in range(1, num_steps):
         if config.fix_timesteps:
@@ -53,12 +63,24 @@ def backward_simulation(student: Callable, context: Any, noise: Tensor, num_step
     Gradients flow only through the last student call, and only when ``with_grad``: the trajectory
     itself is a stop-gradient.
     """
+    check_callable(student, "student")
     batch = check_sample(noise, "noise")
-    if times is None:
+    num_steps = check_count(num_steps, "num_steps", 1)
+    check_config(config, DMDConfig)
+    check_context(context, noise, "context", "noise")
+    drawn = times is None
+    if drawn:
         times = rollout_times(batch, num_steps, config=config, generator=generator, device=noise.device)
-    if not isinstance(times, Tensor) or times.shape != (num_steps + 1, batch):
-        raise ValueError(f"times must be a tensor [num_steps + 1, B] = [{num_steps + 1}, {batch}], got "
-                         f"{tuple(times.shape) if isinstance(times, Tensor) else type(times).__name__}")
+    if not isinstance(times, Tensor) or not times.is_floating_point() or times.shape != (num_steps + 1, batch) \
+            or times.device != noise.device:
+        got = f"{tuple(times.shape)} {times.dtype} on {times.device}" if isinstance(times, Tensor) \
+            else type(times).__name__
+        raise ValueError(f"times must be a floating tensor [num_steps + 1, B] = [{num_steps + 1}, {batch}] on "
+                         f"{noise.device}, got {got}")
+    if not drawn:  # (drawn times are valid by construction: no host syncs for them)
+        check_time_range(times, "times")
+        if bool((times[1:] > times[:-1]).any()):
+            raise ValueError("times must be non-increasing along the rollout (dim 0): a step only removes noise")
     x = noise
     for i in range(num_steps):
         last = i == num_steps - 1
@@ -67,7 +89,7 @@ def backward_simulation(student: Callable, context: Any, noise: Tensor, num_step
         finite = torch.isfinite(x).flatten(1).all(1)
         x = torch.where(per_sample(finite, x), x, 0.0)
         with torch.set_grad_enabled(with_grad and last):
-            x0 = trigflow_denoise(student, x, times[i], context).x0.to(torch.float32)
+            x0 = trigflow_denoise(student, x, times[i], context, name="student").x0.to(torch.float32)
             x0 = torch.where(per_sample(finite, x0), x0, math.nan)
         if not last:
             z = draw_normal(noise.shape, generator, noise.device, name="rollout noise")
@@ -86,12 +108,17 @@ def dmd_loss(G: Tensor, teacher: Callable, fake_score: Callable, context: Any, n
     t [B] ~ p_D and noise (shape of G): the draws, from ``generator`` when not given (t first).
     Diagnostics (detached): ``omega`` [B], ``nonfinite`` (samples zeroed by the guard).
     """
+    check_config(config, DMDConfig)
+    check_callable(teacher, "teacher")
+    check_callable(fake_score, "fake_score")
     t, noise = draw_time_and_noise(G, "G", config.time_dist, generator, t, noise)
+    check_context(context, G, "context", "G")
+    check_context(negative_context, G, "negative_context", "G")
     x_D = per_sample(torch.cos(t), G) * G.to(torch.float64) + per_sample(torch.sin(t), G) * noise
     with phase("dmd.scores"), torch.no_grad():
-        x0_fake = trigflow_denoise(fake_score, x_D, t, context).x0
-        teacher_guided = classifier_free_guidance(teacher, config.guidance, negative_context)
-        x0_real = trigflow_denoise(teacher_guided, x_D, t, context).x0
+        x0_fake = trigflow_denoise(fake_score, x_D, t, context, name="fake_score").x0
+        teacher_guided = classifier_free_guidance(teacher, config.guidance, negative_context, name="teacher")
+        x0_real = trigflow_denoise(teacher_guided, x_D, t, context, name="teacher").x0
         G_detached = G.detach().to(torch.float64)
         omega = (G_detached - x0_real).abs().flatten(1).mean(1).clamp_min(config.omega_min)
         delta = (x0_fake - x0_real) / per_sample(omega, G)
@@ -113,15 +140,29 @@ def fake_score_loss(G: Tensor, fake_score: Callable, context: Any, *, config: DM
 
     ``G`` is detached; gradients flow into ``fake_score``. The weight 1/sin² t is capped at
     ``config.critic_max_weight`` (None: uncapped, the reference). Conditional only, no loss scale.
-    Diagnostics: ``weight`` [B].
+    A sample with any non-finite value (in G, ε or the fake score's output) gets loss and gradient
+    exactly 0, as in the sCM and DMD losses.
+    Diagnostics: ``weight`` [B], ``nonfinite`` (samples zeroed by the guard).
     """
-    G = G.detach()
+    check_config(config, DMDConfig)
+    check_callable(fake_score, "fake_score")
+    G = G.detach() if isinstance(G, Tensor) else G
     t, noise = draw_time_and_noise(G, "G", config.time_dist, generator, t, noise)
+    check_context(context, G, "context", "G")
     x_D = per_sample(torch.cos(t), G) * G.to(torch.float64) + per_sample(torch.sin(t), G) * noise
+    # A non-finite sample never reaches the network: its zero loss gradient times NaN activations would
+    # still poison every weight gradient (0·NaN in the weight-gradient matmuls).
+    finite_input = torch.isfinite(x_D).flatten(1).all(1)
+    x_D = torch.where(per_sample(finite_input, x_D), x_D, 0.0)
     with phase("critic.forward"):
-        x0_fake = trigflow_denoise(fake_score, x_D, t, context).x0
+        x0_fake = trigflow_denoise(fake_score, x_D, t, context, name="fake_score").x0
     weight = 1 / torch.sin(t) ** 2
     if config.critic_max_weight is not None:
         weight = weight.clamp_max(config.critic_max_weight)
-    loss = weight * per_sample_sum((G.to(torch.float64) - x0_fake) ** 2)
-    return loss, {"weight": weight}
+    residual = G.to(torch.float64) - x0_fake
+    # mask before squaring (torch.where passes a zero gradient to the masked branch), then the loss itself
+    # (an uncapped weight at t = 0 is inf, and inf·0 is NaN)
+    finite = finite_input & torch.isfinite(residual.detach()).flatten(1).all(1)
+    residual = torch.where(per_sample(finite, residual), residual, 0.0)
+    loss = torch.where(finite, weight * per_sample_sum(residual ** 2), 0.0)
+    return loss, {"weight": weight, "nonfinite": (~finite).sum()}

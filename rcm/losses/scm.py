@@ -1,4 +1,4 @@
-"""sCM loss: continuous-time consistency distillation through an exact JVP (RCM_METHOD.md §2).
+"""sCM loss: continuous-time consistency distillation through an exact JVP (docs/method.md §2).
 
     t ~ p_G,  ε ~ N(0, I),  x_t = c x0 + s ε                                           (float64)
     F_tea = F_u + w (F_c − F_u)                                    teacher PF-ODE velocity, no grad
@@ -14,12 +14,24 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import math
+import numbers
+
 import torch
 from torch import Tensor
 
-from rcm.losses.common import draw_time_and_noise, per_sample, per_sample_sum
+from rcm.losses.common import (
+    check_callable,
+    check_config,
+    check_context,
+    check_count,
+    check_like,
+    check_sample,
+    draw_time_and_noise,
+    per_sample_sum,
+)
 from rcm.losses.config import SCMConfig
-from rcm.models.trigflow import classifier_free_guidance, trigflow_denoise
+from rcm.models.trigflow import check_time, classifier_free_guidance, per_sample, trigflow_denoise
 from rcm.timing import phase
 
 __all__ = ["normalize_tangent", "scm_jvp", "scm_loss", "scm_target", "tangent_warmup_ratio"]
@@ -27,13 +39,16 @@ __all__ = ["normalize_tangent", "scm_jvp", "scm_loss", "scm_target", "tangent_wa
 
 def tangent_warmup_ratio(iteration: int, tangent_warmup: int) -> float:
     """r = min(1, iteration/tangent_warmup), or 1 without warmup (§2.4)."""
-    if iteration < 0:
-        raise ValueError(f"iteration must be >= 0, got {iteration}")
-    return 1.0 if tangent_warmup <= 0 else min(1.0, iteration / tangent_warmup)
+    iteration = check_count(iteration, "iteration")
+    tangent_warmup = check_count(tangent_warmup, "tangent_warmup")
+    return 1.0 if tangent_warmup == 0 else min(1.0, iteration / tangent_warmup)
 
 
 def normalize_tangent(g: Tensor, eps: float = 0.1) -> Tensor:
     """ĝ = g/(‖g‖₂ + eps), the L2 norm per sample over all of C, T, H, W, in float64 (§2.6)."""
+    check_sample(g, "g")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
     g = g.to(torch.float64)
     return g / per_sample(g.flatten(1).norm(dim=1) + eps, g)
 
@@ -44,11 +59,14 @@ def scm_jvp(student: Callable, x_t: Tensor, t: Tensor, context: Any, F_teacher: 
     One ``torch.func.jvp`` of the whole student denoiser (wrapper + network) w.r.t. (x_t, t) with the
     tangents pre-multiplied by c s (sCM's "JVP rearrangement"): (c s F_tea, c s). The primal is dropped.
     """
+    check_callable(student, "student")
+    check_time(t, check_sample(x_t, "x_t"), "t")
+    check_like(F_teacher, x_t, "F_teacher", "x_t")
     x_t, t = x_t.to(torch.float64), t.to(torch.float64)
     cs = torch.cos(t) * torch.sin(t)
 
     def student_F(x: Tensor, time: Tensor) -> Tensor:
-        return trigflow_denoise(student, x, time, context).F
+        return trigflow_denoise(student, x, time, context, name="student").F
 
     with torch.no_grad():
         _, cs_dF_dt = torch.func.jvp(student_F, (x_t, t), (per_sample(cs, x_t) * F_teacher, cs))
@@ -65,9 +83,14 @@ def scm_target(x_t: Tensor, t: Tensor, F_teacher: Tensor, F_minus: Tensor, cs_dF
     The warmup form (r only on the x_t term, first coefficient c √(1 − r² s²), the JVP term never
     scaled) is the reference's, not the sCM paper's.
     """
+    check_time(t, check_sample(x_t, "x_t"), "t")
+    for name, value in (("F_teacher", F_teacher), ("F_minus", F_minus), ("cs_dF_dt", cs_dF_dt)):
+        check_like(value, x_t, name, "x_t")
+    r = warmup_ratio
+    if isinstance(r, bool) or not isinstance(r, numbers.Real) or not 0 <= r <= 1:
+        raise ValueError(f"warmup_ratio must be a number in [0, 1], got {r!r}")
     t = t.to(torch.float64)
     c, s = per_sample(torch.cos(t), x_t), per_sample(torch.sin(t), x_t)
-    r = warmup_ratio
     return -c * torch.sqrt(1 - (r * s) ** 2) * (F_minus - F_teacher) - r * c * s * x_t - cs_dF_dt
 
 
@@ -89,7 +112,15 @@ def scm_loss(student: Callable, teacher: Callable, x0: Tensor, context: Any, neg
     Diagnostics (detached): ``g_norm`` [B] (‖g‖ before normalization), ``nonfinite`` (number of
     samples zeroed by the guard), ``warmup_ratio`` r.
     """
+    check_config(config, SCMConfig)
+    check_callable(student, "student")
+    check_callable(teacher, "teacher")
+    if jvp is not None:
+        check_callable(jvp, "jvp")
+    r = tangent_warmup_ratio(iteration, config.tangent_warmup)
     t, noise = draw_time_and_noise(x0, "x0", config.time_dist, generator, t, noise)
+    check_context(context, x0, "context", "x0")
+    check_context(negative_context, x0, "negative_context", "x0")
     x_t = per_sample(torch.cos(t), x0) * x0.to(torch.float64) + per_sample(torch.sin(t), x0) * noise.to(torch.float64)
     # A non-finite input sample never reaches a network: its zero loss gradient times NaN activations
     # would still poison every weight gradient (0·NaN in the weight-gradient matmuls). It is zeroed
@@ -98,15 +129,15 @@ def scm_loss(student: Callable, teacher: Callable, x0: Tensor, context: Any, neg
     x_t = torch.where(per_sample(finite_input, x_t), x_t, 0.0)
 
     with phase("scm.teacher"), torch.no_grad():
-        teacher_guided = classifier_free_guidance(teacher, config.guidance, negative_context)
-        F_teacher = trigflow_denoise(teacher_guided, x_t, t, context).F
+        teacher_guided = classifier_free_guidance(teacher, config.guidance, negative_context, name="teacher")
+        F_teacher = trigflow_denoise(teacher_guided, x_t, t, context, name="teacher").F
     with phase("scm.jvp"):
         jvp = jvp if jvp is not None else (lambda *args: scm_jvp(student, *args))
         cs_dF_dt = jvp(x_t, t, context, F_teacher)  # before the grad forward: lower peak memory
+        check_like(cs_dF_dt, x_t, "the output of jvp (c s dF/dt)", "x_t")
     with phase("scm.student_forward"):
-        F_theta = trigflow_denoise(student, x_t, t, context).F  # separate forward, with grad
+        F_theta = trigflow_denoise(student, x_t, t, context, name="student").F  # separate forward, with grad
     F_minus = F_theta.detach()
-    r = tangent_warmup_ratio(iteration, config.tangent_warmup)
     g = scm_target(x_t, t, F_teacher, F_minus, cs_dF_dt, warmup_ratio=r)
 
     # A non-finite g or F_θ zeroes that sample's g, F_θ and F_θ⁻: its loss and gradient are exactly 0.

@@ -1,4 +1,4 @@
-"""TrigFlow ⇄ rectified-flow wrapper (RCM_METHOD.md §1).
+"""TrigFlow ⇄ rectified-flow wrapper (docs/method.md §1).
 
 One noise level, three clocks:
 
@@ -25,6 +25,7 @@ A *network* is anything called as ``net(x, timestep, context) -> v``: an ``nn.Mo
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Callable, Mapping, NamedTuple, Union
 
 import torch
@@ -38,9 +39,11 @@ __all__ = [
     "GuidedNet",
     "TrigFlowScalings",
     "check_time",
+    "check_time_range",
     "classifier_free_guidance",
     "network_dtype",
     "network_velocity",
+    "per_sample",
     "rf_to_sigma",
     "rf_to_trig",
     "shift_rf_time",
@@ -58,34 +61,43 @@ TimeLike = Union[Tensor, float]
 
 
 # ------------------------------------------------------------------------------------------------
-# Time maps (RCM_METHOD.md §1.3). Tensors in, tensors out; a Python float becomes a float64 scalar.
+# Time maps (docs/method.md §1.3). Tensors in, tensors out; a Python float becomes a float64 scalar.
 
 
-def _as_tensor(x: TimeLike) -> Tensor:
-    return x if isinstance(x, Tensor) else torch.tensor(float(x), dtype=torch.float64)
+def _as_tensor(x: TimeLike, name: str) -> Tensor:
+    """A float tensor of ``x``: floating tensors as they are, integer tensors and Python numbers as float64."""
+    if isinstance(x, Tensor):
+        if x.is_floating_point():
+            return x
+        if x.is_complex() or x.dtype == torch.bool:
+            raise ValueError(f"{name} must be a real tensor or number, got a {x.dtype} tensor")
+        return x.to(torch.float64)
+    if isinstance(x, numbers.Real) and not isinstance(x, bool):
+        return torch.tensor(float(x), dtype=torch.float64)
+    raise ValueError(f"{name} must be a tensor or a number, got {type(x).__name__}")
 
 
 def sigma_to_rf(sigma: TimeLike) -> Tensor:
     """ρ = σ/(1 + σ)."""
-    sigma = _as_tensor(sigma)
+    sigma = _as_tensor(sigma, "sigma")
     return sigma / (1 + sigma)
 
 
 def rf_to_sigma(rho: TimeLike) -> Tensor:
     """σ = ρ/(1 − ρ), with ρ clamped to [0, 1 − ε_dtype] so that ρ = 1 stays finite (t < π/2)."""
-    rho = _as_tensor(rho)
+    rho = _as_tensor(rho, "rho")
     rho = rho.clamp(0.0, 1.0 - torch.finfo(rho.dtype).eps)
     return rho / (1 - rho)
 
 
 def sigma_to_trig(sigma: TimeLike) -> Tensor:
     """t = arctan σ (σ = inf gives π/2)."""
-    return torch.atan(_as_tensor(sigma))
+    return torch.atan(_as_tensor(sigma, "sigma"))
 
 
 def trig_to_sigma(t: TimeLike) -> Tensor:
     """σ = tan t."""
-    return torch.tan(_as_tensor(t))
+    return torch.tan(_as_tensor(t, "t"))
 
 
 def rf_to_trig(rho: TimeLike) -> Tensor:
@@ -95,21 +107,23 @@ def rf_to_trig(rho: TimeLike) -> Tensor:
 
 def trig_to_rf(t: TimeLike) -> Tensor:
     """ρ = sin t/(sin t + cos t) (= tan t/(1 + tan t), finite at t = π/2)."""
-    t = _as_tensor(t)
+    t = _as_tensor(t, "t")
     s = torch.sin(t)
     return s / (s + torch.cos(t))
 
 
 def shift_rf_time(rho: TimeLike, shift: float) -> Tensor:
     """Wan's time shift ρ' = Sρ/(1 + (S − 1)ρ); identity for S ≤ 0. Its inverse is a shift by 1/S."""
-    rho = _as_tensor(rho)
+    rho = _as_tensor(rho, "rho")
+    if isinstance(shift, bool) or not isinstance(shift, numbers.Real) or not math.isfinite(shift):
+        raise ValueError(f"shift must be a finite number, got {shift!r}")
     if shift <= 0:
         return rho
     return shift * rho / (1 + (shift - 1) * rho)
 
 
 # ------------------------------------------------------------------------------------------------
-# Denoiser (RCM_METHOD.md §1.4)
+# Denoiser (docs/method.md §1.4)
 
 
 class TrigFlowScalings(NamedTuple):
@@ -119,9 +133,9 @@ class TrigFlowScalings(NamedTuple):
     c_noise: Tensor
 
 
-def trigflow_scalings(t: Tensor) -> TrigFlowScalings:
+def trigflow_scalings(t: TimeLike) -> TrigFlowScalings:
     """EDM-style preconditioning of a Wan RF network in TrigFlow time, in float64 (shape of ``t``)."""
-    t = t.to(torch.float64)
+    t = _as_tensor(t, "t").to(torch.float64)
     c, s = torch.cos(t), torch.sin(t)
     c_in = 1 / (c + s)  # x_ρ = x_t/(c + s)
     return TrigFlowScalings(c_skip=c_in, c_out=-s / (c + s), c_in=c_in,
@@ -148,45 +162,78 @@ def network_dtype(net: Any) -> torch.dtype | None:
     return None
 
 
-def network_velocity(net: Callable, x: Tensor, timestep: Tensor, context: Any) -> Tensor:
+def _describe(x: Any) -> str:
+    return f"{tuple(x.shape)} {x.dtype} on {x.device}" if isinstance(x, Tensor) else type(x).__name__
+
+
+def _check_output(v: Any, x: Tensor, name: str) -> None:
+    """A network's velocity is a floating tensor of its input's shape on its input's device: a wrong batch
+    would otherwise broadcast silently through the losses."""
+    if not isinstance(v, Tensor) or not v.is_floating_point() or v.shape != x.shape or v.device != x.device:
+        raise ValueError(f"{name} returned {_describe(v)}; expected a floating tensor of its input's shape "
+                         f"{tuple(x.shape)} on {x.device}")
+
+
+def network_velocity(net: Callable, x: Tensor, timestep: Tensor, context: Any, *, name: str = "network") -> Tensor:
     """``v = net(x, timestep, context)`` under the precision policy; returns float64.
 
     ``x`` is cast to the network's dtype (bf16 on GPU). ``timestep`` (c_noise = 1000ρ) goes in at
     least fp32: the reference rounds it to bf16 too, which is ``WanConfig.bf16_timestep``, the
     network's own flag. The output goes to fp32 (the reference's cast), then float64.
+    ``name`` (e.g. "student") names the network in the ValueError raised when its output is not a
+    floating tensor of ``x``'s shape.
     """
     dtype = network_dtype(net)
     if dtype is not None:
         x = x.to(dtype)
         timestep = timestep.to(torch.promote_types(dtype, torch.float32))
     v = net(x, timestep, context)
+    _check_output(v, x, name)
     return v.to(torch.promote_types(v.dtype, torch.float32)).to(torch.float64)
 
 
-def _per_sample(t: Tensor, x: Tensor) -> Tensor:
-    """[B] → [B, 1, ..., 1] to broadcast over C, T, H, W."""
-    return t.reshape(-1, *([1] * (x.ndim - 1)))
+def per_sample(values: Tensor, x: Tensor) -> Tensor:
+    """Per-sample values [B] viewed as [B, 1, ..., 1], to broadcast over every other dim of ``x`` [B, ...]."""
+    if values.shape != x.shape[:1]:
+        raise ValueError(f"per-sample values must have shape [B]=[{x.shape[0]}] to broadcast over "
+                         f"{tuple(x.shape)}, got {tuple(values.shape)}")
+    return values.reshape(-1, *([1] * (x.ndim - 1)))
 
 
 def check_time(t: Any, batch_size: int, name: str = "t") -> None:
-    """A time is a floating tensor [B]: one per sample."""
+    """A time is a floating tensor [B]: one per sample. (Its range: ``check_time_range``.)"""
     if not isinstance(t, Tensor) or not t.is_floating_point() or t.ndim != 1 or t.shape[0] != batch_size:
         got = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, Tensor) else type(t).__name__
         raise ValueError(f"{name} must be a floating tensor of shape [B]=[{batch_size}] (one time per "
                          f"sample), got {got}")
 
 
-def trigflow_denoise(net: Callable, x_t: Tensor, t: Tensor, context: Any) -> Denoised:
-    """x̂0 and F of network ``net`` at TrigFlow state ``x_t`` [B, ...] and time ``t`` [B] (float64)."""
+def check_time_range(t: Tensor, name: str = "t") -> None:
+    """TrigFlow times lie in [0, π/2] (π/2 rounded up in ``t``'s dtype: float32(π/2) > π/2); NaN does not.
+
+    A data-dependent check (one host sync): the losses and samplers run it once on entry, not on every
+    network call."""
+    upper = math.pi / 2 * (1 + torch.finfo(t.dtype).eps)
+    if not bool(((t >= 0) & (t <= upper)).all()):
+        bad = t[~((t >= 0) & (t <= upper))]
+        raise ValueError(f"{name} must lie in [0, π/2] (TrigFlow time), got {bad[:4].tolist()}"
+                         f"{' ...' if bad.numel() > 4 else ''}")
+
+
+def trigflow_denoise(net: Callable, x_t: Tensor, t: Tensor, context: Any, *, name: str = "network") -> Denoised:
+    """x̂0 and F of network ``net`` at TrigFlow state ``x_t`` [B, ...] and time ``t`` [B] (float64).
+
+    ``name`` names the network in the error raised when its output does not have ``x_t``'s shape. The
+    range of ``t`` is not checked here (a host sync per call): callers check it on entry."""
     if not isinstance(x_t, Tensor) or not x_t.is_floating_point() or x_t.ndim < 2:
         raise ValueError(f"x_t must be a floating tensor [B, ...], got "
                          f"{tuple(x_t.shape) if isinstance(x_t, Tensor) else type(x_t).__name__}")
     check_time(t, x_t.shape[0], "t")
     x_t, t = x_t.to(torch.float64), t.to(torch.float64)
     c_skip, c_out, c_in, c_noise = trigflow_scalings(t)
-    v = network_velocity(net, _per_sample(c_in, x_t) * x_t, c_noise, context)
-    c, s = _per_sample(torch.cos(t), x_t), _per_sample(torch.sin(t), x_t)
-    x0 = _per_sample(c_skip, x_t) * x_t + _per_sample(c_out, x_t) * v
+    v = network_velocity(net, per_sample(c_in, x_t) * x_t, c_noise, context, name=name)
+    c, s = per_sample(torch.cos(t), x_t), per_sample(torch.sin(t), x_t)
+    x0 = per_sample(c_skip, x_t) * x_t + per_sample(c_out, x_t) * v
     F = ((c - s) * x_t + v) / (c + s)  # = (c x_t − x̂0)/s without the cancellation at small s
     return Denoised(x0=x0, F=F)
 
@@ -219,34 +266,40 @@ class GuidedNet(NamedTuple):
     """Classifier-free guidance on the velocity: v = v_u + w (v_c − v_u), combined in float64.
 
     x̂0 and F are affine in v with the same coefficients, so this is also CFG on x̂0 and on F
-    (the reference's form, RCM_METHOD.md §2.2, §3.3). Build with ``classifier_free_guidance``."""
+    (the reference's form, docs/method.md §2.2, §3.3). Build with ``classifier_free_guidance``."""
 
     net: Callable
     negative_context: Any
     guidance: float
+    name: str = "network"  # for the output-shape errors of either pass
 
     def __call__(self, x: Tensor, timestep: Tensor, context: Any) -> Tensor:
-        v_cond = self.net(x, timestep, context).to(torch.float64)
-        v_uncond = self.net(x, timestep, self.negative_context).to(torch.float64)
-        return v_uncond + self.guidance * (v_cond - v_uncond)
+        v_cond = self.net(x, timestep, context)
+        _check_output(v_cond, x, f"{self.name} (conditional pass)")
+        v_uncond = self.net(x, timestep, self.negative_context)
+        _check_output(v_uncond, x, f"{self.name} (negative pass)")
+        return v_uncond.to(torch.float64) + self.guidance * (v_cond.to(torch.float64) - v_uncond.to(torch.float64))
 
     @property
     def dtype(self) -> torch.dtype | None:
         return network_dtype(self.net)
 
 
-def classifier_free_guidance(net: Callable, guidance: float, negative_context: Any) -> Callable:
+def classifier_free_guidance(net: Callable, guidance: float, negative_context: Any, *,
+                             name: str = "network") -> Callable:
     """``net`` guided with weight ``guidance`` against ``negative_context`` (the negative prompt).
 
-    Guidance applies only for w > 1 (the reference's rule); w ≤ 1 returns ``net`` unchanged
-    (conditional only). A missing negative context with w > 1 is an error: the reference silently
-    turns CFG off in that case (RCM_METHOD.md §10.11).
+    Guidance applies only for w > 1 (the reference's rule); 0 ≤ w ≤ 1 returns ``net`` unchanged
+    (conditional only); w < 0 has no meaning and is an error. A missing negative context with w > 1 is
+    an error: the reference silently turns CFG off in that case (docs/method.md §10.11).
+    ``name`` names the network in output-shape errors.
     """
-    if not math.isfinite(guidance):
-        raise ValueError(f"guidance must be finite, got {guidance}")
+    if isinstance(guidance, bool) or not isinstance(guidance, numbers.Real) or not math.isfinite(guidance) \
+            or guidance < 0:
+        raise ValueError(f"guidance must be a finite number >= 0, got {guidance!r}")
     if guidance <= 1:
         return net
     if negative_context is None:
         raise ValueError(f"negative_context is required for classifier-free guidance {guidance} > 1 "
                          f"(pass the negative-prompt embedding, or guidance=1 to disable CFG)")
-    return GuidedNet(net, negative_context, float(guidance))
+    return GuidedNet(net, negative_context, float(guidance), name)

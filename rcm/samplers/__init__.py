@@ -1,4 +1,4 @@
-"""Samplers (RCM_METHOD.md §5.2-5.3): short free functions over (callable, noise, times).
+"""Samplers (docs/method.md §5.2-5.3): short free functions over (callable, noise, times).
 
 Student:  ``sample_consistency(student_denoiser(net, ctx), noise, consistency_times(4), generator=g)``
 Teacher:  ``sample_unipc(teacher_velocity(net, ctx, guidance=5, negative_context=neg), noise,

@@ -1,4 +1,4 @@
-"""Few-step consistency sampler of the distilled student, TrigFlow form (RCM_METHOD.md §5.2).
+"""Few-step consistency sampler of the distilled student, TrigFlow form (docs/method.md §5.2).
 
     x = z;  for t_i in [arctan σ_max, mid…]:  x̂0 = f(x, t_i);  x ← cos t_{i+1} x̂0 + sin t_{i+1} z_i
     return x̂0 at the last step (t_N = 0), through nan_to_num
@@ -10,7 +10,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from rcm.models.trigflow import trigflow_denoise
+from rcm.models.trigflow import check_time_range, per_sample, trigflow_denoise
 
 __all__ = ["sample_consistency", "student_denoiser"]
 
@@ -19,13 +19,14 @@ Denoiser = Callable[[Tensor, Tensor], Tensor]  # (x_t [B, ...], t [B]) -> x̂0
 
 def student_denoiser(net: Callable, context: Any) -> Denoiser:
     """The consistency function f(x_t, t) = x̂0 of a network ``net(x, timestep, context) -> v``."""
-    return lambda x_t, t: trigflow_denoise(net, x_t, t, context).x0
+    return lambda x_t, t: trigflow_denoise(net, x_t, t, context, name="student").x0
 
 
 def _check_times(times: Tensor, name: str) -> None:
-    if not isinstance(times, Tensor) or times.ndim != 1 or times.numel() < 2:
-        raise ValueError(f"{name} must be a 1-D tensor of at least 2 times, got "
-                         f"{tuple(times.shape) if isinstance(times, Tensor) else type(times).__name__}")
+    if not isinstance(times, Tensor) or not times.is_floating_point() or times.ndim != 1 or times.numel() < 2:
+        raise ValueError(f"{name} must be a floating 1-D tensor of at least 2 times, got "
+                         f"{f'{tuple(times.shape)} {times.dtype}' if isinstance(times, Tensor) else type(times).__name__}")
+    check_time_range(times, name)
     if times[-1] != 0 or (times[1:] > times[:-1]).any():
         raise ValueError(f"{name} must be non-increasing and end at 0, got {times.tolist()}")
 
@@ -47,15 +48,20 @@ def sample_consistency(denoiser: Denoiser, noise: Tensor, times: Tensor, *,
     num_steps = times.numel() - 1
     if num_steps > 1 and not isinstance(generator, torch.Generator):
         raise ValueError("generator must be a torch.Generator for the re-noising of a multi-step sampler")
+    if progress is not None and not callable(progress):
+        raise ValueError(f"progress must be callable(step, num_steps), got {type(progress).__name__}")
     times = times.to(device=noise.device, dtype=torch.float64)
     batch = noise.shape[0]
-    view = (-1, *([1] * (noise.ndim - 1)))
     x = noise.to(torch.float64)
     for i in range(num_steps):
-        x0 = denoiser(x, times[i].expand(batch)).to(torch.float64)
+        x0 = denoiser(x, times[i].expand(batch))
+        if not isinstance(x0, Tensor) or not x0.is_floating_point() or x0.shape != noise.shape:
+            raise ValueError(f"denoiser returned {tuple(x0.shape) if isinstance(x0, Tensor) else type(x0).__name__}"
+                             f"; expected a floating tensor of the shape of noise {tuple(noise.shape)}")
+        x0 = x0.to(torch.float64)
         if i + 1 < num_steps:
             z = torch.randn(noise.shape, generator=generator, device=generator.device, dtype=torch.float32)
-            t_next = times[i + 1].expand(batch).reshape(view)
+            t_next = per_sample(times[i + 1].expand(batch), x0)
             x = torch.cos(t_next) * x0 + torch.sin(t_next) * z.to(x0.device, torch.float64)
         if progress is not None:
             progress(i + 1, num_steps)

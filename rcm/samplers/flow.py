@@ -1,4 +1,4 @@
-"""Teacher samplers on Wan's rectified flow (RCM_METHOD.md §5.3): Euler and UniPC.
+"""Teacher samplers on Wan's rectified flow (docs/method.md §5.3): Euler and UniPC.
 
 Both integrate dx/dρ = v(x, ρ) from ``rf_times[0]`` down to 0 (``shifted_flow_times``), starting at
 x = z (unscaled, float64) as the reference does. The velocity callable gets x (float64) and ρ [B];
@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from rcm.models.trigflow import RF_TIMESTEP_SCALE, classifier_free_guidance, network_velocity
+from rcm.samplers.schedules import check_num_steps
 
 __all__ = ["sample_euler", "sample_unipc", "teacher_velocity"]
 
@@ -23,31 +24,48 @@ def teacher_velocity(net: Callable, context: Any, *, guidance: float = 1.0,
                      negative_context: Any = None) -> Velocity:
     """v(x, ρ) of a network ``net(x, 1000ρ, context)``, guided with weight ``guidance`` (> 1) against
     ``negative_context``; float64 out. Wan's default is guidance 5 with the negative prompt."""
-    guided = classifier_free_guidance(net, guidance, negative_context)
-    return lambda x, rho: network_velocity(guided, x, RF_TIMESTEP_SCALE * rho, context)
+    if not callable(net):
+        raise ValueError(f"net must be callable (net(x, timestep, context) -> v), got {type(net).__name__}")
+    guided = classifier_free_guidance(net, guidance, negative_context, name="teacher")
+    return lambda x, rho: network_velocity(guided, x, RF_TIMESTEP_SCALE * rho, context, name="teacher")
 
 
-def _check(noise: Tensor, rf_times: Tensor) -> None:
+def _check(velocity: Velocity, noise: Tensor, rf_times: Tensor, progress: Callable | None) -> None:
+    if not callable(velocity):
+        raise ValueError(f"velocity must be callable (x, rho) -> v, got {type(velocity).__name__}")
     if not isinstance(noise, Tensor) or not noise.is_floating_point() or noise.ndim < 2:
         raise ValueError(f"noise must be a floating tensor [B, ...], got "
                          f"{tuple(noise.shape) if isinstance(noise, Tensor) else type(noise).__name__}")
-    if not isinstance(rf_times, Tensor) or rf_times.ndim != 1 or rf_times.numel() < 2:
-        raise ValueError(f"rf_times must be a 1-D tensor of at least 2 times, got "
+    if not isinstance(rf_times, Tensor) or not rf_times.is_floating_point() or rf_times.ndim != 1 \
+            or rf_times.numel() < 2:
+        raise ValueError(f"rf_times must be a floating 1-D tensor of at least 2 times, got "
                          f"{tuple(rf_times.shape) if isinstance(rf_times, Tensor) else type(rf_times).__name__}")
-    if rf_times[-1] != 0 or (rf_times[1:] >= rf_times[:-1]).any() or rf_times[0] > 1:
+    if not bool(torch.isfinite(rf_times).all()) or rf_times[-1] != 0 or (rf_times[1:] >= rf_times[:-1]).any() \
+            or rf_times[0] > 1:
         raise ValueError(f"rf_times must decrease from at most 1 to exactly 0, got {rf_times.tolist()}")
+    if progress is not None and not callable(progress):
+        raise ValueError(f"progress must be callable(step, num_steps), got {type(progress).__name__}")
+
+
+def _velocity_at(velocity: Velocity, x: Tensor, rho: float) -> Tensor:
+    """v(x, ρ) in float64, checked to have x's shape (a wrong batch would broadcast silently)."""
+    v = velocity(x, x.new_full((x.shape[0],), rho))
+    if not isinstance(v, Tensor) or not v.is_floating_point() or v.shape != x.shape:
+        raise ValueError(f"velocity returned {tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__}; "
+                         f"expected a floating tensor of the shape of noise {tuple(x.shape)}")
+    return v.to(torch.float64)
 
 
 @torch.no_grad()
 def sample_euler(velocity: Velocity, noise: Tensor, rf_times: Tensor, *,
                  progress: Callable[[int, int], None] | None = None) -> Tensor:
     """Flow Euler: x ← x + (ρ_{i+1} − ρ_i) v(x, ρ_i). Returns float64 samples."""
-    _check(noise, rf_times)
+    _check(velocity, noise, rf_times, progress)
     rho = rf_times.tolist()
     x = noise.to(torch.float64)
     for i in range(len(rho) - 1):
-        v = velocity(x, x.new_full((x.shape[0],), rho[i]))
-        x = x + (rho[i + 1] - rho[i]) * v.to(torch.float64)
+        v = _velocity_at(velocity, x, rho[i])
+        x = x + (rho[i + 1] - rho[i]) * v
         if progress is not None:
             progress(i + 1, len(rho) - 1)
     return x
@@ -79,9 +97,8 @@ def sample_unipc(velocity: Velocity, noise: Tensor, rf_times: Tensor, *, order: 
     r_k = (λ_k − λ_s)/h, and a_k from UniPC's order conditions (a = 1/2 at order 2).
     The corrector re-does the step that produced x_s once x̂0(x_s) is known (no extra evaluation).
     """
-    _check(noise, rf_times)
-    if not isinstance(order, int) or order < 1:
-        raise ValueError(f"order must be an int >= 1, got {order!r}")
+    _check(velocity, noise, rf_times, progress)
+    order = check_num_steps(order, "order")
     sigma = rf_times.tolist()
     if sigma[0] >= 1:
         raise ValueError("rf_times[0] must be < 1 for UniPC (λ = log((1 − ρ)/ρ) is −inf at ρ = 1)")
@@ -115,7 +132,7 @@ def sample_unipc(velocity: Velocity, noise: Tensor, rf_times: Tensor, *, order: 
     history: list[tuple[int, Tensor]] = []
     x_prev, prev_order = None, 0
     for i in range(num_steps):
-        v = velocity(x, x.new_full((x.shape[0],), sigma[i])).to(torch.float64)
+        v = _velocity_at(velocity, x, sigma[i])
         m_i = x - sigma[i] * v
         if i > 0:  # UniC: redo the last step with the new x̂0, same order as its predictor
             x = update(x_prev, i - 1, i, history[-prev_order:], m_i)

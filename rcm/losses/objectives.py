@@ -1,4 +1,4 @@
-"""rCM objectives and their phase schedule (RCM_METHOD.md §3.1).
+"""rCM objectives and their phase schedule (docs/method.md §3.1).
 
 Iteration k is a student iteration during the tangent warmup W and then every ``freq``-th one;
 the others train the critic (fake score). Rollout lengths cycle through 1..max_simulation_steps on
@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor
 
-from rcm.losses.common import check_sample, draw_normal
+from rcm.losses.common import check_callable, check_config, check_count, check_sample, draw_normal
 from rcm.losses.config import RCMConfig
 from rcm.losses.dmd import backward_simulation, dmd_loss, fake_score_loss
 from rcm.losses.scm import scm_loss
@@ -36,10 +36,9 @@ __all__ = [
 
 
 def _check_iteration(k: int, warmup: int, freq: int) -> None:
-    if not isinstance(k, int) or k < 0:
-        raise ValueError(f"iteration must be an int >= 0, got {k!r}")
-    if warmup < 0 or freq < 1:
-        raise ValueError(f"need warmup >= 0 and freq >= 1, got warmup={warmup}, freq={freq}")
+    check_count(k, "iteration")
+    check_count(warmup, "warmup")
+    check_count(freq, "freq", 1)
 
 
 def is_student_iteration(k: int, warmup: int, freq: int) -> bool:
@@ -61,15 +60,15 @@ def critic_iteration_count(k: int, warmup: int, freq: int) -> int:
 
 def rollout_steps(counter: int, max_steps: int) -> int:
     """(counter mod max_steps) + 1: rollouts cycle deterministically through 1..max_steps."""
-    if counter < 0 or max_steps < 1:
-        raise ValueError(f"need counter >= 0 and max_steps >= 1, got counter={counter}, max_steps={max_steps}")
+    counter, max_steps = check_count(counter, "counter"), check_count(max_steps, "max_steps", 1)
     return counter % max_steps + 1
 
 
 def rcm_phase(iteration: int, config: RCMConfig) -> str:
     """"student" or "critic": the schedule of ``config``; every iteration is "student" without DMD."""
-    student = not config.dmd_enabled or is_student_iteration(
-        iteration, config.scm.tangent_warmup, config.student_update_freq)
+    check_config(config, RCMConfig)
+    student = is_student_iteration(iteration, config.scm.tangent_warmup, config.student_update_freq) \
+        or not config.dmd_enabled
     return "student" if student else "critic"
 
 
@@ -85,6 +84,9 @@ def student_losses(student: Callable, teacher: Callable, fake_score: Callable | 
     jvp: the sCM JVP pass (see ``scm_loss``); default ``scm_jvp`` over ``student``.
     Raises ValueError if ``iteration`` is a critic iteration of the schedule.
     """
+    check_sample(x0, "x0")
+    check_callable(student, "student")
+    check_callable(teacher, "teacher")
     if rcm_phase(iteration, config) != "student":
         raise ValueError(f"iteration {iteration} is a critic iteration of the rCM schedule "
                          f"(warmup {config.scm.tangent_warmup}, freq {config.student_update_freq})")
@@ -96,6 +98,7 @@ def student_losses(student: Callable, teacher: Callable, fake_score: Callable | 
         return
     if fake_score is None:
         raise ValueError("fake_score is required for the DMD term (set dmd.loss_scale=0 for pure sCM)")
+    check_callable(fake_score, "fake_score")
     k_s = student_iteration_count(iteration, config.scm.tangent_warmup, config.student_update_freq)
     steps = rollout_steps(k_s, config.dmd.max_simulation_steps)
     noise = draw_normal(x0.shape, generator, x0.device, name="rollout noise")
@@ -116,6 +119,8 @@ def critic_loss(student: Callable, fake_score: Callable, x0: Tensor, context: An
     Raises ValueError if ``iteration`` is a student iteration of the schedule.
     """
     check_sample(x0, "x0")
+    check_callable(student, "student")
+    check_callable(fake_score, "fake_score")
     if rcm_phase(iteration, config) != "critic":
         raise ValueError(f"iteration {iteration} is not a critic iteration of the rCM schedule "
                          f"(dmd enabled: {config.dmd_enabled}, warmup {config.scm.tangent_warmup}, "
