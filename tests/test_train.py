@@ -166,7 +166,7 @@ def test_checkpoint_files_are_atomic_and_fall_back(tmp_path):
 
 
 def test_dmd2_runs_no_jvp(tmp_path, monkeypatch):
-    import rcm.losses.rcm as rcm_losses
+    import rcm.losses.objectives as rcm_losses
 
     def no_scm(*a, **k):
         raise AssertionError("DMD2 must not run the sCM loss")
