@@ -1,4 +1,4 @@
-"""Wan DiT checkpoints (rcm/models/checkpoint.py): key layouts, diffusers parity, every file layout,
+"""Wan DiT checkpoints (rcm/models/weights.py, wan_layouts.py, wan_loading.py): key layouts, diffusers parity, every file layout,
 the real 1.3B / 14B architectures, and clear errors for bad files.
 
 How the big architectures are tested cheaply: the loader checks the complete key and shape set from
@@ -22,7 +22,7 @@ import os
 import pytest
 import torch
 
-from rcm.models.checkpoint import (
+from rcm.models import (
     LazyTensor,
     detect_dit_layout,
     dit_state_dict_from_diffusers,

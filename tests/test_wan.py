@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 import rcm.kernels
-from rcm.models.checkpoint import dit_state_dict_to_diffusers
+from rcm.models import dit_state_dict_to_diffusers
 from rcm.models.wan import (
     WAN_CONFIGS,
     WanBlock,
@@ -430,7 +430,7 @@ def test_matches_diffusers_wan_transformer():
         in_channels=TINY.in_dim, out_channels=TINY.out_dim, text_dim=TINY.text_dim, freq_dim=TINY.freq_dim,
         ffn_dim=TINY.ffn_dim, num_layers=TINY.num_layers, cross_attn_norm=True,
         qk_norm="rms_norm_across_heads", eps=TINY.eps)
-    ref.load_state_dict(dit_state_dict_to_diffusers(model.state_dict()), strict=True)  # rcm.models.checkpoint
+    ref.load_state_dict(dit_state_dict_to_diffusers(model.state_dict()), strict=True)  # rcm.models.wan_layouts
     x, t, c = make_inputs()
     with torch.no_grad():
         ours, theirs = model(x, t, c), ref(x, t, c).sample

@@ -28,12 +28,14 @@ updates (as in the reference's JVP student network, RCM_METHOD.md §7). The outp
 Forward-mode AD: there is no hand-written JVP; the module is written so that ``torch.func.jvp``
 (w.r.t. x and timestep), ``torch.func.functional_call`` and ``torch.compile(fullgraph=True)`` work:
 no in-place ops on activations, no ``.item()``, no control flow on tensor values. Attention goes
-through ``rcm.kernels.attention`` (looked up at call time), the one op with a custom JVP rule.
+through ``rcm.kernels.attention`` (looked up at call time), the one op with a custom JVP rule;
+each attention module's ``attention_fn`` may wrap it from outside (context parallelism does).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -282,7 +284,14 @@ class WanPatchEmbedding(nn.Module):
 
 
 class _WanAttention(nn.Module):
-    """The parameters both attentions share (official names q, k, v, o, norm_q, norm_k)."""
+    """The parameters both attentions share (official names q, k, v, o, norm_q, norm_k), and the
+    attention function they call.
+
+    ``attention_fn(q, k, v) -> out`` (layout ``[B, L, H, D]``) is ``rcm.kernels.attention`` unless
+    replaced: ``None`` means that op, looked up at call time (so a patched op is seen). Code outside
+    the model may install a wrapper around it (e.g. one that redistributes the sequence), which
+    changes no parameter and no state-dict key.
+    """
 
     def __init__(self, dim: int, num_heads: int, eps: float = 1e-6):
         super().__init__()
@@ -293,6 +302,11 @@ class _WanAttention(nn.Module):
         self.o = nn.Linear(dim, dim)
         self.norm_q = WanRMSNorm(dim, eps)
         self.norm_k = WanRMSNorm(dim, eps)
+        self.attention_fn: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        fn = self.attention_fn
+        return kernels.attention(q, k, v) if fn is None else fn(q, k, v)
 
 
 class WanSelfAttention(_WanAttention):
@@ -302,7 +316,7 @@ class WanSelfAttention(_WanAttention):
         q = rope_apply(self.norm_q(self.q(x)).unflatten(-1, heads), rope)
         k = rope_apply(self.norm_k(self.k(x)).unflatten(-1, heads), rope)
         v = self.v(x).unflatten(-1, heads)
-        return self.o(kernels.attention(q, k, v).flatten(2))
+        return self.o(self.attend(q, k, v).flatten(2))
 
 
 class WanCrossAttention(_WanAttention):
@@ -313,7 +327,7 @@ class WanCrossAttention(_WanAttention):
         q = self.norm_q(self.q(x)).unflatten(-1, heads)
         k = self.norm_k(self.k(context)).unflatten(-1, heads)
         v = self.v(context).unflatten(-1, heads)
-        return self.o(kernels.attention(q, k, v).flatten(2))
+        return self.o(self.attend(q, k, v).flatten(2))
 
 
 class WanBlock(nn.Module):
