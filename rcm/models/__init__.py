@@ -1,11 +1,12 @@
-"""Networks: the Wan DiT, its VAE and text encoder, the TrigFlow wrapper, weight loading.
+"""Networks: the Wan DiT (every variant, and Wan2.2 A14B's two experts), its VAE and text encoder, the TrigFlow wrapper, weight loading.
 
 Weight loading is split in two: ``rcm.models.weights`` (generic lazy reading and strict loading)
 and the Wan family's adapter (``wan_layouts``: key layouts and configs; ``wan_loading``: files).
 """
 
 from rcm.models.trigflow import FunctionalNet, classifier_free_guidance, trigflow_denoise, trigflow_scalings
-from rcm.models.wan import WAN_CONFIGS, WanBlock, WanConfig, WanDiT, wan_config
+from rcm.models.wan import WAN_CONFIGS, WAN_EXPERT_BOUNDARIES, WanBlock, WanConfig, WanDiT, wan_config
+from rcm.models.wan_experts import WanExperts
 from rcm.models.wan_layouts import (
     DIT_LAYOUTS,
     detect_dit_layout,
@@ -17,12 +18,21 @@ from rcm.models.wan_layouts import (
     wan_config_from_json,
     wan_config_to_diffusers,
 )
-from rcm.models.wan_loading import DitFiles, dit_weight_files, load_dit, read_dit_config, save_dit
+from rcm.models.wan_loading import (
+    DitFiles,
+    dit_weight_files,
+    load_dit,
+    load_wan_experts,
+    read_dit_config,
+    save_dit,
+    save_wan_experts,
+)
 from rcm.models.weights import LazyStateDict, LazyTensor, load_state_dict_strict, open_state_dict, read_state_dict
 
 __all__ = [
     "DIT_LAYOUTS",
     "WAN_CONFIGS",
+    "WAN_EXPERT_BOUNDARIES",
     "DitFiles",
     "FunctionalNet",
     "LazyStateDict",
@@ -30,6 +40,7 @@ __all__ = [
     "WanBlock",
     "WanConfig",
     "WanDiT",
+    "WanExperts",
     "classifier_free_guidance",
     "detect_dit_layout",
     "dit_key_from_diffusers",
@@ -40,10 +51,12 @@ __all__ = [
     "infer_wan_config",
     "load_dit",
     "load_state_dict_strict",
+    "load_wan_experts",
     "open_state_dict",
     "read_dit_config",
     "read_state_dict",
     "save_dit",
+    "save_wan_experts",
     "trigflow_denoise",
     "trigflow_scalings",
     "wan_config",

@@ -1,4 +1,5 @@
-"""Wan DiT checkpoints on disk: finding the files of a release, loading and saving a ``WanDiT``.
+"""Wan DiT checkpoints on disk: finding the files of a release, loading and saving a ``WanDiT`` (and
+Wan2.2 A14B's two experts, ``WanExperts``).
 
 Key names are translated by ``rcm.models.wan_layouts`` (the family's state-dict adapter); reading
 and strict loading are ``rcm.models.weights``'. Supported: the official release folder (one file, or
@@ -18,7 +19,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .wan import WanDiT
+from .wan import WAN_EXPERT_BOUNDARIES, WanDiT
+from .wan_experts import WanExperts
 from .wan_layouts import (
     detect_dit_layout,
     dit_key_to_diffusers,
@@ -31,7 +33,8 @@ from .wan_layouts import (
 )
 from .weights import corrupt_file_error, load_state_dict_strict, open_state_dict
 
-__all__ = ["DitFiles", "dit_weight_files", "load_dit", "read_dit_config", "save_dit"]
+__all__ = ["DitFiles", "dit_weight_files", "load_dit", "load_wan_experts", "read_dit_config", "save_dit",
+           "save_wan_experts"]
 
 # ----------------------------------------------------------------------------------------------------
 # DiT files
@@ -115,7 +118,11 @@ class _DitCheckpoint:
         if "wan_config" in self.metadata:
             return wan_config_from_json(json.loads(self.metadata["wan_config"]))
         if self.config_json is not None and ("dim" in self.config_json or "num_attention_heads" in self.config_json):
-            return wan_config_from_json(self.config_json if text_len is None else {**self.config_json, "text_len": text_len})
+            config = wan_config_from_json(self.config_json if text_len is None else {**self.config_json, "text_len": text_len})
+            image = self.state_dict.get("img_emb.proj.0.weight")
+            if config.image_dim is None and image is not None:  # an official i2v config.json (Wan2.1 I2V)
+                config = dataclasses.replace(config, image_dim=image.shape[0])
+            return config
         return infer_wan_config({k: v.shape for k, v in self.state_dict.items()}, text_len=text_len)
 
 
@@ -133,7 +140,7 @@ def load_dit(
     device: torch.device | str = "cpu",
     ema: bool | None = None,
 ):
-    """Loads a Wan2.1 DiT (``WanDiT``) from any layout (official / diffusers / rCM; see the module doc).
+    """Loads a Wan DiT (``WanDiT``, any variant) from any layout (official / diffusers / rCM; see the module doc).
 
     ``config``: the architecture (default: recorded in the files or inferred from the shapes).
     ``dtype``: of the floating parameters (default bf16 on CUDA, fp32 elsewhere). ``device``: where
@@ -194,7 +201,8 @@ def save_dit(
     if layout == "diffusers":
         cfg_json = {"_class_name": "WanTransformer3DModel", **wan_config_to_diffusers(config)}
     else:
-        cfg_json = {"_class_name": "WanModel", "model_type": "t2v", **dataclasses.asdict(config)}
+        model_type = "i2v" if config.cond_dim or config.image_dim is not None else "t2v"
+        cfg_json = {"_class_name": "WanModel", "model_type": model_type, **dataclasses.asdict(config)}
         cfg_json["patch_size"] = list(config.patch_size)
     (path / "config.json").write_text(json.dumps(cfg_json, indent=2))
     if max_shard_bytes is None:
@@ -219,3 +227,70 @@ def save_dit(
     total = sum(v.numel() * v.element_size() for v in sd.values())
     (path / _INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     return [*written, path / _INDEX]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Wan2.2 A14B: two experts
+
+# folder names of (high-noise, low-noise) expert per layout
+_EXPERT_FOLDERS = {"official": ("high_noise_model", "low_noise_model"), "diffusers": ("transformer", "transformer_2")}
+_BOUNDARY_KEY = "wan_expert_boundary"  # safetensors metadata written by save_wan_experts
+
+
+def _default_boundary(config) -> float:
+    name = "wan2.2-i2v-a14b" if config.cond_dim else "wan2.2-t2v-a14b"
+    return WAN_EXPERT_BOUNDARIES[name]
+
+
+def load_wan_experts(
+    path: str | Path,
+    *,
+    boundary: float | None = None,
+    config=None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
+) -> WanExperts:
+    """Loads Wan2.2 A14B's two experts as one ``WanExperts`` from an official release folder
+    (``high_noise_model/`` + ``low_noise_model/``) or a diffusers pipeline (``transformer/`` = high
+    noise, ``transformer_2/`` = low noise, ``boundary_ratio`` in ``model_index.json``).
+
+    ``boundary`` (RF time): this argument, else the files' (diffusers ``boundary_ratio``, or what
+    ``save_wan_experts`` recorded), else the official configs' (I2V 0.900, T2V 0.875). The other
+    arguments as ``load_dit``, applied to both experts (strict, meta-device)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"no Wan expert folder at {path}")
+    layout = next((lay for lay, (high, low) in _EXPERT_FOLDERS.items()
+                   if (path / high).is_dir() and (path / low).is_dir()), None)
+    if layout is None:
+        raise FileNotFoundError(f"{path}: expected the expert folders high_noise_model/ + low_noise_model/ "
+                                f"(official) or transformer/ + transformer_2/ (diffusers)")
+    high_dir, low_dir = (path / f for f in _EXPERT_FOLDERS[layout])
+    if boundary is None and layout == "diffusers" and (path / "model_index.json").is_file():
+        boundary = json.loads((path / "model_index.json").read_text()).get("boundary_ratio")
+    if boundary is None:
+        meta = _DitCheckpoint(high_dir).metadata
+        boundary = float(meta[_BOUNDARY_KEY]) if _BOUNDARY_KEY in meta else None
+    high = load_dit(high_dir, config=config, dtype=dtype, device=device)
+    low = load_dit(low_dir, config=config if config is not None else high.config, dtype=dtype, device=device)
+    return WanExperts(high, low, boundary if boundary is not None else _default_boundary(high.config))
+
+
+def save_wan_experts(experts: WanExperts, path: str | Path, *, layout: str = "official") -> list[Path]:
+    """Writes both experts in the official (``high_noise_model/``, ``low_noise_model/``) or diffusers
+    (``transformer/``, ``transformer_2/``, ``model_index.json`` with ``boundary_ratio``) layout; the
+    boundary also travels as safetensors metadata. Returns the files written."""
+    if layout not in _EXPERT_FOLDERS:
+        raise ValueError(f"save_wan_experts: layout must be 'official' or 'diffusers', got {layout!r}")
+    path = Path(path)
+    meta = {_BOUNDARY_KEY: repr(experts.boundary)}
+    high, low = _EXPERT_FOLDERS[layout]
+    written = [*save_dit(experts.high_noise, path / high, layout=layout, metadata=meta),
+               *save_dit(experts.low_noise, path / low, layout=layout, metadata=meta)]
+    if layout == "diffusers":
+        index = {"_class_name": "WanPipeline", "boundary_ratio": experts.boundary,
+                 "transformer": ["diffusers", "WanTransformer3DModel"],
+                 "transformer_2": ["diffusers", "WanTransformer3DModel"]}
+        (path / "model_index.json").write_text(json.dumps(index, indent=2))
+        written.append(path / "model_index.json")
+    return written
