@@ -1,5 +1,5 @@
-"""Wan DiT checkpoints (rcm/models/weights.py, wan_layouts.py, wan_loading.py): key layouts, diffusers parity, every file layout,
-the real 1.3B / 14B architectures, and clear errors for bad files.
+"""Wan DiT checkpoints (rcm/models/weights.py, wan_layouts.py, wan_loading.py): key layouts, diffusers
+parity, every file layout, the real 1.3B / 14B architectures, and clear errors for bad files.
 
 How the big architectures are tested cheaply: the loader checks the complete key and shape set from
 the file *headers* before reading any tensor, and ``device="meta"`` stops there. So the tests write
