@@ -259,3 +259,14 @@ def test_i2v_jvp_matches_finite_differences_and_conditioning_tangent_is_exactly_
         zx, zt = torch.zeros_like(x), torch.zeros_like(t)
         assert through_y.abs().max() > 1e-3 and rel(through_y, fd(zx, zt, dy)) <= 1e-6
     assert out.dtype == torch.float64 and math.isfinite(out.abs().max().item())
+
+
+def test_i2v_with_per_token_timesteps_compiles_fullgraph():
+    model = random_model(I2V)
+    x, y, t, c, img = draw(I2V, b=2)
+    tt = per_token_timesteps(t, (H // 2) * (W // 2), T * (H // 2) * (W // 2))
+    compiled = torch.compile(lambda *a: model(a[0], a[1], c, y=a[2], image_context=a[3]), backend="aot_eager",
+                             fullgraph=True)
+    with torch.no_grad():
+        got, want = compiled(x, tt, y, img), model(x, tt, c, y=y, image_context=img)
+    assert rel(got, want) <= 1e-6, rel(got, want)
