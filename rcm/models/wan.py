@@ -52,48 +52,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rcm.models import wan_layers
+from rcm.models.wan_layers import *  # noqa: F403 (the layers are re-exported: ``rcm.models.wan`` is the network's one import)
 from rcm.models.wan_layers import (
-    ROPE_THETA,
     WanBlock,
-    WanCrossAttention,
     WanHead,
     WanImageEmbedding,
-    WanLayerNorm,
     WanPatchEmbedding,
     WanRMSNorm,
-    WanSelfAttention,
     high_precision,
     linear_high_precision,
-    patchify,
-    rope_apply,
-    rope_dims,
     rope_table,
     sinusoidal_embedding,
     unpatchify,
 )
 
-__all__ = [
-    "ROPE_THETA",
-    "WAN_CONFIGS",
-    "WAN_EXPERT_BOUNDARIES",
-    "WanBlock",
-    "WanConfig",
-    "WanCrossAttention",
-    "WanDiT",
-    "WanHead",
-    "WanImageEmbedding",
-    "WanLayerNorm",
-    "WanPatchEmbedding",
-    "WanRMSNorm",
-    "WanSelfAttention",
-    "patchify",
-    "rope_apply",
-    "rope_dims",
-    "rope_table",
-    "sinusoidal_embedding",
-    "unpatchify",
-    "wan_config",
-]
+__all__ = ["WAN_CONFIGS", "WAN_EXPERT_BOUNDARIES", "WanConfig", "WanDiT", "wan_config", *wan_layers.__all__]
 
 # Head dims the attention op supports (docs/design.md: 64-256); RoPE needs an even head dim.
 MIN_HEAD_DIM, MAX_HEAD_DIM = 64, 256
