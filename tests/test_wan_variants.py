@@ -270,3 +270,29 @@ def test_i2v_with_per_token_timesteps_compiles_fullgraph():
     with torch.no_grad():
         got, want = compiled(x, tt, y, img), model(x, tt, c, y=y, image_context=img)
     assert rel(got, want) <= 1e-6, rel(got, want)
+
+
+def test_experts_are_one_teacher_callable_of_t_under_jvp():
+    """Through the TrigFlow wrapper and torch.func.jvp (the sCM tangent's path), a batch straddling the
+    boundary gives each sample its own expert's denoiser and tangent."""
+    from rcm.models import FunctionalNet, trigflow_denoise
+
+    cfg = wan_config("wan-tiny")
+    high, low = random_model(cfg, seed=1), random_model(cfg, seed=2)
+    experts = WanExperts(high, low, boundary=0.875)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 4, T, H, W, generator=g, dtype=torch.float64)
+    c = torch.randn(2, cfg.text_len, cfg.text_dim, generator=g)
+    rho = torch.tensor([0.95, 0.3], dtype=torch.float64)  # RF time: high-noise expert, low-noise expert
+    t = torch.atan(rho / (1 - rho))  # TrigFlow time with sin t / (cos t + sin t) = rho
+    dx, dt = torch.randn(x.shape, generator=g, dtype=torch.float64), torch.tensor([0.1, -0.2], dtype=torch.float64)
+
+    def denoise(net, context):
+        return lambda x_, t_: trigflow_denoise(FunctionalNet(net, dict(net.named_parameters())), x_, t_, context).F
+
+    with torch.no_grad():
+        F, F_dot = torch.func.jvp(denoise(experts, c), (x, t), (dx, dt))
+        for i, expert in enumerate((high, low)):
+            one = slice(i, i + 1)
+            Fi, Fi_dot = torch.func.jvp(denoise(expert, c[one]), (x[one], t[one]), (dx[one], dt[one]))
+            assert rel(F[one], Fi) <= 1e-6 and rel(F_dot[one], Fi_dot) <= 1e-6
