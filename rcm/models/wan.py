@@ -86,7 +86,7 @@ class WanConfig:
     (1280; Wan2.1 I2V), ``None`` for no image cross-attention; ``image_len`` their count (257).
 
     ``bf16_timestep``: the reference rounds the timestep input ``1000·ρ`` (and its tangent) to bf16
-    before the time embedding (RCM_METHOD.md §10.1, spacing 4 near 1000). Default ``False`` keeps it
+    before the time embedding (docs/method.md §10.1, spacing 4 near 1000). Default ``False`` keeps it
     in float32 (our deliberate improvement); ``True`` reproduces the reference rounding.
     ``rope_max_len``: positions per axis of official Wan's RoPE table (``rope_params(1024, ·)``); a
     latent whose patch grid is longer on any axis is rejected (official Wan would fail).

@@ -2,7 +2,8 @@
 
 Wan DiT layouts (our module names ARE the official ones, docs/method.md §8):
 
-    official   Wan-AI/Wan2.1-*, Wan2.2-* (each A14B expert folder): one ``diffusion_pytorch_model.safetensors``, or shards with
+    official   Wan-AI/Wan2.1-*, Wan2.2-* (each A14B expert folder): one
+               ``diffusion_pytorch_model.safetensors``, or shards with
                ``diffusion_pytorch_model.safetensors.index.json``, or a ``.pth``
     diffusers  ``transformer/`` folder of a diffusers pipeline (config.json + safetensors), the names
                of ``diffusers.WanTransformer3DModel``:
@@ -31,7 +32,7 @@ The layout is detected from the keys (``detect_dit_layout``). ``rcm.models.wan_l
 files and loads them; the architecture comes from, in this order: the ``config``
 argument, the ``wan_config`` safetensors metadata (written by ``save_dit``), a ``config.json`` beside
 the weights (official or diffusers format), or the tensor shapes (``infer_wan_config``; the number
-of heads is not in the shapes: a named config of the same width, else head_dim 128 as all Wan2.1).
+of heads is not in the shapes: a named config of the same width, else head_dim 128 as every Wan model).
 """
 
 from __future__ import annotations
@@ -150,7 +151,7 @@ def detect_dit_layout(keys: Iterable[str]) -> str:
     if any(k.startswith(("time_embedding.", "text_embedding.", "head.head.")) or ".self_attn." in k for k in keys):
         return "official"
     sample = ", ".join(sorted(keys)[:5]) or "no keys"
-    raise ValueError(f"not a Wan2.1 DiT checkpoint (unrecognized keys: {sample})")
+    raise ValueError(f"not a Wan2.1 DiT checkpoint nor a Wan2.2 one (unrecognized keys: {sample})")
 
 
 def select_rcm_network(sd: Mapping, ema: bool | None, source: str) -> tuple[dict, str]:
@@ -231,7 +232,7 @@ def infer_wan_config(shapes: Mapping[str, Sequence[int]], *, text_len: int | Non
     """The ``WanConfig`` of an official-named state dict, from its shapes (``{key: shape}``).
 
     Everything but the number of heads and ``text_len`` is in the shapes. Heads: a named config of the
-    same ``dim`` and ``ffn_dim`` (1.3B: 12, 14B: 40), else head_dim 128 (every Wan2.1 model).
+    same ``dim`` and ``ffn_dim`` (1.3B: 12, 14B: 40), else head_dim 128 (every Wan model).
     ``text_len``: the named config's, else 512 (Wan's umT5 length). CLIP image cross-attention: present
     when ``img_emb.*`` is (``image_len``: a named config's, else 257)."""
     need = ["patch_embedding.weight", "text_embedding.0.weight", "time_embedding.0.weight", "head.head.weight",
