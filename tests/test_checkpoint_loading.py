@@ -1,5 +1,5 @@
-"""Wan DiT checkpoints (rcm/models/checkpoint.py): key layouts, diffusers parity, every file layout,
-the real 1.3B / 14B architectures, and clear errors for bad files.
+"""Wan DiT checkpoints (rcm/models/weights.py, wan_layouts.py, wan_loading.py): key layouts, diffusers
+parity, every file layout, the real 1.3B / 14B architectures, and clear errors for bad files.
 
 How the big architectures are tested cheaply: the loader checks the complete key and shape set from
 the file *headers* before reading any tensor, and ``device="meta"`` stops there. So the tests write
@@ -22,7 +22,7 @@ import os
 import pytest
 import torch
 
-from rcm.models.checkpoint import (
+from rcm.models import (
     LazyTensor,
     detect_dit_layout,
     dit_state_dict_from_diffusers,
@@ -132,7 +132,8 @@ def rcm_shapes(cfg, prefix="net.") -> dict:
 # Key layouts
 
 
-@pytest.mark.parametrize("name", ["wan-tiny", "wan2.1-t2v-1.3b", "wan2.1-t2v-14b"])
+@pytest.mark.parametrize("name", ["wan-tiny", "wan-tiny-i2v", "wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "wan2.1-i2v-14b",
+                                  "wan2.2-ti2v-5b", "wan2.2-i2v-a14b"])
 def test_key_conversion_round_trip_official_diffusers_ours(name):
     diffusers = pytest.importorskip("diffusers")
     cfg = wan_config(name)
@@ -152,16 +153,20 @@ def test_key_conversion_round_trip_official_diffusers_ours(name):
 
 
 def test_config_json_round_trips():
-    for cfg in WAN_CONFIGS.values():  # diffusers configs carry no text_len: Wan's 512
-        assert wan_config_from_json(wan_config_to_diffusers(cfg)) == dataclasses.replace(cfg, text_len=512)
+    for cfg in WAN_CONFIGS.values():  # diffusers configs carry no text_len nor image_len: Wan's 512 and 257
+        assert wan_config_from_json(wan_config_to_diffusers(cfg)) == dataclasses.replace(cfg, text_len=512, image_len=257)
         assert wan_config_from_json(json.loads(json.dumps(dataclasses.asdict(cfg)))) == cfg  # save_dit's metadata
     official = {"_class_name": "WanModel", "dim": 1536, "eps": 1e-06, "ffn_dim": 8960, "freq_dim": 256,
                 "in_dim": 16, "model_type": "t2v", "num_heads": 12, "num_layers": 30, "out_dim": 16, "text_len": 512}
     assert wan_config_from_json(official) == WAN_CONFIGS["wan2.1-t2v-1.3b"]
-    with pytest.raises(ValueError, match="t2v"):
-        wan_config_from_json({**official, "model_type": "i2v"})
-    with pytest.raises(ValueError, match="image_dim"):
+    i2v = {**official, "dim": 5120, "ffn_dim": 13824, "num_heads": 40, "num_layers": 40, "in_dim": 36, "model_type": "i2v"}
+    assert wan_config_from_json(i2v) == WAN_CONFIGS["wan2.2-i2v-a14b"]  # CLIP or not: from the keys (img_emb)
+    with pytest.raises(ValueError, match="model_type 'flf2v'"):
+        wan_config_from_json({**official, "model_type": "flf2v"})
+    with pytest.raises(ValueError, match="added_kv_proj_dim"):  # image tokens without their keys/values
         wan_config_from_json({**wan_config_to_diffusers(TINY), "image_dim": 1280})
+    with pytest.raises(ValueError, match="pos_embed_seq_len"):  # first-last-frame model
+        wan_config_from_json({**wan_config_to_diffusers(WAN_CONFIGS["wan2.1-i2v-14b"]), "pos_embed_seq_len": 514})
 
 
 # ------------------------------------------------------------------------------------------------

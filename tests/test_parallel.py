@@ -246,6 +246,13 @@ def test_context_parallel_compiles_fullgraph_for_the_grad_pass(runs):
     assert_close(got["grads"], ref["grads"], "compiled grads")
 
 
+def test_context_parallel_wan_variant_per_token_time_and_image_conditioning(runs):
+    _, results = runs
+    got, ref = results["cp"]["variant"], common.variant_checks(common.variant_teacher())
+    for key in ("out", "tangent", "grads"):
+        assert_close(got[key], ref[key], key)
+
+
 def test_context_parallel_rejects_indivisible_sequence(runs):
     _, results = runs
     message = results["cp"]["odd_sequence_error"]

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 import rcm.kernels
-from rcm.models.checkpoint import dit_state_dict_to_diffusers
+from rcm.models import dit_state_dict_to_diffusers
 from rcm.models.wan import (
     WAN_CONFIGS,
     WanBlock,
@@ -171,6 +171,27 @@ def test_forward_shape_dtype_and_attention_routing(monkeypatch):
     # Each sample depends on its own inputs only.
     out1 = model(x[1:], t[1:], c[1:])
     torch.testing.assert_close(out1, out[1:], rtol=1e-5, atol=1e-6)
+
+
+def test_attention_fn_is_injectable_without_new_parameters():
+    model = make_model()
+    x, t, c = make_inputs()
+    keys = list(model.state_dict())
+    ref = model(x, t, c)
+    seen = []
+
+    def doubled(q, k, v):  # a wrapper around the op, as context parallelism installs
+        seen.append(tuple(q.shape))
+        return 2 * rcm.kernels.attention(q, k, v)
+
+    for block in model.blocks:
+        block.self_attn.attention_fn = doubled
+    out = model(x, t, c)
+    assert len(seen) == TINY.num_layers and list(model.state_dict()) == keys
+    assert ((out - ref).norm() / ref.norm()).item() > 1e-3  # the installed function is what runs
+    for block in model.blocks:
+        block.self_attn.attention_fn = None  # back to rcm.kernels.attention
+    assert torch.equal(model(x, t, c), ref)
 
 
 def test_blocks_are_a_modulelist_of_wanblock_taking_plain_tensors():
@@ -430,7 +451,7 @@ def test_matches_diffusers_wan_transformer():
         in_channels=TINY.in_dim, out_channels=TINY.out_dim, text_dim=TINY.text_dim, freq_dim=TINY.freq_dim,
         ffn_dim=TINY.ffn_dim, num_layers=TINY.num_layers, cross_attn_norm=True,
         qk_norm="rms_norm_across_heads", eps=TINY.eps)
-    ref.load_state_dict(dit_state_dict_to_diffusers(model.state_dict()), strict=True)  # rcm.models.checkpoint
+    ref.load_state_dict(dit_state_dict_to_diffusers(model.state_dict()), strict=True)  # rcm.models.wan_layouts
     x, t, c = make_inputs()
     with torch.no_grad():
         ours, theirs = model(x, t, c), ref(x, t, c).sample

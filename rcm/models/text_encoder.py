@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .checkpoint import load_state_dict_strict, read_state_dict
+from .weights import load_state_dict_strict, read_state_dict
 
 __all__ = [
     "WAN_NEGATIVE_PROMPT",

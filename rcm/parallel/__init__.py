@@ -12,7 +12,7 @@ The model file knows nothing of parallelism: everything is applied from outside.
 from rcm.parallel.activation_checkpoint import apply_activation_checkpointing
 from rcm.parallel.compile import compile_blocks
 from rcm.parallel.context_parallel import (
-    UlyssesSelfAttention,
+    UlyssesAttention,
     all_to_all,
     apply_context_parallel,
     gather_sequence,
@@ -55,7 +55,7 @@ __all__ = [
     "MESH_DIMS",
     "ParallelConfig",
     "ParallelMesh",
-    "UlyssesSelfAttention",
+    "UlyssesAttention",
     "all_to_all",
     "apply_activation_checkpointing",
     "apply_context_parallel",

@@ -1,4 +1,4 @@
-"""Ulysses context parallelism for the Wan DiT, applied from outside the model (RCM_METHOD.md §6, §9).
+"""Ulysses context parallelism for the Wan DiT, applied from outside the model (docs/method.md §6, §9).
 
 With a CP group of size P, every rank gets the full inputs (x, timestep, text) and:
 
@@ -24,9 +24,10 @@ must compute the identical loss from the gathered output (identical random draws
 ``rcm.parallel.rank_seed``). Each rank's parameter gradients then hold its own tokens' share and the
 sum over the group is the full gradient (FSDP sums over CP and averages over data-parallel ranks).
 
-Applied as: a forward hook on the patch embedding (split), a class swap of every ``WanSelfAttention``
-to ``UlyssesSelfAttention`` (same parameters and state-dict keys), a forward hook on the head (gather).
-The Wan model file is untouched.
+Applied from outside, no model code duplicated and no class swapped: a forward hook on the patch
+embedding (split); every block's self-attention gets ``UlyssesAttention`` as its ``attention_fn``
+(the all-to-alls around the attention op) and a pre-hook that hands it this rank's RoPE positions
+(and per-token modulation rows); a forward hook on the head (gather).
 """
 from __future__ import annotations
 
@@ -37,10 +38,10 @@ import torch.distributed._functional_collectives as funcol
 from torch import Tensor, nn
 
 from rcm import kernels
-from rcm.models.wan import WanDiT, WanSelfAttention, rope_apply
+from rcm.models.wan import WanDiT
 
 __all__ = [
-    "UlyssesSelfAttention",
+    "UlyssesAttention",
     "all_to_all",
     "apply_context_parallel",
     "gather_sequence",
@@ -216,31 +217,58 @@ def split_sequence(x: Tensor, group: dist.ProcessGroup, dim: int = 1) -> Tensor:
 # Applying it to the DiT.
 
 
-class UlyssesSelfAttention(WanSelfAttention):
-    """``WanSelfAttention`` on a sequence chunk: all-to-all to full sequence / H/P heads around the
-    attention op. Same parameters, same keys; ``cp_group`` is set by ``apply_context_parallel``.
+class UlyssesAttention:
+    """An ``attention_fn`` for a self-attention whose tokens are sharded over ``group``: all-to-all to
+    the full sequence with H/P heads, the inner attention, and back.
 
-    Receives the local tokens ``x [B, L/P, dim]`` and the full RoPE table ``[L, D/2, 2]``."""
+    Takes ``q, k, v [B, L/P, H, D]`` (RoPE already applied with this rank's positions), returns
+    ``[B, L/P, H, D]``. ``inner``: the attention op (default ``rcm.kernels.attention``, looked up at
+    call time)."""
 
-    cp_group: dist.ProcessGroup
+    def __init__(self, group: dist.ProcessGroup, inner=None):
+        self.group, self.inner = group, inner
 
-    def forward(self, x: Tensor, rope: Tensor) -> Tensor:
-        group = self.cp_group
-        world = dist.get_world_size(group)
-        if self.num_heads % world:
-            raise ValueError(f"context parallelism: {self.num_heads} heads are not divisible by cp={world}")
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        world = dist.get_world_size(self.group)
+        if q.shape[2] % world:
+            raise ValueError(f"context parallelism: {q.shape[2]} heads are not divisible by cp={world}")
+        q, k, v = sequence_to_heads(q, k, v, group=self.group)
+        out = kernels.attention(q, k, v) if self.inner is None else self.inner(q, k, v)
+        (out,) = heads_to_sequence(out, group=self.group)
+        return out
+
+
+def _local_positions(x: Tensor, n: int, group: dist.ProcessGroup, dim: int, what: str) -> Tensor:
+    """Rows ``[r·n, (r+1)·n)`` of a per-position tensor that covers the full sequence along ``dim``."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    if x.shape[dim] != n * world:
+        raise ValueError(f"context parallelism: {what} has {x.shape[dim]} positions, expected {n} local "
+                         f"tokens x cp {world}")
+    return x.narrow(dim, rank * n, n)
+
+
+def _block_pre_hook(group: dist.ProcessGroup):
+    # WanBlock(x, e, context, rope): x holds this rank's tokens; the RoPE table (and a per-token
+    # modulation e [B, L, 6, dim]) cover the full sequence: keep this rank's positions.
+    def hook(module, args):
+        x, e, context, rope, *rest = args
         n = x.shape[1]
-        if rope.shape[0] != n * world:
-            raise ValueError(f"context parallelism: RoPE table has {rope.shape[0]} positions, expected "
-                             f"{n} local tokens x cp {world}")
-        rope = rope[dist.get_rank(group) * n:(dist.get_rank(group) + 1) * n]
-        heads = (self.num_heads, -1)
-        q = rope_apply(self.norm_q(self.q(x)).unflatten(-1, heads), rope)
-        k = rope_apply(self.norm_k(self.k(x)).unflatten(-1, heads), rope)
-        v = self.v(x).unflatten(-1, heads)
-        q, k, v = sequence_to_heads(q, k, v, group=group)
-        (out,) = heads_to_sequence(kernels.attention(q, k, v), group=group)
-        return self.o(out.flatten(2))
+        rope = _local_positions(rope, n, group, 0, "the RoPE table")
+        if e.ndim == 4:
+            e = _local_positions(e, n, group, 1, "the per-token modulation")
+        return (x, e, context, rope, *rest)
+
+    return hook
+
+
+def _head_pre_hook(group: dist.ProcessGroup):
+    def hook(module, args):  # WanHead(x, e): a per-token time embedding e [B, L, dim] is sliced
+        x, e = args
+        if e.ndim == 3:
+            e = _local_positions(e, x.shape[1], group, 1, "the per-token time embedding")
+        return x, e
+
+    return hook
 
 
 def _dits(model: nn.Module) -> list[WanDiT]:
@@ -266,9 +294,9 @@ def apply_context_parallel(model: nn.Module, group: dist.ProcessGroup) -> nn.Mod
             raise ValueError(f"context parallelism: {dit.config.num_heads} heads are not divisible by cp={world}")
         dit._rcm_cp_group = group
         dit.patch_embedding.register_forward_hook(lambda m, args, out: split_sequence(out, group, dim=1))
-        for module in dit.modules():
-            if type(module) is WanSelfAttention:
-                module.__class__ = UlyssesSelfAttention
-                module.cp_group = group
+        for block in dit.blocks:
+            block.register_forward_pre_hook(_block_pre_hook(group))
+            block.self_attn.attention_fn = UlyssesAttention(group, block.self_attn.attention_fn)
+        dit.head.register_forward_pre_hook(_head_pre_hook(group))
         dit.head.register_forward_hook(lambda m, args, out: gather_sequence(out, group, dim=1))
     return model

@@ -108,6 +108,35 @@ def dit_checks(model, device="cpu") -> dict:
             "jvp_primal": primal.detach(), "grads": grads(model)}
 
 
+def variant_teacher() -> WanDiT:
+    """An I2V DiT (conditioning channels y, CLIP image tokens) for the CP check of the Wan variants."""
+    torch.manual_seed(5)
+    net = WanDiT(wan_config("wan-tiny-i2v"))
+    g = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        net.head.head.weight.normal_(0, 0.05, generator=g)
+    return net
+
+
+def variant_checks(model) -> dict:
+    """Output, no-grad JVP tangent and gradients of an I2V DiT fed per-token timesteps (TI2V-style:
+    the first latent frame's tokens at t = 0, their time tangent zero) with y and image tokens."""
+    cfg = wan_config("wan-tiny-i2v")
+    g = torch.Generator().manual_seed(7)
+    x, x_dot, weight = (torch.randn(SHAPE, generator=g) for _ in range(3))
+    y = torch.randn(SHAPE[0], cfg.cond_dim, *SHAPE[2:], generator=g)
+    context = torch.randn(SHAPE[0], cfg.text_len, cfg.text_dim, generator=g)
+    image = torch.randn(SHAPE[0], cfg.image_len, cfg.image_dim, generator=g)
+    noisy = torch.arange(8) >= 4  # patch grid 2x2x2: the first frame's 4 tokens are the condition
+    timestep = torch.tensor([[700.0], [250.0]]) * noisy
+    t_dot = torch.tensor([[0.5], [-1.5]]) * noisy
+    f = lambda x, t: model(x, t, context, y=y, image_context=image)  # noqa: E731
+    with torch.no_grad():
+        out, tangent = torch.func.jvp(f, (x, timestep), (x_dot, t_dot))
+    (f(x, timestep) * weight).sum().backward()
+    return {"out": out, "tangent": tangent, "grads": grads(model)}
+
+
 class Task:
     """Random latents and text from a seeded generator, its position saved with the run."""
 

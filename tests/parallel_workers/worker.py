@@ -129,6 +129,7 @@ def case_cp(out: Path, cfg: ParallelConfig, name: str) -> None:
         result["odd_sequence_error"] = str(e)
     if not cfg.activation_checkpointing:
         result["compiled"] = compiled_cp(mesh)
+        result["variant"] = variant_cp(mesh)
     save(out, name, result)
 
 
@@ -144,6 +145,15 @@ def compiled_cp(mesh) -> dict:
     for g in grads.values():
         dist.all_reduce(g, group=mesh.cp_group)
     return {"out": out.detach(), "grads": grads}
+
+
+def variant_cp(mesh) -> dict:
+    """An I2V DiT with per-token timesteps, context-parallel (no FSDP: CP gradients summed by hand)."""
+    dit = apply_context_parallel(common.variant_teacher(), mesh.cp_group)
+    result = common.variant_checks(dit)
+    for g in result["grads"].values():
+        dist.all_reduce(g, group=mesh.cp_group)
+    return result
 
 
 def build_state(mesh):

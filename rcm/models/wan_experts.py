@@ -1,0 +1,71 @@
+"""Wan2.2 A14B's two experts as one network of t (docs/wan_models.md).
+
+A14B denoises with two DiTs of one architecture: the high-noise expert for RF times σ ≥ boundary
+(0.875 for T2V, 0.900 for I2V, the official configs' ``boundary``; the official sampler switches
+at ``t >= boundary · 1000`` on its shifted timesteps, which are σ · 1000) and the low-noise expert
+below. ``WanExperts`` is that rule as a module with the DiT's call signature, so samplers and
+losses see one teacher callable of t; each sample goes to its own expert (a batch may straddle the
+boundary). Parameters are ``high_noise.*`` and ``low_noise.*``, so ``functional_call`` and the
+parallel wrappers (which look for every ``WanDiT`` inside a module) apply unchanged.
+
+The dispatch reads the timesteps' values (it is data-dependent control flow): it works under
+``torch.func.jvp`` / ``grad`` in eager mode; ``torch.compile`` breaks the graph there (the experts'
+blocks still compile).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from rcm.models.trigflow import RF_TIMESTEP_SCALE
+from rcm.models.wan import WanDiT
+
+__all__ = ["WanExperts"]
+
+
+class WanExperts(nn.Module):
+    """``forward(x, timestep, context, **conditioning)``: ``high_noise`` where ``timestep ≥ 1000·boundary``,
+    ``low_noise`` elsewhere, per sample (per-token timesteps: the sample's largest, i.e. its noisy
+    tokens' time)."""
+
+    def __init__(self, high_noise: WanDiT, low_noise: WanDiT, boundary: float):
+        super().__init__()
+        if not (isinstance(high_noise, WanDiT) and isinstance(low_noise, WanDiT)):
+            raise ValueError(f"WanExperts: high_noise and low_noise must be WanDiT, got "
+                             f"{type(high_noise).__name__} and {type(low_noise).__name__}")
+        if high_noise.config != low_noise.config:
+            raise ValueError(f"WanExperts: the experts' configs differ: {high_noise.config} vs {low_noise.config}")
+        if isinstance(boundary, bool) or not isinstance(boundary, (int, float)) or not 0.0 < boundary < 1.0:
+            raise ValueError(f"WanExperts: boundary must be an RF time in (0, 1), got {boundary!r}")
+        self.high_noise = high_noise
+        self.low_noise = low_noise
+        self.boundary = float(boundary)
+
+    @property
+    def config(self):
+        return self.high_noise.config
+
+    def uses_high_noise(self, timestep: Tensor) -> Tensor:
+        """Per sample: True where the high-noise expert applies (``timestep`` [B] or [B, L], 1000·σ)."""
+        t = timestep if timestep.ndim == 1 else timestep.amax(dim=1)
+        return t >= self.boundary * RF_TIMESTEP_SCALE
+
+    def forward(self, x: Tensor, timestep: Tensor, context: Tensor, **conditioning: Tensor | None) -> Tensor:
+        if not isinstance(timestep, Tensor) or timestep.ndim not in (1, 2) or timestep.shape[0] != x.shape[0]:
+            raise ValueError(f"timestep must be a tensor [B] or [B, L] with B = {x.shape[0]}, got "
+                             f"{tuple(timestep.shape) if isinstance(timestep, Tensor) else type(timestep).__name__}")
+        high = self.uses_high_noise(timestep)
+        if bool(high.all()):
+            return self.high_noise(x, timestep, context, **conditioning)
+        if not bool(high.any()):
+            return self.low_noise(x, timestep, context, **conditioning)
+        rows_high, rows_low = high.nonzero()[:, 0], (~high).nonzero()[:, 0]
+
+        def rows(index: Tensor):
+            pick = {k: None if v is None else v.index_select(0, index) for k, v in conditioning.items()}
+            return x.index_select(0, index), timestep.index_select(0, index), context.index_select(0, index), pick
+
+        x_h, t_h, c_h, cond_h = rows(rows_high)
+        x_l, t_l, c_l, cond_l = rows(rows_low)
+        out = torch.cat([self.high_noise(x_h, t_h, c_h, **cond_h), self.low_noise(x_l, t_l, c_l, **cond_l)])
+        return out.index_select(0, torch.argsort(torch.cat([rows_high, rows_low])))  # back in batch order
