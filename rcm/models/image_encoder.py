@@ -48,12 +48,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .checkpoint import (
-    LazyTensor,
-    dit_weight_files,
-    load_state_dict_strict,
-    open_state_dict,
-)
+from .wan_loading import dit_weight_files
+from .weights import LazyTensor, load_state_dict_strict, open_state_dict
 
 __all__ = [
     "CLIP_IMAGE_SIZE",

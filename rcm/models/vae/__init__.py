@@ -9,7 +9,7 @@
 * ``loading``: ``load_vae`` / ``save_vae`` (strict, meta-device).
 """
 
-from rcm.models.checkpoint import load_state_dict_strict, read_state_dict
+from rcm.models.weights import load_state_dict_strict, read_state_dict
 from rcm.models.vae.config import (
     WAN21_LATENTS_MEAN,
     WAN21_LATENTS_STD,

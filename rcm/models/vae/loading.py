@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import load_state_dict_strict, read_state_dict
+from ..weights import load_state_dict_strict, read_state_dict
 from .config import WanVAEConfig
 from .layouts import _FROM, _TO, LAYOUTS, detect_vae_layout, vae_key_table
 from .model import WanVAE
