@@ -285,6 +285,17 @@ def test_scm_loss_frame_replacement_excludes_given_frames():
     loss.sum().backward()
     grad = params["frame_bias"].grad
     assert grad[0] == 0 and bool((grad[1:].abs() > 0).all())
+    # ‖g‖ is over the generated frames: g = −c (F_θ⁻ − F_tea) − c s x_t − c s dF/dt there (r = 1), 0 on frame 0
+    _, diag = scm_loss(FunctionalNet(student, params), teacher, x0, None, iteration=0, config=cfg, t=t,
+                       noise=noise, condition=condition)
+    c, s = torch.cos(t).view(B, 1, 1, 1, 1), torch.sin(t).view(B, 1, 1, 1, 1)
+    x_t = condition.impose(c * x0 + s * noise)
+    F_tea = trigflow_denoise(teacher, x_t, t, None, condition=condition).F
+    F_minus = trigflow_denoise(student, x_t, t, None, condition=condition).F
+    g = -c * (F_minus - F_tea) - c * s * x_t - scm_jvp(student, x_t, t, None, F_tea, condition=condition)
+    g_generated = torch.where(frame0, 0.0, g)
+    torch.testing.assert_close(diag["g_norm"], g_generated.flatten(1).norm(dim=1), rtol=1e-12, atol=0)
+    assert (g.flatten(1).norm(dim=1) - diag["g_norm"]).abs().min() > 1e-3  # frame 0 of g would count
     moved = FrameCondition(condition.latent + 1, condition.mask)
     assert not torch.allclose(loss_of(noise, moved), loss)
     # the same loss without the condition trains frame 0 too (so the check above can fail)
@@ -442,3 +453,31 @@ def test_teacher_samplers_keep_the_given_frames(sampler):
     # the generated frames really are sampled (not left at noise or at the latent)
     plain = sampler(teacher_velocity(ToyVideoNet(seed=19), None), draws(13)[0], rf_times)
     assert not torch.equal(generated(out), generated(plain)) and generated(out).abs().max() > 0
+
+
+def test_samplers_impose_the_condition_on_plain_callables():
+    """A plain denoiser / velocity (not built with the condition) still gets clean given frames in every
+    state the sampler makes, and the output keeps them: the samplers impose ``condition`` themselves."""
+    condition = frame_condition(9)
+    seen = []
+
+    def denoiser(x, t):
+        seen.append(x.clone())
+        return x * 0.5 + 1.0  # moves every frame, the given ones too
+
+    out = sample_consistency(denoiser, draws(14)[0], consistency_times(4), condition=condition,
+                             generator=torch.Generator().manual_seed(0))
+    assert len(seen) == 4 and all(torch.equal(given(x), given(condition.latent)) for x in seen)
+    assert torch.equal(given(out), given(condition.latent))
+    for sampler in (sample_euler, sample_unipc):
+        seen.clear()
+
+        def velocity(x, rho):
+            seen.append(x.clone())
+            return torch.sin(x) + rho.view(-1, 1, 1, 1, 1)  # non-zero on the given frames too
+
+        out = sampler(velocity, draws(15)[0], shifted_flow_times(4, shift=3.0), condition=condition)
+        assert len(seen) == 4 and all(torch.equal(given(x), given(condition.latent)) for x in seen)
+        assert torch.equal(given(out), given(condition.latent))
+        free = sampler(velocity, draws(15)[0], shifted_flow_times(4, shift=3.0))
+        assert not torch.allclose(given(free), given(condition.latent))

@@ -112,8 +112,7 @@ def backward_simulation(student: Callable, context: Any, noise: Tensor, num_step
             t_next = times[i + 1]
             x = per_sample(torch.cos(t_next), x0) * x0 + per_sample(torch.sin(t_next), x0) * z
             x = x if condition is None else condition.impose(x)
-    # (fp32 G: the given frames are the latent rounded to fp32, imposed after the cast, with no gradient)
-    return x0 if condition is None else condition.impose(x0)
+    return x0  # on given frames: the latent (rounded to fp32), imposed by the denoiser, with no gradient
 
 
 def dmd_loss(G: Tensor, teacher: Callable, fake_score: Callable, context: Any, negative_context: Any = None,
@@ -147,7 +146,7 @@ def dmd_loss(G: Tensor, teacher: Callable, fake_score: Callable, context: Any, n
             per_sample_sum(condition.exclude(error)) / condition.generated_count(G)  # over generated positions
         omega = mean_error.clamp_min(config.omega_min)
         delta = condition.exclude((x0_fake - x0_real) / per_sample(omega, G))
-    residual = condition.exclude(G.to(torch.float64) - (G_detached - delta))  # = Δ in value, gradient 1 into G
+    residual = G.to(torch.float64) - (G_detached - delta)  # = Δ in value (0 on given frames), gradient 1 into G
 
     # A sample with any non-finite value gets loss and gradient exactly 0 (mask before squaring).
     finite = torch.isfinite(residual.detach()).flatten(1).all(1)
