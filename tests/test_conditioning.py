@@ -285,14 +285,14 @@ def test_scm_loss_frame_replacement_excludes_given_frames():
     loss.sum().backward()
     grad = params["frame_bias"].grad
     assert grad[0] == 0 and bool((grad[1:].abs() > 0).all())
-    # ‖g‖ is over the generated frames: g = −c (F_θ⁻ − F_tea) − c s x_t − c s dF/dt there (r = 1), 0 on frame 0
+    # ‖g‖ is over the generated frames: g = −c √(1 − s²) (F_θ⁻ − F_tea) − c s x_t − c s dF/dt (r = 1), 0 on frame 0
     _, diag = scm_loss(FunctionalNet(student, params), teacher, x0, None, iteration=0, config=cfg, t=t,
                        noise=noise, condition=condition)
     c, s = torch.cos(t).view(B, 1, 1, 1, 1), torch.sin(t).view(B, 1, 1, 1, 1)
     x_t = condition.impose(c * x0 + s * noise)
     F_tea = trigflow_denoise(teacher, x_t, t, None, condition=condition).F
     F_minus = trigflow_denoise(student, x_t, t, None, condition=condition).F
-    g = -c * (F_minus - F_tea) - c * s * x_t - scm_jvp(student, x_t, t, None, F_tea, condition=condition)
+    g = -c * torch.sqrt(1 - s ** 2) * (F_minus - F_tea) - c * s * x_t - scm_jvp(student, x_t, t, None, F_tea, condition=condition)
     g_generated = torch.where(frame0, 0.0, g)
     torch.testing.assert_close(diag["g_norm"], g_generated.flatten(1).norm(dim=1), rtol=1e-12, atol=0)
     assert (g.flatten(1).norm(dim=1) - diag["g_norm"]).abs().min() > 1e-3  # frame 0 of g would count
