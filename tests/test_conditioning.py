@@ -481,3 +481,32 @@ def test_samplers_impose_the_condition_on_plain_callables():
         assert torch.equal(given(out), given(condition.latent))
         free = sampler(velocity, draws(15)[0], shifted_flow_times(4, shift=3.0))
         assert not torch.allclose(given(free), given(condition.latent))
+
+
+def test_every_state_the_losses_make_keeps_the_given_frames_clean(monkeypatch):
+    """The states the losses hand to the denoiser (x_t of sCM, every rollout state, the x^D of DMD and of
+    the critic) hold the clean latent on the given frames before any network is called."""
+    import rcm.losses.dmd as dmd_module
+    import rcm.losses.scm as scm_module
+
+    states = []
+
+    def recording_denoise(net, x_t, t, context, **kwargs):
+        if not torch._C._functorch.is_functorch_wrapped_tensor(x_t):
+            states.append(x_t.detach().clone())
+        return trigflow_denoise(net, x_t, t, context, **kwargs)
+
+    monkeypatch.setattr(scm_module, "trigflow_denoise", recording_denoise)
+    monkeypatch.setattr(dmd_module, "trigflow_denoise", recording_denoise)
+    condition = frame_condition(10)
+    student, teacher, fake = ToyVideoNet(seed=20), ToyVideoNet(seed=21), ToyVideoNet(seed=22)
+    x0 = draws(16)[0]  # its given frames differ from the latent: the losses must replace them
+    g = torch.Generator().manual_seed(0)
+    scm_loss(student, teacher, x0, None, iteration=0, config=SCMConfig(guidance=1.0), generator=g, condition=condition)
+    assert len(states) == 2  # teacher and the student's grad forward (the JVP's state is a dual tensor)
+    G = backward_simulation(student, None, draws(17)[0], 4, generator=g, condition=condition)
+    dmd_loss(G, teacher, fake, None, config=DMDConfig(guidance=1.0), generator=g, condition=condition)
+    fake_score_loss(G, fake, None, generator=g, condition=condition)
+    assert len(states) == 2 + 4 + 2 + 1
+    for x_t in states:
+        assert torch.equal(given(x_t), given(condition.latent))
