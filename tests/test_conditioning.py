@@ -188,9 +188,13 @@ def _central_difference(student, x_t, t, F_teacher, condition, context=None, h=1
     return (F(h) - F(-h)) / (2 * h)
 
 
-def test_scm_jvp_frame_replacement_matches_finite_differences_and_is_zero_on_given_frames():
-    student, teacher = ToyVideoNet(seed=3), ToyVideoNet(seed=4)
-    condition = frame_condition(1)
+@pytest.mark.parametrize("with_inputs", [False, True])
+def test_scm_jvp_frame_replacement_matches_finite_differences_and_is_zero_on_given_frames(with_inputs):
+    """Frame replacement alone (TI2V), and with conditioning channels as well."""
+    cy = 2 if with_inputs else 0
+    student, teacher = ToyVideoNet(cond_channels=cy, seed=3), ToyVideoNet(cond_channels=cy, seed=4)
+    y = torch.randn(B, cy, T, H, W, dtype=f64, generator=torch.Generator().manual_seed(9))
+    condition = FrameCondition(*frame_condition(1)[:2], {"y": y} if with_inputs else None)
     x0, noise, _ = draws(3)
     t = torch.tensor([0.4, 1.1, 1.45], dtype=f64)
     x_t = condition.impose(torch.cos(t).view(B, 1, 1, 1, 1) * x0 + torch.sin(t).view(B, 1, 1, 1, 1) * noise)
@@ -202,7 +206,7 @@ def test_scm_jvp_frame_replacement_matches_finite_differences_and_is_zero_on_giv
     fd = _central_difference(student, x_t, t, F_teacher, condition)
     torch.testing.assert_close(tangent, fd, rtol=1e-7, atol=1e-8)
     # a JVP that ignored the condition (noisy given frames, one timestep) is a different function
-    unconditioned = scm_jvp(student, x_t, t, None, F_teacher)
+    unconditioned = scm_jvp(student, x_t, t, None, F_teacher, condition=FrameCondition(inputs=condition.inputs))
     assert (generated(unconditioned) - generated(tangent)).abs().max() > 1e-3
 
 

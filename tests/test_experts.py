@@ -143,3 +143,27 @@ def test_teacher_sampler_switches_experts_at_the_boundary():
     assert seen_high == [1000 * r for r in rf_times[:-1].tolist() if r >= BOUNDARY]
     assert seen_low == [1000 * r for r in rf_times[:-1].tolist() if r < BOUNDARY]
     assert seen_high and seen_low
+
+
+
+def test_per_expert_guidance_composes():
+    """Wan2.2 guides each expert with its own weight: a TimeSwitchedNet of two GuidedNets (the loss's
+    guidance at 1) gives each sample its expert's guided velocity, image inputs in both passes, on a
+    batch that straddles the boundary (the negative context is split with the rows)."""
+    from rcm.models.trigflow import classifier_free_guidance, network_velocity
+
+    cy = 1
+    high, low = ToyVideoNet(cond_channels=cy, seed=14), ToyVideoNet(cond_channels=cy, seed=15)
+    negative = torch.linspace(-1, 1, B, dtype=f64)
+    net = TimeSwitchedNet(classifier_free_guidance(high, 4.0, negative), classifier_free_guidance(low, 3.0, negative),
+                          BOUNDARY)
+    x = draws(8)[0]
+    y = torch.randn(B, cy, 3, 2, 3, dtype=f64)
+    context = torch.ones(B, dtype=f64)
+    timestep = torch.tensor([990.0, 100.0, 880.0], dtype=f64)
+    v = network_velocity(net, x, timestep, context, inputs={"y": y})
+    for i, (expert, w) in enumerate([(high, 4.0), (low, 3.0), (high, 4.0)]):
+        rows = slice(i, i + 1)
+        v_c = expert(x[rows], timestep[rows], context[rows], y=y[rows])
+        v_u = expert(x[rows], timestep[rows], negative[rows], y=y[rows])
+        torch.testing.assert_close(v[rows], v_u + w * (v_c - v_u), rtol=1e-13, atol=1e-14)

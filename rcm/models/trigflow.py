@@ -413,7 +413,8 @@ class TimeSwitchedNet(NamedTuple):
     Wan2.2's sampler. Pure composition: either side is any network (a ``FunctionalNet`` over an expert's
     parameters, a ``GuidedNet``, a function). A batch straddling the boundary is split into the rows of
     each side and put back in order; the context and the conditioning inputs are split with it when they
-    are tensors with one row per sample. The dispatch reads the timesteps' values: eager only (works
+    are tensors with one row per sample, and so is a ``GuidedNet`` side's negative context (per-expert
+    guidance weights, as Wan2.2 A14B uses). The dispatch reads the timesteps' values: eager only (works
     under ``torch.func.jvp``/``grad``; ``torch.compile`` breaks the graph there).
     """
 
@@ -442,8 +443,12 @@ class TimeSwitchedNet(NamedTuple):
             per_row = isinstance(value, Tensor) and value.ndim >= 1 and value.shape[0] == x.shape[0]
             return value.index_select(0, index) if per_row else value
 
-        out = torch.cat([net(x.index_select(0, r), timestep.index_select(0, r), pick(context, r),
-                             **{k: pick(v, r) for k, v in inputs.items()})
+        def rows_of(net: Callable, index: Tensor) -> Callable:
+            # a guided side (per-expert guidance weights) has a negative context per sample too
+            return net._replace(negative_context=pick(net.negative_context, index)) if isinstance(net, GuidedNet) else net
+
+        out = torch.cat([rows_of(net, r)(x.index_select(0, r), timestep.index_select(0, r), pick(context, r),
+                                         **{k: pick(v, r) for k, v in inputs.items()})
                          for net, r in zip((self.high, self.low), rows)])
         return out.index_select(0, torch.argsort(torch.cat(rows)))  # back in batch order
 
