@@ -205,6 +205,10 @@ def test_scm_jvp_frame_replacement_matches_finite_differences_and_is_zero_on_giv
     assert generated(tangent).abs().min() > 0
     fd = _central_difference(student, x_t, t, F_teacher, condition)
     torch.testing.assert_close(tangent, fd, rtol=1e-7, atol=1e-8)
+    # a caller's x_t / F_teacher with values on the given frames change nothing: the denoiser drops them
+    junk = torch.where(MASK, 5.0, 0.0)
+    torch.testing.assert_close(scm_jvp(student, x_t + junk, t, None, F_teacher + junk, condition=condition),
+                               tangent, rtol=1e-14, atol=0)
     # a JVP that ignored the condition (noisy given frames, one timestep) is a different function
     unconditioned = scm_jvp(student, x_t, t, None, F_teacher, condition=FrameCondition(inputs=condition.inputs))
     assert (generated(unconditioned) - generated(tangent)).abs().max() > 1e-3

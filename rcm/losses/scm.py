@@ -63,17 +63,14 @@ def scm_jvp(student: Callable, x_t: Tensor, t: Tensor, context: Any, F_teacher: 
 
     One ``torch.func.jvp`` of the whole student denoiser (wrapper + network) w.r.t. (x_t, t) with the
     tangents pre-multiplied by c s (sCM's "JVP rearrangement"): (c s F_tea, c s). The primal is dropped.
-    ``condition`` (§12) is a constant of the function: no tangent enters its inputs, and the state
-    tangent and the result are 0 on its given frames.
+    ``condition`` (§12) is a constant of the function: no tangent enters its inputs, and the denoiser
+    replaces the given frames by the latent (their state tangent is dropped), so the result is 0 there.
     """
     check_callable(student, "student")
     check_time(t, check_sample(x_t, "x_t"), "t")
     check_like(F_teacher, x_t, "F_teacher", "x_t")
     x_t, t = x_t.to(torch.float64), t.to(torch.float64)
     cs = torch.cos(t) * torch.sin(t)
-    if condition is not None:
-        condition = condition.checked(x_t)
-        x_t, F_teacher = condition.impose(x_t), condition.exclude(F_teacher.to(torch.float64))
 
     def student_F(x: Tensor, time: Tensor) -> Tensor:
         return trigflow_denoise(student, x, time, context, name="student", condition=condition).F
