@@ -167,3 +167,30 @@ def test_per_expert_guidance_composes():
         v_c = expert(x[rows], timestep[rows], context[rows], y=y[rows])
         v_u = expert(x[rows], timestep[rows], negative[rows], y=y[rows])
         torch.testing.assert_close(v[rows], v_u + w * (v_c - v_u), rtol=1e-13, atol=1e-14)
+
+
+def test_expert_boundary_loss_ties_the_high_student_to_the_low_one_at_the_boundary():
+    from rcm.losses import expert_boundary_loss
+
+    high, low = ToyVideoNet(seed=16), ToyVideoNet(seed=17)
+    student = TimeSwitchedNet(high, low, BOUNDARY)
+    x0, noise, _ = draws(9)
+    condition = frame_condition(4)
+    loss, diag = expert_boundary_loss(student, x0, None, loss_scale=2.0, noise=noise, condition=condition)
+    # by hand: x_b at t_b = arctan(ρ_b/(1 − ρ_b)), f = x̂0 of each expert, mean over generated positions
+    t_b = torch.full((B,), math.atan(BOUNDARY / (1 - BOUNDARY)), dtype=f64)
+    x_b = condition.impose(math.cos(t_b[0]) * x0 + math.sin(t_b[0]) * noise)
+    d = trigflow_denoise(high, x_b, t_b, None, condition=condition).x0 - trigflow_denoise(low, x_b, t_b, None,
+                                                                                          condition=condition).x0
+    keep = ~MASK.expand_as(d)
+    expected = torch.stack([2.0 * d[b][keep[b]].pow(2).mean() for b in range(B)])
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
+    assert bool((diag["gap"] > 0).all())
+    loss.sum().backward()
+    assert all(p.grad is None for p in low.parameters())  # the low student is the target
+    assert high.frame_bias.grad.abs().sum() > 0
+    # equal experts: zero loss
+    same, _ = expert_boundary_loss(TimeSwitchedNet(low, low, BOUNDARY), x0, None, noise=noise, condition=condition)
+    assert bool((same == 0).all())
+    with pytest.raises(ValueError, match="student must be a TimeSwitchedNet"):
+        expert_boundary_loss(high, x0, None, noise=noise)

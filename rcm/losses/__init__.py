@@ -16,6 +16,7 @@ from rcm.losses.config import (
     UniformShiftTime,
 )
 from rcm.losses.dmd import backward_simulation, dmd_loss, fake_score_loss, rollout_times
+from rcm.losses.experts import expert_boundary_loss
 from rcm.losses.ema import ema_update_, power_ema_beta, power_ema_gamma
 from rcm.losses.objectives import (
     critic_iteration_count,
@@ -41,6 +42,7 @@ __all__ = [
     "critic_loss",
     "dmd_loss",
     "ema_update_",
+    "expert_boundary_loss",
     "fake_score_loss",
     "is_student_iteration",
     "normalize_tangent",
