@@ -6,10 +6,30 @@ import math
 import pytest
 import torch
 
-from rcm.losses import DMDConfig, SCMConfig, backward_simulation, dmd_loss, fake_score_loss, scm_jvp, scm_loss
-from rcm.models.trigflow import FrameCondition, TimeSwitchedNet, trig_to_rf, trigflow_denoise
+from rcm.losses import (
+    DMDConfig,
+    SCMConfig,
+    backward_simulation,
+    dmd_loss,
+    fake_score_loss,
+    scm_jvp,
+    scm_loss,
+)
+from rcm.models.trigflow import (
+    FrameCondition,
+    TimeSwitchedNet,
+    trig_to_rf,
+    trigflow_denoise,
+)
 from rcm.samplers import sample_euler, shifted_flow_times, teacher_velocity
-from tests.test_conditioning import MASK, Recorder, ToyVideoNet, draws, frame_condition, given
+from tests.test_conditioning import (
+    MASK,
+    Recorder,
+    ToyVideoNet,
+    draws,
+    frame_condition,
+    given,
+)
 
 f64 = torch.float64
 B = 3

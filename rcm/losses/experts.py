@@ -19,7 +19,13 @@ import torch
 from torch import Tensor
 
 from rcm.losses.common import check_context, check_sample, draw_normal, per_sample_sum
-from rcm.models.trigflow import FrameCondition, TimeSwitchedNet, per_sample, rf_to_trig, trigflow_denoise
+from rcm.models.trigflow import (
+    FrameCondition,
+    TimeSwitchedNet,
+    per_sample,
+    rf_to_trig,
+    trigflow_denoise,
+)
 
 __all__ = ["expert_boundary_loss"]
 

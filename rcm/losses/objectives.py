@@ -18,7 +18,13 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor
 
-from rcm.losses.common import check_callable, check_config, check_count, check_sample, draw_normal
+from rcm.losses.common import (
+    check_callable,
+    check_config,
+    check_count,
+    check_sample,
+    draw_normal,
+)
 from rcm.losses.config import RCMConfig
 from rcm.losses.dmd import backward_simulation, dmd_loss, fake_score_loss
 from rcm.losses.scm import scm_loss

@@ -16,10 +16,9 @@ or the loss.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
-
 import math
 import numbers
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -35,7 +34,13 @@ from rcm.losses.common import (
     per_sample_sum,
 )
 from rcm.losses.config import SCMConfig
-from rcm.models.trigflow import FrameCondition, check_time, classifier_free_guidance, per_sample, trigflow_denoise
+from rcm.models.trigflow import (
+    FrameCondition,
+    check_time,
+    classifier_free_guidance,
+    per_sample,
+    trigflow_denoise,
+)
 from rcm.timing import phase
 
 __all__ = ["normalize_tangent", "scm_jvp", "scm_loss", "scm_target", "tangent_warmup_ratio"]

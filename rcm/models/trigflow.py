@@ -228,7 +228,7 @@ def check_time_range(t: Tensor, name: str = "t") -> None:
 
 
 def trigflow_denoise(net: Callable, x_t: Tensor, t: Tensor, context: Any, *, name: str = "network",
-                     condition: "FrameCondition | None" = None) -> Denoised:
+                     condition: FrameCondition | None = None) -> Denoised:
     """x̂0 and F of network ``net`` at TrigFlow state ``x_t`` [B, ...] and time ``t`` [B] (float64).
 
     ``condition`` (§12): the network gets its ``inputs``; under frame replacement the given frames of
@@ -282,7 +282,7 @@ class FrameCondition(NamedTuple):
     mask: Tensor | None = None
     inputs: Mapping[str, Tensor] | None = None
 
-    def checked(self, x: Tensor) -> "FrameCondition":
+    def checked(self, x: Tensor) -> FrameCondition:
         """This condition validated against states ``x`` [B, C, T, H, W]: the mask as bool, batch-1
         inputs expanded to B (views). A 0/1 float mask costs one host sync; a bool one none."""
         batch = x.shape[0]

@@ -13,7 +13,12 @@ from typing import Any, Callable, NamedTuple
 import torch
 from torch import Tensor
 
-from rcm.models.trigflow import FrameCondition, check_time_range, per_sample, trigflow_denoise
+from rcm.models.trigflow import (
+    FrameCondition,
+    check_time_range,
+    per_sample,
+    trigflow_denoise,
+)
 
 __all__ = ["StudentDenoiser", "sample_consistency", "student_denoiser"]
 

@@ -14,7 +14,12 @@ from typing import Any, Callable, NamedTuple
 import torch
 from torch import Tensor
 
-from rcm.models.trigflow import RF_TIMESTEP_SCALE, FrameCondition, classifier_free_guidance, network_velocity
+from rcm.models.trigflow import (
+    RF_TIMESTEP_SCALE,
+    FrameCondition,
+    classifier_free_guidance,
+    network_velocity,
+)
 from rcm.samplers.schedules import check_num_steps
 
 __all__ = ["TeacherVelocity", "sample_euler", "sample_unipc", "teacher_velocity"]
