@@ -17,6 +17,7 @@ from rcm.losses.config import (
 )
 from rcm.losses.dmd import backward_simulation, dmd_loss, fake_score_loss, rollout_times
 from rcm.losses.ema import ema_update_, power_ema_beta, power_ema_gamma
+from rcm.losses.experts import expert_boundary_loss
 from rcm.losses.objectives import (
     critic_iteration_count,
     critic_loss,
@@ -26,7 +27,13 @@ from rcm.losses.objectives import (
     student_iteration_count,
     student_losses,
 )
-from rcm.losses.scm import normalize_tangent, scm_jvp, scm_loss, scm_target, tangent_warmup_ratio
+from rcm.losses.scm import (
+    normalize_tangent,
+    scm_jvp,
+    scm_loss,
+    scm_target,
+    tangent_warmup_ratio,
+)
 
 __all__ = [
     "ConfigError",
@@ -41,6 +48,7 @@ __all__ = [
     "critic_loss",
     "dmd_loss",
     "ema_update_",
+    "expert_boundary_loss",
     "fake_score_loss",
     "is_student_iteration",
     "normalize_tangent",

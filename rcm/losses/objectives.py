@@ -18,10 +18,17 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor
 
-from rcm.losses.common import check_callable, check_config, check_count, check_sample, draw_normal
+from rcm.losses.common import (
+    check_callable,
+    check_config,
+    check_count,
+    check_sample,
+    draw_normal,
+)
 from rcm.losses.config import RCMConfig
 from rcm.losses.dmd import backward_simulation, dmd_loss, fake_score_loss
 from rcm.losses.scm import scm_loss
+from rcm.models.trigflow import FrameCondition
 from rcm.timing import phase
 
 __all__ = [
@@ -75,13 +82,15 @@ def rcm_phase(iteration: int, config: RCMConfig) -> str:
 def student_losses(student: Callable, teacher: Callable, fake_score: Callable | None, x0: Tensor,
                    context: Any, negative_context: Any = None, *, iteration: int,
                    config: RCMConfig = RCMConfig(), generator: torch.Generator | None = None,
-                   jvp: Callable | None = None) -> Iterator[tuple[str, Tensor, dict[str, Any]]]:
+                   jvp: Callable | None = None, condition: FrameCondition | None = None,
+                   ) -> Iterator[tuple[str, Tensor, dict[str, Any]]]:
     """Yield ``(name, per-sample loss [B], diagnostics)`` of a student iteration: "scm", then "dmd".
 
     "scm" is skipped when its loss scale is 0 (DMD2 alone).
     "dmd" comes only with the regularizer enabled and from ``iteration >= tangent_warmup`` on; its
     rollout length follows the student counter k_S. Random draws come from ``generator`` in order.
     jvp: the sCM JVP pass (see ``scm_loss``); default ``scm_jvp`` over ``student``.
+    condition: image-to-video conditioning of every network call, rollout included (docs/method.md §12).
     Raises ValueError if ``iteration`` is a critic iteration of the schedule.
     """
     check_sample(x0, "x0")
@@ -92,7 +101,7 @@ def student_losses(student: Callable, teacher: Callable, fake_score: Callable | 
                          f"(warmup {config.scm.tangent_warmup}, freq {config.student_update_freq})")
     if config.scm.loss_scale > 0:  # 0: DMD2 alone, no JVP pass at all
         loss, diagnostics = scm_loss(student, teacher, x0, context, negative_context, iteration=iteration,
-                                     config=config.scm, generator=generator, jvp=jvp)
+                                     config=config.scm, generator=generator, jvp=jvp, condition=condition)
         yield "scm", loss, diagnostics
     if not config.dmd_enabled or iteration < config.scm.tangent_warmup:
         return
@@ -104,18 +113,19 @@ def student_losses(student: Callable, teacher: Callable, fake_score: Callable | 
     noise = draw_normal(x0.shape, generator, x0.device, name="rollout noise")
     with phase("dmd.rollout"):
         G = backward_simulation(student, context, noise, steps, config=config.dmd, generator=generator,
-                                with_grad=True)
+                                with_grad=True, condition=condition)
     loss, diagnostics = dmd_loss(G, teacher, fake_score, context, negative_context, config=config.dmd,
-                                 generator=generator)
+                                 generator=generator, condition=condition)
     yield "dmd", loss, {**diagnostics, "rollout_steps": steps}
 
 
 def critic_loss(student: Callable, fake_score: Callable, x0: Tensor, context: Any, *, iteration: int,
                 config: RCMConfig = RCMConfig(), generator: torch.Generator | None = None,
-                ) -> tuple[Tensor, dict[str, Any]]:
+                condition: FrameCondition | None = None) -> tuple[Tensor, dict[str, Any]]:
     """Per-sample fake-score loss [B] of a critic iteration, and diagnostics.
 
     The student rolls out (no grad) for (k_D mod max) + 1 steps; ``x0`` only gives the sample shape.
+    condition: image-to-video conditioning of the rollout and the critic (docs/method.md §12).
     Raises ValueError if ``iteration`` is a student iteration of the schedule.
     """
     check_sample(x0, "x0")
@@ -129,6 +139,8 @@ def critic_loss(student: Callable, fake_score: Callable, x0: Tensor, context: An
     steps = rollout_steps(k_d, config.dmd.max_simulation_steps)
     noise = draw_normal(x0.shape, generator, x0.device, name="rollout noise")
     with phase("critic.rollout"), torch.no_grad():
-        G = backward_simulation(student, context, noise, steps, config=config.dmd, generator=generator)
-    loss, diagnostics = fake_score_loss(G, fake_score, context, config=config.dmd, generator=generator)
+        G = backward_simulation(student, context, noise, steps, config=config.dmd, generator=generator,
+                                condition=condition)
+    loss, diagnostics = fake_score_loss(G, fake_score, context, config=config.dmd, generator=generator,
+                                        condition=condition)
     return loss, {**diagnostics, "rollout_steps": steps}

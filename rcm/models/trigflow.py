@@ -18,9 +18,11 @@ The consistency function is f(x_t, t) = c x_t − s F = x̂0. All wrapper math i
 sees its own dtype. The whole denoiser (wrapper + network) is differentiable and ``torch.func.jvp``-able
 jointly in (x_t, t), which is what the sCM tangent needs.
 
-A *network* is anything called as ``net(x, timestep, context) -> v``: an ``nn.Module`` such as
-``rcm.models.wan.WanDiT``, a ``FunctionalNet`` (module + explicit params for ``torch.func``), a
-``GuidedNet`` (classifier-free guidance), or a plain function (analytic fields in tests).
+A *network* is anything called as ``net(x, timestep, context, **inputs) -> v``: an ``nn.Module`` such
+as ``rcm.models.wan.WanDiT``, a ``FunctionalNet`` (module + explicit params for ``torch.func``), a
+``GuidedNet`` (classifier-free guidance), a ``TimeSwitchedNet`` (two experts split at an RF time), or a
+plain function (analytic fields in tests). ``inputs`` (keyword tensors such as ``y``, ``image_context``)
+and per-frame timesteps come only from a ``FrameCondition`` (image-to-video, docs/method.md §12).
 """
 from __future__ import annotations
 
@@ -35,8 +37,10 @@ from torch.func import functional_call
 __all__ = [
     "RF_TIMESTEP_SCALE",
     "Denoised",
+    "FrameCondition",
     "FunctionalNet",
     "GuidedNet",
+    "TimeSwitchedNet",
     "TrigFlowScalings",
     "check_time",
     "check_time_range",
@@ -174,12 +178,15 @@ def _check_output(v: Any, x: Tensor, name: str) -> None:
                          f"{tuple(x.shape)} on {x.device}")
 
 
-def network_velocity(net: Callable, x: Tensor, timestep: Tensor, context: Any, *, name: str = "network") -> Tensor:
-    """``v = net(x, timestep, context)`` under the precision policy; returns float64.
+def network_velocity(net: Callable, x: Tensor, timestep: Tensor, context: Any, *, name: str = "network",
+                     inputs: Mapping[str, Tensor] | None = None) -> Tensor:
+    """``v = net(x, timestep, context, **inputs)`` under the precision policy; returns float64.
 
-    ``x`` is cast to the network's dtype (bf16 on GPU). ``timestep`` (c_noise = 1000ρ) goes in at
-    least fp32: the reference rounds it to bf16 too, which is ``WanConfig.bf16_timestep``, the
-    network's own flag. The output goes to fp32 (the reference's cast), then float64.
+    ``x`` is cast to the network's dtype (bf16 on GPU). ``timestep`` (c_noise = 1000ρ: [B], or a
+    per-frame map [B, 1, T, 1, 1] under frame replacement, §12) goes in at least fp32: the reference
+    rounds it to bf16 too, which is ``WanConfig.bf16_timestep``, the network's own flag. The output goes
+    to fp32 (the reference's cast), then float64. ``inputs``: the conditioning's keyword tensors
+    (``FrameCondition.inputs``), passed as they are; none for an unconditioned call.
     ``name`` (e.g. "student") names the network in the ValueError raised when its output is not a
     floating tensor of ``x``'s shape.
     """
@@ -187,7 +194,7 @@ def network_velocity(net: Callable, x: Tensor, timestep: Tensor, context: Any, *
     if dtype is not None:
         x = x.to(dtype)
         timestep = timestep.to(torch.promote_types(dtype, torch.float32))
-    v = net(x, timestep, context)
+    v = net(x, timestep, context, **(inputs or {}))
     _check_output(v, x, name)
     return v.to(torch.promote_types(v.dtype, torch.float32)).to(torch.float64)
 
@@ -220,9 +227,13 @@ def check_time_range(t: Tensor, name: str = "t") -> None:
                          f"{' ...' if bad.numel() > 4 else ''}")
 
 
-def trigflow_denoise(net: Callable, x_t: Tensor, t: Tensor, context: Any, *, name: str = "network") -> Denoised:
+def trigflow_denoise(net: Callable, x_t: Tensor, t: Tensor, context: Any, *, name: str = "network",
+                     condition: FrameCondition | None = None) -> Denoised:
     """x̂0 and F of network ``net`` at TrigFlow state ``x_t`` [B, ...] and time ``t`` [B] (float64).
 
+    ``condition`` (§12): the network gets its ``inputs``; under frame replacement the given frames of
+    ``x_t`` are replaced by the clean latent, their time is 0 (per-frame scalings and timestep map), and
+    x̂0 = latent, F = 0 there exactly, so a JVP through this function has a zero tangent on them.
     ``name`` names the network in the error raised when its output does not have ``x_t``'s shape. The
     range of ``t`` is not checked here (a host sync per call): callers check it on entry."""
     if not isinstance(x_t, Tensor) or not x_t.is_floating_point() or x_t.ndim < 2:
@@ -230,12 +241,100 @@ def trigflow_denoise(net: Callable, x_t: Tensor, t: Tensor, context: Any, *, nam
                          f"{tuple(x_t.shape) if isinstance(x_t, Tensor) else type(x_t).__name__}")
     check_time(t, x_t.shape[0], "t")
     x_t, t = x_t.to(torch.float64), t.to(torch.float64)
-    c_skip, c_out, c_in, c_noise = trigflow_scalings(t)
-    v = network_velocity(net, per_sample(c_in, x_t) * x_t, c_noise, context, name=name)
-    c, s = per_sample(torch.cos(t), x_t), per_sample(torch.sin(t), x_t)
-    x0 = per_sample(c_skip, x_t) * x_t + per_sample(c_out, x_t) * v
+    if condition is not None:
+        condition = condition.checked(x_t)
+        x_t = condition.impose(x_t)
+    t_field = per_sample(t, x_t) if condition is None else condition.frame_time(t, x_t)
+    c_skip, c_out, c_in, c_noise = trigflow_scalings(t_field)
+    per_frame = condition is not None and condition.mask is not None
+    timestep = c_noise.expand(x_t.shape[0], *c_noise.shape[1:]) if per_frame else c_noise.reshape(-1)
+    v = network_velocity(net, c_in * x_t, timestep, context, name=name,
+                         inputs=None if condition is None else condition.inputs)
+    c, s = torch.cos(t_field), torch.sin(t_field)
+    x0 = c_skip * x_t + c_out * v
     F = ((c - s) * x_t + v) / (c + s)  # = (c x_t − x̂0)/s without the cancellation at small s
+    if per_frame:  # exact on the given frames, whatever the network returned there
+        x0 = condition.impose(x0)
+        F = condition.exclude(F)
     return Denoised(x0=x0, F=F)
+
+
+# ------------------------------------------------------------------------------------------------
+# Image-to-video conditioning (docs/method.md §12)
+
+
+class FrameCondition(NamedTuple):
+    """Image-to-video conditioning that every network call of a loss or sampler honours (§12).
+
+    Two styles, combinable:
+
+    * frame replacement (Wan2.2 TI2V): ``latent`` [B or 1, C, T, H, W] (read on the given frames only)
+      and ``mask`` [B or 1, 1, T, 1, 1] (bool or 0/1, True on the given frames). Every state keeps the
+      given frames exactly clean, their time is 0, the network gets a per-frame timestep map
+      [B, 1, T, 1, 1] (1000ρ, 0 on the given frames) instead of [B], and the losses exclude them.
+    * channel concatenation (Wan2.1 I2V, Wan2.2 I2V-A14B): ``inputs``, keyword tensors passed to the
+      network as they are (e.g. ``y`` = mask ++ conditioning-latent channels, ``image_context`` = CLIP
+      tokens), batch B or 1; constants in (x_t, t), so no tangent flows into them. The state is all
+      generated: every frame is noised and trained, as the teacher was.
+    """
+
+    latent: Tensor | None = None
+    mask: Tensor | None = None
+    inputs: Mapping[str, Tensor] | None = None
+
+    def checked(self, x: Tensor) -> FrameCondition:
+        """This condition validated against states ``x`` [B, C, T, H, W]: the mask as bool, batch-1
+        inputs expanded to B (views). A 0/1 float mask costs one host sync; a bool one none."""
+        batch = x.shape[0]
+        latent, mask, inputs = self.latent, self.mask, dict(self.inputs or {})
+        if (latent is None) != (mask is None):
+            raise ValueError("FrameCondition: latent and mask go together (frame replacement), got "
+                             f"{'latent' if mask is None else 'mask'} alone")
+        if mask is not None:
+            if x.ndim != 5:
+                raise ValueError(f"FrameCondition with a frame mask needs states [B, C, T, H, W], got {tuple(x.shape)}")
+            if not isinstance(mask, Tensor) or mask.ndim != 5 or mask.shape[0] not in (1, batch) \
+                    or tuple(mask.shape[1:]) != (1, x.shape[2], 1, 1) or mask.device != x.device:
+                raise ValueError(f"FrameCondition.mask must be [B or 1, 1, T, 1, 1] = [{batch} or 1, 1, {x.shape[2]}, "
+                                 f"1, 1] on {x.device}, got {_describe(mask)}")
+            if mask.dtype != torch.bool:
+                if mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
+                    raise ValueError("FrameCondition.mask must be bool or hold only 0 and 1")
+                mask = mask != 0
+            if not isinstance(latent, Tensor) or not latent.is_floating_point() or latent.ndim != 5 \
+                    or latent.shape[0] not in (1, batch) or latent.shape[1:] != x.shape[1:] or latent.device != x.device:
+                raise ValueError(f"FrameCondition.latent must be a floating tensor [B or 1, C, T, H, W] = "
+                                 f"[{batch} or 1, {', '.join(map(str, x.shape[1:]))}] on {x.device}, got {_describe(latent)}")
+        for key, value in inputs.items():
+            if not isinstance(value, Tensor) or value.ndim < 1 or value.shape[0] not in (1, batch) \
+                    or value.device != x.device:
+                raise ValueError(f"FrameCondition.inputs[{key!r}] must be a tensor with batch {batch} or 1 on "
+                                 f"{x.device}, got {_describe(value)}")
+            inputs[key] = value.expand(batch, *value.shape[1:])
+        return FrameCondition(latent, mask, inputs or None)
+
+    def impose(self, x: Tensor) -> Tensor:
+        """``x`` with the given frames replaced by the clean latent (in ``x``'s dtype); ``x`` itself
+        without a frame mask."""
+        if self.mask is None:
+            return x
+        return torch.where(self.mask, self.latent.to(x.dtype), x)
+
+    def exclude(self, x: Tensor) -> Tensor:
+        """``x`` with the given frames set to 0: they carry no velocity, tangent or loss."""
+        return x if self.mask is None else torch.where(self.mask, 0.0, x)
+
+    def frame_time(self, t: Tensor, x: Tensor) -> Tensor:
+        """The time of each position: t [B] as [B, 1, ..., 1], or [B, 1, T, 1, 1] with 0 on given frames."""
+        t = per_sample(t, x)
+        return t if self.mask is None else torch.where(self.mask, 0.0, t)
+
+    def generated_count(self, x: Tensor) -> Tensor:
+        """Number of generated (not given) positions of each sample of ``x``, [B] float64."""
+        if self.mask is None:
+            return torch.full((x.shape[0],), float(x[0].numel()), dtype=torch.float64, device=x.device)
+        free_frames = (~self.mask).flatten(1).sum(1).to(torch.float64)
+        return (free_frames * (x[0].numel() // x.shape[2])).expand(x.shape[0])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -250,9 +349,9 @@ class FunctionalNet(NamedTuple):
     params: Mapping[str, Tensor]
     buffers: Mapping[str, Tensor] | None = None
 
-    def __call__(self, x: Tensor, timestep: Tensor, context: Any) -> Tensor:
+    def __call__(self, x: Tensor, timestep: Tensor, context: Any, **inputs: Tensor) -> Tensor:
         return functional_call(self.module, (dict(self.params), dict(self.buffers or {})),
-                               (x, timestep, context))
+                               (x, timestep, context), inputs)
 
     @property
     def dtype(self) -> torch.dtype | None:
@@ -273,10 +372,11 @@ class GuidedNet(NamedTuple):
     guidance: float
     name: str = "network"  # for the output-shape errors of either pass
 
-    def __call__(self, x: Tensor, timestep: Tensor, context: Any) -> Tensor:
-        v_cond = self.net(x, timestep, context)
+    def __call__(self, x: Tensor, timestep: Tensor, context: Any, **inputs: Tensor) -> Tensor:
+        # the image conditioning (inputs) stays in both passes: only the text is negated, as Wan's I2V does
+        v_cond = self.net(x, timestep, context, **inputs)
         _check_output(v_cond, x, f"{self.name} (conditional pass)")
-        v_uncond = self.net(x, timestep, self.negative_context)
+        v_uncond = self.net(x, timestep, self.negative_context, **inputs)
         _check_output(v_uncond, x, f"{self.name} (negative pass)")
         return v_uncond.to(torch.float64) + self.guidance * (v_cond.to(torch.float64) - v_uncond.to(torch.float64))
 
@@ -303,3 +403,55 @@ def classifier_free_guidance(net: Callable, guidance: float, negative_context: A
         raise ValueError(f"negative_context is required for classifier-free guidance {guidance} > 1 "
                          f"(pass the negative-prompt embedding, or guidance=1 to disable CFG)")
     return GuidedNet(net, negative_context, float(guidance), name)
+
+
+class TimeSwitchedNet(NamedTuple):
+    """Two networks split at an RF time (Wan2.2 A14B's experts, and the per-expert students, §12.3):
+    ``high`` for the samples whose timestep is >= 1000·``boundary``, ``low`` for the others.
+
+    Per sample, by the sample's largest timestep (a per-frame map's generated frames), the rule of
+    Wan2.2's sampler. Pure composition: either side is any network (a ``FunctionalNet`` over an expert's
+    parameters, a ``GuidedNet``, a function). A batch straddling the boundary is split into the rows of
+    each side and put back in order; the context and the conditioning inputs are split with it when they
+    are tensors with one row per sample, and so is a ``GuidedNet`` side's negative context (per-expert
+    guidance weights, as Wan2.2 A14B uses). The dispatch reads the timesteps' values: eager only (works
+    under ``torch.func.jvp``/``grad``; ``torch.compile`` breaks the graph there).
+    """
+
+    high: Callable
+    low: Callable
+    boundary: float
+
+    def uses_high(self, timestep: Tensor) -> Tensor:
+        """[B] bool: the samples that go to ``high``."""
+        t = timestep if timestep.ndim == 1 else timestep.flatten(1).amax(1)
+        return t >= self.boundary * RF_TIMESTEP_SCALE
+
+    def __call__(self, x: Tensor, timestep: Tensor, context: Any, **inputs: Tensor) -> Tensor:
+        if not 0.0 < self.boundary < 1.0:
+            raise ValueError(f"TimeSwitchedNet: boundary must be an RF time in (0, 1), got {self.boundary!r}")
+        if not isinstance(timestep, Tensor) or timestep.ndim < 1 or timestep.shape[0] != x.shape[0]:
+            raise ValueError(f"TimeSwitchedNet: timestep must be a tensor with batch {x.shape[0]}, got {_describe(timestep)}")
+        high = self.uses_high(timestep)
+        if bool(high.all()):
+            return self.high(x, timestep, context, **inputs)
+        if not bool(high.any()):
+            return self.low(x, timestep, context, **inputs)
+        rows = (high.nonzero()[:, 0], (~high).nonzero()[:, 0])
+
+        def pick(value: Any, index: Tensor) -> Any:
+            per_row = isinstance(value, Tensor) and value.ndim >= 1 and value.shape[0] == x.shape[0]
+            return value.index_select(0, index) if per_row else value
+
+        def rows_of(net: Callable, index: Tensor) -> Callable:
+            # a guided side (per-expert guidance weights) has a negative context per sample too
+            return net._replace(negative_context=pick(net.negative_context, index)) if isinstance(net, GuidedNet) else net
+
+        out = torch.cat([rows_of(net, r)(x.index_select(0, r), timestep.index_select(0, r), pick(context, r),
+                                         **{k: pick(v, r) for k, v in inputs.items()})
+                         for net, r in zip((self.high, self.low), rows)])
+        return out.index_select(0, torch.argsort(torch.cat(rows)))  # back in batch order
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        return network_dtype(self.high)

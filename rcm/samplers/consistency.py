@@ -2,24 +2,46 @@
 
     x = z;  for t_i in [arctan σ_max, mid…]:  x̂0 = f(x, t_i);  x ← cos t_{i+1} x̂0 + sin t_{i+1} z_i
     return x̂0 at the last step (t_N = 0), through nan_to_num
+
+With a ``FrameCondition`` (docs/method.md §12) the start, every re-noised state and the output keep the
+given frames exactly clean.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import Tensor
 
-from rcm.models.trigflow import check_time_range, per_sample, trigflow_denoise
+from rcm.models.trigflow import (
+    FrameCondition,
+    check_time_range,
+    per_sample,
+    trigflow_denoise,
+)
 
-__all__ = ["sample_consistency", "student_denoiser"]
+__all__ = ["StudentDenoiser", "sample_consistency", "student_denoiser"]
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]  # (x_t [B, ...], t [B]) -> x̂0
 
 
-def student_denoiser(net: Callable, context: Any) -> Denoiser:
-    """The consistency function f(x_t, t) = x̂0 of a network ``net(x, timestep, context) -> v``."""
-    return lambda x_t, t: trigflow_denoise(net, x_t, t, context, name="student").x0
+class StudentDenoiser(NamedTuple):
+    """The consistency function f(x_t, t) = x̂0 of a network ``net(x, timestep, context) -> v`` under
+    ``condition``; ``sample_consistency`` imposes the same condition on its states."""
+
+    net: Callable
+    context: Any
+    condition: FrameCondition | None = None
+
+    def __call__(self, x_t: Tensor, t: Tensor) -> Tensor:
+        return trigflow_denoise(self.net, x_t, t, self.context, name="student", condition=self.condition).x0
+
+
+def student_denoiser(net: Callable, context: Any, *, condition: FrameCondition | None = None) -> StudentDenoiser:
+    """The consistency function of ``net`` with ``context`` and image conditioning ``condition`` (§12)."""
+    if not callable(net):
+        raise ValueError(f"net must be callable (net(x, timestep, context) -> v), got {type(net).__name__}")
+    return StudentDenoiser(net, context, condition)
 
 
 def _check_times(times: Tensor, name: str) -> None:
@@ -33,13 +55,15 @@ def _check_times(times: Tensor, name: str) -> None:
 
 @torch.no_grad()
 def sample_consistency(denoiser: Denoiser, noise: Tensor, times: Tensor, *,
-                       generator: torch.Generator | None = None,
+                       generator: torch.Generator | None = None, condition: FrameCondition | None = None,
                        progress: Callable[[int, int], None] | None = None) -> Tensor:
     """Sample with a consistency function ``denoiser(x_t, t) -> x̂0`` over TrigFlow ``times``
     (from ``consistency_times``), starting at x = ``noise`` as the reference does (not sin t_0 · z).
 
     Every intermediate step re-noises with fresh z from ``generator`` (fp32 draws). ``progress(i, n)``
     is called after step i of n. Returns float64 samples shaped like ``noise``.
+    ``condition``: imposed on every state and the output (default: the denoiser's own, for a
+    ``StudentDenoiser``); the denoiser must condition its network the same way.
     """
     _check_times(times, "times")
     if not isinstance(noise, Tensor) or not noise.is_floating_point() or noise.ndim < 2:
@@ -52,7 +76,10 @@ def sample_consistency(denoiser: Denoiser, noise: Tensor, times: Tensor, *,
         raise ValueError(f"progress must be callable(step, num_steps), got {type(progress).__name__}")
     times = times.to(device=noise.device, dtype=torch.float64)
     batch = noise.shape[0]
-    x = noise.to(torch.float64)
+    if condition is None:
+        condition = getattr(denoiser, "condition", None)
+    condition = FrameCondition() if condition is None else condition.checked(noise)
+    x = condition.impose(noise.to(torch.float64))
     for i in range(num_steps):
         x0 = denoiser(x, times[i].expand(batch))
         if not isinstance(x0, Tensor) or not x0.is_floating_point() or x0.shape != noise.shape:
@@ -62,7 +89,7 @@ def sample_consistency(denoiser: Denoiser, noise: Tensor, times: Tensor, *,
         if i + 1 < num_steps:
             z = torch.randn(noise.shape, generator=generator, device=generator.device, dtype=torch.float32)
             t_next = per_sample(times[i + 1].expand(batch), x0)
-            x = torch.cos(t_next) * x0 + torch.sin(t_next) * z.to(x0.device, torch.float64)
+            x = condition.impose(torch.cos(t_next) * x0 + torch.sin(t_next) * z.to(x0.device, torch.float64))
         if progress is not None:
             progress(i + 1, num_steps)
-    return torch.nan_to_num(x0)  # as the reference: NaN → 0, ±inf → the largest finite float64
+    return condition.impose(torch.nan_to_num(x0))  # as the reference: NaN → 0, ±inf → the largest finite float64

@@ -3,31 +3,65 @@
 Both integrate dx/dρ = v(x, ρ) from ``rf_times[0]`` down to 0 (``shifted_flow_times``), starting at
 x = z (unscaled, float64) as the reference does. The velocity callable gets x (float64) and ρ [B];
 ``teacher_velocity`` builds it from a network, with classifier-free guidance v = v_u + w (v_c − v_u).
+With a ``FrameCondition`` (docs/method.md §12) the given frames are at ρ = 0 with v = 0 there, and
+the start, every step and the output keep them exactly clean.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import Tensor
 
-from rcm.models.trigflow import RF_TIMESTEP_SCALE, classifier_free_guidance, network_velocity
+from rcm.models.trigflow import (
+    RF_TIMESTEP_SCALE,
+    FrameCondition,
+    classifier_free_guidance,
+    network_velocity,
+)
 from rcm.samplers.schedules import check_num_steps
 
-__all__ = ["sample_euler", "sample_unipc", "teacher_velocity"]
+__all__ = ["TeacherVelocity", "sample_euler", "sample_unipc", "teacher_velocity"]
 
 Velocity = Callable[[Tensor, Tensor], Tensor]  # (x_ρ [B, ...], ρ [B]) -> v
 
 
-def teacher_velocity(net: Callable, context: Any, *, guidance: float = 1.0,
-                     negative_context: Any = None) -> Velocity:
+class TeacherVelocity(NamedTuple):
+    """v(x, ρ) of a (guided) network under ``condition``: the given frames of x are replaced by the clean
+    latent, their timestep is 0 and their velocity 0; the samplers impose the same condition on states."""
+
+    net: Callable
+    context: Any
+    condition: FrameCondition | None = None
+
+    def __call__(self, x: Tensor, rho: Tensor) -> Tensor:
+        if self.condition is None:
+            return network_velocity(self.net, x, RF_TIMESTEP_SCALE * rho, self.context, name="teacher")
+        condition = self.condition.checked(x)
+        rho_field = condition.frame_time(rho, x)
+        timestep = rho_field.reshape(-1) if condition.mask is None else rho_field.expand(x.shape[0], *rho_field.shape[1:])
+        v = network_velocity(self.net, condition.impose(x), RF_TIMESTEP_SCALE * timestep, self.context,
+                             name="teacher", inputs=condition.inputs)
+        return condition.exclude(v)
+
+
+def teacher_velocity(net: Callable, context: Any, *, guidance: float = 1.0, negative_context: Any = None,
+                     condition: FrameCondition | None = None) -> TeacherVelocity:
     """v(x, ρ) of a network ``net(x, 1000ρ, context)``, guided with weight ``guidance`` (> 1) against
-    ``negative_context``; float64 out. Wan's default is guidance 5 with the negative prompt."""
+    ``negative_context`` (the image conditioning ``condition`` stays in both passes); float64 out.
+    Wan's default is guidance 5 with the negative prompt."""
     if not callable(net):
         raise ValueError(f"net must be callable (net(x, timestep, context) -> v), got {type(net).__name__}")
     guided = classifier_free_guidance(net, guidance, negative_context, name="teacher")
-    return lambda x, rho: network_velocity(guided, x, RF_TIMESTEP_SCALE * rho, context, name="teacher")
+    return TeacherVelocity(guided, context, condition)
+
+
+def _state_condition(velocity: Velocity, condition: FrameCondition | None, noise: Tensor) -> FrameCondition:
+    """The condition imposed on the sampler's states: the given one, else the velocity's own."""
+    if condition is None:
+        condition = getattr(velocity, "condition", None)
+    return FrameCondition() if condition is None else condition.checked(noise)
 
 
 def _check(velocity: Velocity, noise: Tensor, rf_times: Tensor, progress: Callable | None) -> None:
@@ -58,14 +92,17 @@ def _velocity_at(velocity: Velocity, x: Tensor, rho: float) -> Tensor:
 
 @torch.no_grad()
 def sample_euler(velocity: Velocity, noise: Tensor, rf_times: Tensor, *,
+                 condition: FrameCondition | None = None,
                  progress: Callable[[int, int], None] | None = None) -> Tensor:
-    """Flow Euler: x ← x + (ρ_{i+1} − ρ_i) v(x, ρ_i). Returns float64 samples."""
+    """Flow Euler: x ← x + (ρ_{i+1} − ρ_i) v(x, ρ_i). Returns float64 samples.
+    ``condition``: imposed on every state (default: the velocity's own, for a ``TeacherVelocity``)."""
     _check(velocity, noise, rf_times, progress)
+    condition = _state_condition(velocity, condition, noise)
     rho = rf_times.tolist()
-    x = noise.to(torch.float64)
+    x = condition.impose(noise.to(torch.float64))
     for i in range(len(rho) - 1):
         v = _velocity_at(velocity, x, rho[i])
-        x = x + (rho[i + 1] - rho[i]) * v
+        x = condition.impose(x + (rho[i + 1] - rho[i]) * v)
         if progress is not None:
             progress(i + 1, len(rho) - 1)
     return x
@@ -87,6 +124,7 @@ def _unipc_bh2_coefficients(h: float, rks: list[float]) -> tuple[float, float, T
 
 @torch.no_grad()
 def sample_unipc(velocity: Velocity, noise: Tensor, rf_times: Tensor, *, order: int = 2,
+                 condition: FrameCondition | None = None,
                  progress: Callable[[int, int], None] | None = None) -> Tensor:
     """Flow UniPC (Zhao et al. 2023) as diffusers/Wan run it: multistep predictor UniP + corrector UniC,
     ``bh2``, x0-prediction x̂0 = x − ρ v, order ``order`` (2: the reference), lower order on the first
@@ -96,8 +134,10 @@ def sample_unipc(velocity: Velocity, noise: Tensor, rf_times: Tensor, *, order: 
         x_t = (σ_t/σ_s) x_s − α_t expm1(−h) m_0 − α_t B(h) Σ_k a_k D_k,   D_k = (m_k − m_0)/r_k,
     r_k = (λ_k − λ_s)/h, and a_k from UniPC's order conditions (a = 1/2 at order 2).
     The corrector re-does the step that produced x_s once x̂0(x_s) is known (no extra evaluation).
+    ``condition``: imposed on every state (default: the velocity's own, for a ``TeacherVelocity``).
     """
     _check(velocity, noise, rf_times, progress)
+    condition = _state_condition(velocity, condition, noise)
     order = check_num_steps(order, "order")
     sigma = rf_times.tolist()
     if sigma[0] >= 1:
@@ -128,18 +168,18 @@ def sample_unipc(velocity: Velocity, noise: Tensor, rf_times: Tensor, *, order: 
         correction = sum(r * D for r, D in zip(rhos[:-1], D1s)) + rhos[-1] * (m_t - m0)
         return x_t - alpha_t * B_h * correction
 
-    x = noise.to(torch.float64)
+    x = condition.impose(noise.to(torch.float64))
     history: list[tuple[int, Tensor]] = []
     x_prev, prev_order = None, 0
     for i in range(num_steps):
         v = _velocity_at(velocity, x, sigma[i])
         m_i = x - sigma[i] * v
         if i > 0:  # UniC: redo the last step with the new x̂0, same order as its predictor
-            x = update(x_prev, i - 1, i, history[-prev_order:], m_i)
+            x = condition.impose(update(x_prev, i - 1, i, history[-prev_order:], m_i))
         history = (history + [(i, m_i)])[-order:]
         this_order = min(order, num_steps - i, i + 1)  # lower_order_final and warm-up
         x_prev, prev_order = x, this_order
-        x = update(x, i, i + 1, history[-this_order:], None)
+        x = condition.impose(update(x, i, i + 1, history[-this_order:], None))
         if progress is not None:
             progress(i + 1, num_steps)
     return x
