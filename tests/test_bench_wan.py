@@ -9,7 +9,9 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from rcm.bench_wan import BenchSampleConfig, BenchStepConfig, forward_flops, phase_flops, random_dit, wan_shape
+from rcm.bench.common import forward_flops, phase_flops, random_dit, wan_shape
+from rcm.bench.sample import BenchSampleConfig
+from rcm.bench.step import BenchStepConfig
 
 CLI = Path(__file__).resolve().parents[1] / "cli.py"
 
@@ -108,7 +110,7 @@ def test_bench_step_under_torchrun_cp2_matches_one_process(tmp_path):
 
 
 def test_compiled_bench_is_refused_under_torchrun(monkeypatch):
-    from rcm.bench_wan import bench_step
+    from rcm.bench.step import bench_step
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="one process only"):

@@ -27,7 +27,7 @@ def files(tmp_path_factory) -> Path:
     from safetensors.torch import save_file
 
     from rcm.checkpoint import save_checkpoint
-    from rcm.demo import build_model, model_metadata, save_model
+    from rcm.digits.model import build_model, model_metadata, save_model
     from rcm.models.checkpoint import save_dit
     from rcm.models.wan import WanDiT, wan_config
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import cli
-from rcm.demo import build_model, load_model, save_model
+from rcm.digits.model import build_model, load_model, save_model
 
 
 @pytest.fixture(scope="module")

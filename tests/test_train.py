@@ -199,7 +199,7 @@ def test_torchrun_distill_is_sharded_and_resumes_exactly(tmp_path):
     resumed run ends bit-identical to an uninterrupted one."""
     from safetensors.torch import load_file
 
-    from rcm.demo import build_model, save_model
+    from rcm.digits.model import build_model, save_model
 
     teacher = build_model("digits-dit-tiny")
     torch.nn.init.normal_(teacher.dit.head.head.weight, std=0.05, generator=torch.Generator().manual_seed(3))
