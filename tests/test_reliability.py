@@ -113,7 +113,7 @@ def _check_latest(ckpt_dir: Path) -> int | None:
 def _entries(path: Path) -> list[dict]:
     """log.jsonl without the timings."""
     entries = [json.loads(line) for line in path.read_text().splitlines()]
-    return [{k: v for k, v in e.items() if k != "seconds"} for e in entries]
+    return [{k: v for k, v in e.items() if k not in ("seconds", "seconds_per_iteration")} for e in entries]
 
 
 def _assert_same(a, b, where: str = "state") -> None:

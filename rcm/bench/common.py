@@ -18,6 +18,8 @@ from typing import Literal
 
 import torch
 
+from rcm import ConfigError
+
 from rcm.models.wan import WAN_CONFIGS, WanConfig, WanDiT
 
 WanModel = Literal["wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "wan-tiny"]
@@ -55,13 +57,13 @@ def wan_shape(model: str, resolution: str, num_frames: int, height: int | None =
     if height is None:
         height, width = video_size(resolution, "16:9")
     if num_frames < 1 or (num_frames - 1) % 4:
-        raise ValueError(f"--num-frames must be 1 + 4k (1, 5, ..., 81), got {num_frames}")
+        raise ConfigError("num_frames", f"must be 1 + 4k (1, 5, ..., 81), got {num_frames}")
     step = 8 * config.patch_size[1]
     for name, size in (("height", height), ("width", width)):
         if size < step or size % step:
-            raise ValueError(f"--{name} must be a positive multiple of {step}, got {size}")
+            raise ConfigError(name, f"must be a positive multiple of {step}, got {size}")
     if batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+        raise ConfigError("batch_size", f"must be >= 1, got {batch_size}")
     return WanShape(config, num_frames, height, width, batch_size)
 
 

@@ -11,6 +11,8 @@ from typing import Literal
 
 import torch
 
+from rcm import ConfigError
+
 from rcm.bench.common import Mode, WanModel, console as _console, device_name as _device_name, gpu_settings as _gpu_settings, random_dit, wan_shape
 from rcm.timing import sync as _sync
 from rcm.wan import presets
@@ -42,11 +44,11 @@ class BenchSampleConfig:
 
     def __post_init__(self):
         if not self.student_steps or any(not 1 <= s <= 4 for s in self.student_steps):
-            raise ValueError(f"--student-steps must be in 1..4, got {self.student_steps}")
+            raise ConfigError("student_steps", f"must be in 1..4, got {self.student_steps}")
         if self.teacher_steps < 1:
-            raise ValueError(f"--teacher-steps must be >= 1, got {self.teacher_steps}")
+            raise ConfigError("teacher_steps", f"must be >= 1, got {self.teacher_steps}")
         if not self.modes or len(set(self.modes)) != len(self.modes):
-            raise ValueError(f"--modes must name eager and/or compiled once each, got {self.modes}")
+            raise ConfigError("modes", f"must name eager and/or compiled once each, got {self.modes}")
 
 
 def bench_sample(cfg: BenchSampleConfig) -> dict:

@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+
+from rcm import ConfigError
 import torch.distributed as dist
 
 from rcm.bench.common import (
@@ -61,11 +63,11 @@ class BenchStepConfig:
 
     def __post_init__(self):
         if self.repeats < 1:
-            raise ValueError(f"--repeats must be >= 1, got {self.repeats}")
+            raise ConfigError("repeats", f"must be >= 1, got {self.repeats}")
         if not 1 <= self.rollout_steps <= 4:
-            raise ValueError(f"--rollout-steps must be in 1..4 (max_simulation_steps), got {self.rollout_steps}")
+            raise ConfigError("rollout_steps", f"must be in 1..4 (max_simulation_steps), got {self.rollout_steps}")
         if not self.modes or len(set(self.modes)) != len(self.modes):
-            raise ValueError(f"--modes must name eager and/or compiled once each, got {self.modes}")
+            raise ConfigError("modes", f"must name eager and/or compiled once each, got {self.modes}")
 
 
 class _RandomTask:
@@ -161,7 +163,7 @@ def bench_step(cfg: BenchStepConfig) -> dict:
         from rcm.parallel import init_distributed
 
         if "compiled" in cfg.modes:
-            raise ValueError("--modes: compiled runs in one process only for now (regional compile is untested "
+            raise ConfigError("modes", "compiled runs in one process only for now (regional compile is untested "
                              "with FSDP2); pass --modes eager under torchrun")
         mesh = init_distributed(parallel)
         device = torch.device(mesh.device_type, torch.cuda.current_device() if mesh.device_type == "cuda" else 0)

@@ -9,7 +9,9 @@ from typing import Literal
 
 import torch
 
-from rcm.checkpoint.atomic import CheckpointError, atomic_write_bytes
+from rcm import ConfigError, PathArgumentError
+
+from rcm.checkpoint.atomic import atomic_write_bytes
 from rcm.checkpoint.local import LATEST, list_checkpoints, load_file
 
 
@@ -41,7 +43,7 @@ def _newest(folder: Path) -> Path:
         if named:
             return named[0]
     if not found:
-        raise CheckpointError(f"--checkpoint: {folder} holds no complete checkpoint (step_XXXXXXXX.pt or DCP folder)")
+        raise ConfigError("checkpoint", f"{folder} holds no complete checkpoint (step_XXXXXXXX.pt or DCP folder)")
     return found[-1]
 
 
@@ -53,7 +55,7 @@ def export(cfg: ExportConfig) -> Path:
 
     path = Path(cfg.checkpoint)
     if not path.exists():
-        raise FileNotFoundError(f"--checkpoint: no such file or folder: {path}")
+        raise PathArgumentError("checkpoint", f"no such file or folder: {path}")
     if path.is_dir() and not (path / ".metadata").is_file():
         path = _newest(path)
     if path.is_dir():  # DCP: read in this process, whatever world size wrote it
@@ -61,7 +63,7 @@ def export(cfg: ExportConfig) -> Path:
     else:
         train = load_file(path).get("train")
         if not isinstance(train, dict) or train.get(cfg.model) is None:
-            raise CheckpointError(f"--checkpoint: {path} holds no {cfg.model!r} network")
+            raise ConfigError("checkpoint", f"{path} holds no {cfg.model!r} network")
         weights = train[cfg.model]
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, "keep": None}[cfg.dtype]
     weights = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous().clone()

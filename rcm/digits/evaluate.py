@@ -23,6 +23,8 @@ from typing import Callable
 
 import numpy as np
 import torch
+
+from rcm import PathArgumentError
 import torch.nn as nn
 
 from rcm.digits import presets
@@ -302,9 +304,9 @@ class EvalRunsConfig:
     def __post_init__(self):
         for run in self.runs:
             if not (Path(run) / "student_ema.safetensors").is_file():
-                raise FileNotFoundError(f"--runs: {run} has no student_ema.safetensors (run `rcm distill` first)")
+                raise PathArgumentError("runs", f"{run} has no student_ema.safetensors (run `rcm distill` first)")
         if self.teacher is not None and not Path(self.teacher).is_file():
-            raise FileNotFoundError(f"--teacher: no file at {self.teacher}")
+            raise PathArgumentError("teacher", f"no file at {self.teacher}")
 
 
 def eval_runs(cfg: EvalRunsConfig) -> list[dict]:

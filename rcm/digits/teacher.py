@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from rcm.digits.data import ClipBatches, ClipSpec
+from rcm.timing import progress_bar
 from rcm.digits.model import DEMO_MODELS, DEMO_SPEC, NULL_LABEL, build_model, save_model
 
 
@@ -95,7 +96,6 @@ def train_teacher(cfg: TrainTeacherConfig, console=None, stop_after: int | None 
     after that many steps of this call, as if interrupted (tests).
     """
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from rcm.checkpoint import load_latest, save_checkpoint
     from rcm.losses import ema_update_
@@ -142,8 +142,7 @@ def train_teacher(cfg: TrainTeacherConfig, console=None, stop_after: int | None 
     n_params = sum(p.numel() for p in model.parameters())
     console.log(f"teacher {cfg.model}: {n_params / 1e6:.2f}M parameters, {cfg.steps} steps of batch {cfg.batch_size}")
     start, start_cpu, start_step = time.perf_counter(), time.process_time(), step
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
-    with Progress(*columns, console=console) as progress, open(out_dir / "log.jsonl", "a") as log:
+    with progress_bar(console) as progress, open(out_dir / "log.jsonl", "a") as log:
         task = progress.add_task("teacher", total=cfg.steps, completed=step)
         while step < cfg.steps:
             x0, labels = next(batches)

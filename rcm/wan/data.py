@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from rcm import PathArgumentError
+
 
 LATENT_FORMAT = "rcm-wan-latents-v1"
 INDEX_NAME = "index.json"
@@ -181,7 +183,7 @@ class LatentDataset:
 
         path = Path(path)
         if not path.is_dir():
-            raise FileNotFoundError(f"--data: no dataset folder at {path}")
+            raise PathArgumentError("data", f"no dataset folder at {path}")
         index_path = path / INDEX_NAME
         self.path = path
         self.index: dict = {}

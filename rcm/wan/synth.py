@@ -34,8 +34,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from rcm import ConfigError
+from rcm import ConfigError, PathArgumentError
 from rcm.checkpoint import atomic_write_bytes
+from rcm.timing import progress_bar
 from rcm.wan import presets
 from rcm.wan.data import INDEX_NAME, LATENT_FORMAT, NEGATIVE_NAME, LatentDataset, encode_shard, trim_embedding
 from rcm.models.text_encoder import TEXT_LEN, WAN_NEGATIVE_PROMPT
@@ -114,7 +115,7 @@ def _file_sha256(paths: list[Path]) -> str:
 def read_prompts(path: Path) -> list[str]:
     """Prompts of a .txt (one per non-empty line) or .jsonl (a "prompt" key per line) file."""
     if not path.is_file():
-        raise FileNotFoundError(f"--prompts: no file at {path}")
+        raise PathArgumentError("prompts", f"no file at {path}")
     lines = path.read_text(encoding="utf-8").splitlines()
     if path.suffix == ".jsonl":
         prompts = []
@@ -148,11 +149,11 @@ def _check(cfg: SynthConfig) -> str:
     for name in ("prompts", "teacher", "text_encoder_path", "tokenizer_path", "vae_path"):
         path = getattr(cfg, name)
         if path is not None and not Path(path).exists():
-            raise FileNotFoundError(f"--{name.replace('_', '-')}: no such file or folder: {path}")
+            raise PathArgumentError(name, f"no such file or folder: {path}")
     for name in ("videos", "latents"):
         path = getattr(cfg, name)
         if path is not None and not Path(path).is_dir():
-            raise FileNotFoundError(f"--{name}: no folder at {path}")
+            raise PathArgumentError(name, f"no folder at {path}")
     if source == "prompts" and cfg.teacher is None:
         raise ConfigError("teacher", "is required to sample the --prompts")
     if source == "videos" and cfg.vae_path is None:
@@ -269,14 +270,13 @@ def _shard_state(path: Path, settings_hash: str) -> bool:
     except ValueError:
         return False
     if meta.get("settings_hash") != settings_hash:
-        raise ValueError(f"--out-dir: {path} was written with other settings (or inputs); use another --out-dir")
+        raise ConfigError("out_dir", f"{path} was written with other settings (or inputs); use another --out-dir")
     return True
 
 
 def synth(cfg: SynthConfig) -> dict:
     """Write (or finish writing) the dataset; returns a summary (shards written by this rank, paths)."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     source = _check(cfg)
     if cfg.threads:
@@ -331,7 +331,7 @@ def synth(cfg: SynthConfig) -> dict:
     if index_path.is_file():
         old = json.loads(index_path.read_text())
         if old.get("settings_hash") != settings_hash:
-            raise ValueError(f"--out-dir: {out} holds a dataset made with other settings or inputs; use another --out-dir")
+            raise ConfigError("out_dir", f"{out} holds a dataset made with other settings or inputs; use another --out-dir")
     num_shards = math.ceil(len(items) / cfg.shard_size)
     shards = [items[s * cfg.shard_size : (s + 1) * cfg.shard_size] for s in range(num_shards)]
     out.mkdir(parents=True, exist_ok=True)
@@ -399,9 +399,7 @@ def synth(cfg: SynthConfig) -> dict:
         neg_context = pad_embeddings([negative], text_len).to(device=device, dtype=dtype)
     latent_shape = None
     start = time.perf_counter()
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TimeRemainingColumn())
-    with Progress(*columns, console=console) as bar:
+    with progress_bar(console) as bar:
         job = bar.add_task(f"{source} (rank {rank})" if world > 1 else source,
                            total=sum(len(shards[s]) for s in pending))
         for s in pending:
