@@ -193,12 +193,13 @@ def distill(task: Task, cfg: DistillConfig, run: Run) -> dict:
     def samples(state: TrainState, logs: dict) -> None:
         if cfg.sample_every and state.iteration % cfg.sample_every == 0 and state.iteration < cfg.loop.iterations:
             task.write_samples(state.ema, state.iteration, run_dir, console)
+            progress.last = time.perf_counter()  # sampling is not part of the next iteration's seconds
 
     start = time.perf_counter()
     with progress_bar(console, info=True) as bar:
         job = bar.add_task(cfg.method, total=cfg.loop.iterations, completed=state.iteration, info="")
         progress = _Progress(bar, job, run.device)
-        callbacks = [progress, *loop_callbacks(state, task, run_dir, record, cfg.loop, mesh), samples]
+        callbacks = [progress, *loop_callbacks(state, task, run_dir, record, cfg.loop, ckpt), samples]
         run_loop(state, task, loss, cfg.loop, callbacks, cfg.ema_sigma_rel)
     train_seconds = time.perf_counter() - start
     task.write_samples(state.ema, state.iteration, run_dir, console)

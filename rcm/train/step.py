@@ -1,13 +1,7 @@
-"""One training iteration: sCM, DMD2 or rCM over any application's task (its teacher, data and outputs).
-
-One iteration is a student or a critic iteration (docs/method.md §3.1). A student iteration backpropagates
-each loss term as it is produced (the sCM graph is freed before the DMD rollout), then takes one optimizer
-step and updates the power-function EMA; a critic iteration trains the fake score. ``run_loop`` runs
-iterations and hands each one's logs to callbacks (progress, the JSON log, checkpoints, periodic samples).
-Everything a resumed run needs (models, optimizers, schedulers, EMA, counters, every RNG state, the data
-position) is in the checkpoint, so a run killed at any point and resumed continues exactly as if never
-stopped. ``distill`` is the one driver of every application; it imports no application and no command.
-"""
+"""One training iteration and what it runs on: ``TrainState`` (student, teacher, fake score, EMA, their
+optimizers, the generator), ``train_step`` (a student or a critic iteration, docs/method.md §3.1: each loss
+term backpropagated as produced, one optimizer step, then the power-function EMA on student iterations),
+and the ``Task`` protocol an application implements."""
 
 from __future__ import annotations
 

@@ -26,7 +26,6 @@ REFERENCE_SHARDING = {"wan2.1-t2v-1.3b": "4 / 1", "wan2.1-t2v-14b": "32 / 8"}
 
 # sampling
 STUDENT_SIGMA_MAX = DISTILL["wan2.1-t2v-1.3b"]["sigma_max"]  # the student's σ_max (rCM: 120 at 720p, 200 for 14B)
-MAX_STUDENT_STEPS = 4  # the reference's mid-times (1.5, 1.4, 1.0) cover 1..4 steps
 TEACHER_SIGMA_MAX = 5000.0
 TEACHER_STEPS = 50
 GUIDANCE = 5.0  # the teacher's CFG weight, when sampling and in the losses (RCMConfig's default)
