@@ -40,6 +40,7 @@ class Group:
 
     commands: dict[str, Command]
     default: str | None = None
+    description: str | None = None  # the group's help text (`rcm distill --help`)
 
 
 def _commands() -> dict[str, Command | Group]:
@@ -59,7 +60,11 @@ def _commands() -> dict[str, Command | Group]:
                                 "the digits demo (the default)")}
     sample |= {m: Command(wan_sample.WanSampleConfig(model=m), wan_sample.sample_wan, d) for m, d in wan_sizes.items()}
     return {
-        "distill": Group(distill, default="digits"),
+        "distill": Group(distill, default="digits", description=(
+            "Distill a teacher into a 1-4 step student with rCM (or sCM / DMD2 alone). With no model name: the\n"
+            "digits demo (`rcm distill digits --help`). Wan2.1: `rcm distill wan2.1-t2v-1.3b --teacher DIT --data\n"
+            "DATASET` (`rcm synth` makes the dataset; `wan` reads the architecture from the teacher). The\n"
+            "defaults of each size (docs/method.md §5.1):\n\n" + wan_task.wan_defaults_table())),
         "sample": Group(sample, default="digits"),
         "synth": Command(synth.SynthConfig, synth.synth),
         "export": Command(export.ExportConfig, export.export),
@@ -149,16 +154,18 @@ def _parse_error_message(event) -> str:
     return type(event).__name__
 
 
+def _raise_parse_error(event) -> None:
+    """tyro's parse-error hook (``tyro._errors.on_parse_error``): one line instead of tyro's box."""
+    raise _ParseError(_parse_error_message(event))
+
+
 def _parse(config: Any, args: list[str], prog: str):
-    """`tyro.cli` with every rejection turned into one `_ParseError` line (tyro's parse-error hook)."""
+    """`tyro.cli` with every rejection turned into one `_ParseError` line."""
     import tyro
     from tyro import _errors
 
-    def hook(event) -> None:
-        raise _ParseError(_parse_error_message(event))
-
     cls, default = (config, None) if isinstance(config, type) else (type(config), config)
-    with _errors.on_parse_error(hook):
+    with _errors.on_parse_error(_raise_parse_error):
         return tyro.cli(cls, args=args, prog=prog, default=default)
 
 
@@ -170,9 +177,6 @@ def _parse_group(group: Group, args: list[str], prog: str) -> tuple[Any, Callabl
 
     import tyro
     from tyro import _errors
-
-    def hook(event) -> None:
-        raise _ParseError(_parse_error_message(event))
 
     names = list(group.commands)
     if group.default is not None and (not args or (args[0] not in names and args[0] not in ("-h", "--help"))):
@@ -186,14 +190,10 @@ def _parse_group(group: Group, args: list[str], prog: str) -> tuple[Any, Callabl
         cls, default = (cmd.config, None) if isinstance(cmd.config, type) else (type(cmd.config), cmd.config)
         options.append(Annotated[cls, tyro.conf.subcommand(name, default=default, description=cmd.description,
                                                            prefix_name=False)])
-    with _errors.on_parse_error(hook):
+    with _errors.on_parse_error(_raise_parse_error):
         config = tyro.cli(Union[tuple(options)], args=args, prog=prog,  # noqa: UP007
-                          config=(tyro.conf.OmitSubcommandPrefixes,))
-    chosen = group.commands[args[0]] if args and args[0] in names else None
-    run = chosen.run if chosen is not None else next(c.run for c in group.commands.values()
-                                                     if isinstance(config, c.config if isinstance(c.config, type)
-                                                                   else type(c.config)))
-    return config, run
+                          description=group.description, config=(tyro.conf.OmitSubcommandPrefixes,))
+    return config, group.commands[args[0]].run  # tyro has exited on --help: args[0] names the subcommand
 
 
 def _end_distributed() -> None:
