@@ -40,13 +40,13 @@ def test_wan_1_3b_480p_counts():
 
 
 def test_bad_sizes_are_errors():
-    with pytest.raises(ValueError, match="num-frames"):
+    with pytest.raises(ValueError, match="num_frames"):
         wan_shape("wan-tiny", "480p", 80)
     with pytest.raises(ValueError, match="height"):
         wan_shape("wan-tiny", "480p", 5, 40, 32)
-    with pytest.raises(ValueError, match="rollout-steps"):
+    with pytest.raises(ValueError, match="rollout_steps"):
         BenchStepConfig(rollout_steps=5)
-    with pytest.raises(ValueError, match="student-steps"):
+    with pytest.raises(ValueError, match="student_steps"):
         BenchSampleConfig(student_steps=(8,))
 
 
