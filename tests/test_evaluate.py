@@ -2,22 +2,24 @@ import numpy as np
 import pytest
 import torch
 
-from rcm.data import ClipSpec, DigitClips
-from rcm.evaluate import (
+from rcm.digits.classifier import (
     CLASSIFIER_PATH,
     DigitClassifier,
-    EvalConfig,
-    RealReference,
     TrainClassifierConfig,
     classifier_accuracy,
+    load_classifier,
+    save_classifier,
+    train_classifier,
+)
+from rcm.digits.data import ClipSpec, DigitClips
+from rcm.digits.evaluate import (
+    EvalConfig,
+    RealReference,
     clip_metrics,
     data_generator,
     evaluate,
     frechet_distance,
-    load_classifier,
     mean_intra_class_distance,
-    save_classifier,
-    train_classifier,
 )
 
 

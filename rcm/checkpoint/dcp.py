@@ -33,22 +33,21 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
     get_model_state_dict,
     get_state_dict,
     set_model_state_dict,
     set_state_dict,
 )
 
-from rcm.checkpoint import LATEST, atomic_write_bytes
+from rcm.checkpoint.atomic import atomic_write_bytes
+from rcm.checkpoint.local import LATEST
+from rcm.parallel.fsdp import full_model_state_dict
 from rcm.parallel.mesh import ParallelMesh
 
 __all__ = [
     "export_checkpoint",
     "export_safetensors",
-    "full_model_state_dict",
     "list_sharded_checkpoints",
-    "load_full_model_state_dict",
     "load_latest_sharded_checkpoint",
     "load_train_state",
     "save_sharded_checkpoint",
@@ -105,7 +104,7 @@ def _gather_rank_states(payload: dict, mesh: ParallelMesh | None) -> dict[int, d
 
 
 def save_train_state(path: str | Path, state, mesh: ParallelMesh | None = None, extra: Any = None) -> Path:
-    """Write ``state`` (an ``rcm.train.TrainState``, sharded or not) as a DCP checkpoint folder.
+    """Write ``state`` (a ``TrainState`` of the training loop, sharded or not) as a DCP checkpoint folder.
 
     Collective: every rank calls it. ``extra``: any picklable per-rank object stored per data-parallel
     rank (e.g. ``task.state_dict()``), returned by ``load_train_state``."""
@@ -196,7 +195,7 @@ def list_sharded_checkpoints(folder: str | Path) -> list[Path]:
 
 def save_sharded_checkpoint(folder: str | Path, state, mesh: ParallelMesh | None = None, extra: Any = None,
                             keep: int = 2) -> Path:
-    """``save_train_state`` into ``folder/step_<iteration>/``, crash-safe like ``rcm.checkpoint``:
+    """``save_train_state`` into ``folder/step_<iteration>/``, crash-safe like the local backend (``rcm.checkpoint.local``):
     written under a temporary name, renamed by rank 0 once complete, then ``latest`` is moved and
     checkpoints beyond the newest ``keep`` are deleted. Collective; returns the final path."""
     folder = Path(folder)
@@ -239,30 +238,6 @@ def load_latest_sharded_checkpoint(folder: str | Path, state, mesh: ParallelMesh
 def _barrier() -> None:
     if _distributed() and dist.get_world_size() > 1:
         dist.barrier()
-
-
-# ------------------------------------------------------------------------------------------------
-# Full (unsharded) weights: for sampling, export and loading a teacher into a sharded model.
-
-
-def full_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The whole model's weights as plain CPU tensors. Collective for a sharded model, and then only
-    rank 0 gets them (the others get ``{}``). Keys are the model's own (official Wan keys)."""
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(model, options=opts)
-
-
-def load_full_model_state_dict(model: nn.Module, full: dict[str, torch.Tensor] | None, *, strict: bool = True,
-                               broadcast_from_rank0: bool = False) -> None:
-    """Load plain full weights (e.g. the teacher checkpoint) into a sharded or plain model; each rank
-    keeps its shards. Strict by default (DESIGN.md: no silent key mismatches).
-
-    ``broadcast_from_rank0``: only rank 0 reads the file and passes ``full``; the others pass ``None``
-    and receive the tensors through the process group (one copy of a 14B model in host memory per
-    node instead of one per GPU). With a model built on the meta device, call
-    ``model.to_empty(device=...)`` after ``parallelize`` and before this."""
-    opts = StateDictOptions(full_state_dict=True, strict=strict, broadcast_from_rank0=broadcast_from_rank0)
-    set_model_state_dict(model, {} if full is None else full, options=opts)
 
 
 def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path, dtype: torch.dtype | None) -> Path:
