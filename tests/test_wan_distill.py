@@ -70,7 +70,7 @@ def test_distill_resumes_exactly_exports_and_samples(wan, tmp_path):
 
 
 def test_help_shows_every_reference_default_for_each_size(capsys):
-    """RCM_METHOD.md §5.1, each value as the help prints it (the table is rendered from the presets)."""
+    """docs/method.md §5.1, each value as the help prints it (the table is rendered from the presets)."""
     expected = {
         "wan2.1-t2v-1.3b": ["2e-06 / 4e-07", "(0, 0.999), 0.01, 1e-08", "100 steps", "100 / 1",
                             "LogNormal(0.7, 1.6) / UniformShift(5)", "5 / 5", "| 1000 |", "| 5 |", "| 4 |", "| 20 |",

@@ -109,7 +109,7 @@ def _check_compiled(state, task, device) -> dict:
     """Compiled vs eager on identical inputs and weights: the JVP tangent c s dF/dt and the student's F
     (relative L2; the reference runs the same modules with ``torch.compiler.set_stance("force_eager")``).
     The JVP goes through blocks that step aside to eager inside ``torch.func``; the check catches a tangent
-    lost or changed by the compiled modules (DESIGN fact 3), and F checks the compiled forward."""
+    lost or changed by the compiled modules (docs/design.md fact 3), and F checks the compiled forward."""
     from rcm.losses import scm_jvp
     from rcm.models.trigflow import trigflow_denoise
 

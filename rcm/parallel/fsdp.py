@@ -12,7 +12,7 @@ blocks take the fp32 modulation and RoPE table; only the network itself decides 
 Gradient reduction: the mean over data-parallel ranks and the **sum** over the CP ranks of a group
 (each holds its own tokens' share of the gradient), i.e. divide factor = dp size.
 
-JVP through FSDP2 (DESIGN.md fact 5): FSDP2 all-gathers into plain tensors in a module pre-forward
+JVP through FSDP2 (docs/design.md fact 5): FSDP2 all-gathers into plain tensors in a module pre-forward
 hook, so ``torch.func.jvp`` over the sharded model never sees a DTensor; tested with and without
 ``torch.no_grad()`` (tangents equal the single-process run), followed by normal grad passes.
 """
