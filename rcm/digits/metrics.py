@@ -5,16 +5,19 @@ frame a correct "2", and barely notices speckle. These metrics look at every fra
 frames hang together. Input: clips ``[N, 1, T, H, W]`` in the data's range [-1, 1] (background −1,
 ink up to +1) and the labels they were asked to show.
 
-| key               | meaning                                                                | range   | better | real clips |
-|-------------------|------------------------------------------------------------------------|---------|--------|------------|
-| `frame_accuracy`  | share of all N·T frames the frame classifier reads as the requested digit | [0, 1] | ↑ | ≈ 0.99 |
-| `switching_share` | share of clips with at least one frame not read as the requested digit  | [0, 1]  | ↓      | ≈ 0.03     |
-| `shape_change`    | largest relative L1 change of the (slightly blurred) digit crop aligned on its ink centroid between consecutive frames, mean over clips | [0, 2] | ↓ (real's value is the floor: resampling) | ≈ 0.06 |
-| `motion_residual` | RMS distance (px) of the ink centroid from the best-fitting constant-velocity path with wall bounces, the data's law of motion | ≥ 0 | ↓ | ≈ 0 |
-| `speed_ratio`     | mean speed (px/frame) of that fitted path, relative to real clips'       | ≥ 0     | → 1 (0 = frozen) | 1 |
-| `stray_ink`       | share of a frame's ink outside the 9×9 window holding the most ink (an 8×8 digit at a sub-pixel position covers 9×9 pixels), mean over frames | [0, 1] | ↓ | 0 |
-| `frame_fd`        | Fréchet distance between per-frame classifier features and those of held-out real frames | ≥ 0 | ↓ | small (sampling noise) |
-| `frame_diversity` | mean feature distance between frames of different clips of the same requested digit, relative to real clips' | ≥ 0 | → 1 (0 = collapse) | 1 |
+| key               | meaning                                                          | range  | better            | real clips |
+|-------------------|------------------------------------------------------------------|--------|-------------------|------------|
+| `frame_accuracy`  | share of all N·T frames that the frame classifier reads as the requested digit | [0, 1] | ↑ | 0.995 |
+| `switching_share` | share of clips with at least one frame not read as the requested digit | [0, 1] | ↓ | 0.02 |
+| `shape_change`    | largest change between consecutive frames of the digit's crop, aligned on its ink centroid and slightly blurred (L1 relative to the ink), mean over clips | [0, 2] | ↓ (real's value is the floor: resampling) | 0.056 |
+| `motion_residual` | RMS distance (px) of the ink centroid from the best-fitting path of the data's law of motion (constant velocity, wall bounces), mean over clips | ≥ 0 | ↓ | 0.017 (0 without the ink floor) |
+| `speed_ratio`     | mean speed (px/frame) of that fitted path, relative to real clips' | ≥ 0 | → 1 (0 = frozen) | 1 |
+| `stray_ink`       | share of a frame's ink outside the 9×9 window that holds the most ink (an 8×8 digit at a sub-pixel position covers 9×9 pixels), mean over frames | [0, 1] | ↓ | 0 |
+| `frame_fd`        | Fréchet distance between the frame classifier's features of all frames and of held-out real frames | ≥ 0 | ↓ | 0.35 (sampling noise, 500 vs 1000 clips) |
+| `frame_diversity` | mean feature distance between frames of different clips asked for the same digit, relative to real clips' | ≥ 0 | → 1 (0 = collapse) | 1 |
+
+(Real-clip values: 500 held-out clips against the default reference, shipped classifier;
+``scripts/digits_metrics_table.py`` prints them with every corruption and the teacher.)
 
 "Ink" is the display intensity ``to_unit(x)`` minus a floor of ``INK_FLOOR`` (rescaled to [0, 1]): a
 haze of a few percent grey is invisible to the eye and must not count as stray ink or move the centroid.
@@ -39,8 +42,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 # --- from the digits package (paths to repoint when rcm/data.py and rcm/evaluate.py move) ---
 from rcm.data import DIGIT_SIZE, NUM_CLASSES, ClipSpec, DigitClips, bounce, digit_images, render_clips, to_unit
@@ -55,6 +58,7 @@ REPRODUCE_COMMAND = "OMP_NUM_THREADS=1 python3 -m rcm.digits.metrics"
 INK_FLOOR = 0.05  # display intensity below which a pixel is background (a haze this faint is invisible)
 CROP = 12  # side of the centroid-aligned crop: an 8×8 digit is at most ~6 px from its ink centroid
 SHAPE_SMOOTHING = 1.0  # px: blur before crops are compared (see shape_change)
+DEFAULT_SPEC = ClipSpec()
 MAX_FIT_SPEED = 2.0  # px/frame: fastest motion the path fit considers (the data's maximum is 1.5)
 
 
@@ -124,7 +128,7 @@ class TrainFrameClassifierConfig:
     max_scale: float = 0.12  # relative
     max_shear: float = 0.15
     max_log_gamma: float = 0.4  # ink ** exp(±this): thinner / bolder strokes
-    max_blur: float = 0.0  # px: Gaussian blur std drawn in [0, this] for the augmented share of frames
+    max_blur: float = 0.6  # px: Gaussian blur std drawn in [0, this] for the augmented share of frames
     spec: ClipSpec = field(default_factory=ClipSpec)
     num_test: int = 1000  # held-out test-split clips for the per-frame accuracy stored with the weights
     test_seed: int = 1
@@ -143,9 +147,9 @@ class TrainFrameClassifierConfig:
 def augment_digits(digits: torch.Tensor, cfg: TrainFrameClassifierConfig, generator: torch.Generator) -> torch.Tensor:
     """Give a share ``cfg.augment`` of the 8×8 digits ``[N, 8, 8]`` (in [0, 1]) a small random rotation,
     scale and shear and a stroke-weight gamma: variations of handwriting, so that the classifier reads
-    unseen hands. No noise or blur: the features must stay sensitive to exactly those."""
+    hands it never saw."""
     n = len(digits)
-    u = lambda: 2 * torch.rand(n, generator=generator) - 1  # noqa: E731  uniform in [-1, 1]
+    u = lambda: 2 * torch.rand(n, generator=generator) - 1  # uniform in [-1, 1]
     angle, scale, shear, log_gamma = u() * math.radians(cfg.max_rotation), 1 + u() * cfg.max_scale, u() * cfg.max_shear, u() * cfg.max_log_gamma
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
     theta = torch.stack([torch.stack([cos, -sin + shear, torch.zeros(n)], 1), torch.stack([sin, cos, torch.zeros(n)], 1)], 1)
@@ -159,7 +163,15 @@ def augment_digits(digits: torch.Tensor, cfg: TrainFrameClassifierConfig, genera
 def training_frames(cfg: TrainFrameClassifierConfig, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch of single frames ``[B, 1, H, W]`` of train-split digits, and their labels. A frame of a clip
     shows its digit at a position uniform over the canvas (a bounce of a uniform start is uniform), so
-    one-frame clips from a uniform start are distributed exactly as the frames of the data's clips."""
+    one-frame clips from a uniform start are distributed exactly as the frames of the data's clips.
+
+    Augmentation keeps the classifier honest, reading a digit the way the eye does: handwriting
+    variations (``augment_digits``) and a mild blur (std ≤ ``max_blur`` px, below the 0.8 px that the
+    tests call a defect) on the augmented share. Without them (``augment=0``) unseen hands and soft
+    strokes are misread: held-out per-frame accuracy 99.2 % instead of 99.8 %, and 65 % instead of 97.5 %
+    on clips blurred by 0.8 px, whose digits the eye still reads. With them the frame FD still rises
+    ×20 (2 % speckle) and ×36 (0.8 px blur) over the FD between two real sets. No speckle or noise
+    augmentation: the features must stay sensitive to stray ink."""
     images, labels = digit_images("train")
     idx = torch.randint(len(images), (cfg.batch_size,), generator=generator)
     digits = augment_digits(images[idx], cfg, generator)
@@ -185,9 +197,10 @@ def classify_frames(model: FrameClassifier, clips: torch.Tensor, batch_size: int
     return torch.cat(feats).reshape(n, t, -1), torch.cat(logits).reshape(n, t, -1)
 
 
-def train_frame_classifier(cfg: TrainFrameClassifierConfig = TrainFrameClassifierConfig(), log=print) -> tuple[FrameClassifier, float]:
-    """Train the frame classifier; save it to ``cfg.out``; return it and its held-out per-frame accuracy
-    (every frame of ``cfg.num_test`` test-split clips, whose handwriting it never saw)."""
+def train_frame_classifier(cfg: TrainFrameClassifierConfig | None = None, log=print) -> tuple[FrameClassifier, float]:
+    """Train the frame classifier (default: the shipped recipe); save it to ``cfg.out``; return it and its
+    held-out per-frame accuracy (every frame of ``cfg.num_test`` test-split clips, whose hands it never saw)."""
+    cfg = cfg if cfg is not None else TrainFrameClassifierConfig()
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     model = FrameClassifier(cfg.width, cfg.feature_dim)
@@ -210,7 +223,7 @@ def train_frame_classifier(cfg: TrainFrameClassifierConfig = TrainFrameClassifie
     seconds = time.perf_counter() - t0
     save_frame_classifier(model, cfg.out, {
         "test_frame_accuracy": f"{acc:.4f}", "train_seconds": f"{seconds:.0f}", "reproduce": REPRODUCE_COMMAND,
-        "recipe": json.dumps(asdict(cfg), default=str)})
+        "recipe": json.dumps({k: v for k, v in asdict(cfg).items() if k != "out"}, default=str)})
     log(f"held-out per-frame accuracy {acc:.4f} ({cfg.num_test} test clips × {cfg.spec.frames} frames); saved {cfg.out}")
     return model, acc
 
@@ -287,8 +300,8 @@ def _fold_patterns(frames: int, hi: float, max_speed: float) -> tuple[torch.Tens
     ``a + t·v``: on each piece ``bounce(u) = sign·u + shift``. Returns (sign, shift), both ``[P, frames]``,
     found on a fine (a, v) grid."""
     t = torch.arange(frames, dtype=torch.float64)
-    a_grid = torch.arange(0, 2 * hi, 0.02, dtype=torch.float64)
-    v_grid = torch.linspace(0, max_speed, int(round(max_speed / 0.01)) + 1, dtype=torch.float64)
+    a_grid = torch.arange(0, 2 * hi, 0.05, dtype=torch.float64)  # finer grids find no more patterns
+    v_grid = torch.linspace(0, max_speed, round(max_speed / 0.02) + 1, dtype=torch.float64)
     a, v = (g.reshape(-1) for g in torch.meshgrid(a_grid, v_grid, indexing="ij"))
     u = a[:, None] + t * v[:, None]
     k = torch.floor(u / (2 * hi))
@@ -305,7 +318,7 @@ def fit_bouncing_path(track: torch.Tensor, hi: float, max_speed: float = MAX_FIT
     On each fold pattern the path is linear in (o, a, v), so each pattern gets its exact least-squares
     solution; each solution is then scored with the true bounce (a solution that leaves its pattern
     scores worse) and the best is kept. Returns (RMS residual [M], |v| [M])."""
-    m, t_len = track.shape
+    t_len = track.shape[1]
     track = track.double()
     t = torch.arange(t_len, dtype=torch.float64)
     sign, shift = _fold_patterns(t_len, hi, max_speed)  # [P, T]
@@ -345,7 +358,7 @@ class FrameReference:
     real: dict  # frame_metrics of the real clips themselves (for reading a table)
 
     @classmethod
-    def from_clips(cls, classifier: FrameClassifier, clips: torch.Tensor, labels: torch.Tensor) -> "FrameReference":
+    def from_clips(cls, classifier: FrameClassifier, clips: torch.Tensor, labels: torch.Tensor) -> FrameReference:
         _check_clips(clips, labels)
         feats, _ = classify_frames(classifier, clips)
         frame_labels = labels[:, None].expand(feats.shape[:2]).reshape(-1)
@@ -357,7 +370,7 @@ class FrameReference:
 
 
 @functools.lru_cache(maxsize=4)
-def real_reference(num_real: int = 1000, seed: int = 1234, spec: ClipSpec = ClipSpec(),
+def real_reference(num_real: int = 1000, seed: int = 1234, spec: ClipSpec = DEFAULT_SPEC,
                    classifier_path: Path | None = None) -> FrameReference:
     """The reference from ``num_real`` class-balanced test-split clips drawn with ``seed`` (deterministic;
     cached per argument set, so every table built in one process shares it)."""
