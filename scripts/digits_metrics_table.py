@@ -26,14 +26,14 @@ COLUMNS = ["frame_accuracy", "switching_share", "shape_change", "motion_residual
            "frame_fd", "frame_diversity"]
 
 
-def teacher_clips(per_class: int, seed: int, cache_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """The shipped teacher's 50-step samples (UniPC, CFG 2.0), ``per_class`` of each digit, cached on disk."""
-    path = cache_dir / f"teacher50_seed{seed}_n{per_class}.pt"
+def teacher_clips(per_class: int, seed: int, steps: int, cache_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shipped teacher's ``steps``-step samples (UniPC, CFG 2.0), ``per_class`` of each digit, cached on disk."""
+    path = cache_dir / f"teacher{steps}_seed{seed}_n{per_class}.pt"
     labels = torch.arange(per_class * NUM_CLASSES) % NUM_CLASSES
     if path.exists():
         return torch.load(path)["clips"], labels
     model, g = load_teacher(), torch.Generator().manual_seed(seed)
-    clips = torch.cat([sample_teacher(model, labels[i : i + 50], g, TeacherSampling()) for i in range(0, len(labels), 50)])
+    clips = torch.cat([sample_teacher(model, labels[i : i + 50], g, TeacherSampling(steps=steps)) for i in range(0, len(labels), 50)])
     cache_dir.mkdir(parents=True, exist_ok=True)
     torch.save({"clips": clips, "labels": labels}, path)
     return clips, labels
@@ -45,8 +45,9 @@ def main() -> None:
     p.add_argument("--real-seed", type=int, default=7)
     p.add_argument("--teacher-per-class", type=int, default=0, help="0: skip the teacher")
     p.add_argument("--teacher-seed", type=int, default=0)
+    p.add_argument("--teacher-steps", type=int, nargs="+", default=[50, 4], help="one row per step count")
     p.add_argument("--cache-dir", type=Path, default=Path("runs/metrics"))
-    p.add_argument("--png", type=Path, default=None, help="grid of the teacher's first 20 clips")
+    p.add_argument("--png", type=Path, default=None, help="grid of the first teacher row's first 20 clips")
     args = p.parse_args()
 
     reference = real_reference()
@@ -63,8 +64,8 @@ def main() -> None:
         "blur σ=0.8": (corruptions.blur(real.clips), real.labels),
         "frozen motion": (corruptions.freeze(real.clips), real.labels),
     }
-    if args.teacher_per_class:
-        sets["teacher@50 (CFG 2)"] = teacher_clips(args.teacher_per_class, args.teacher_seed, args.cache_dir)
+    for steps in args.teacher_steps if args.teacher_per_class else []:
+        sets[f"teacher@{steps} (CFG 2)"] = teacher_clips(args.teacher_per_class, args.teacher_seed, steps, args.cache_dir)
 
     header = ["clips", *COLUMNS, "old clip accuracy", "old FD"]
     print("| " + " | ".join(header) + " |")
@@ -75,10 +76,11 @@ def main() -> None:
         cells = [f"{new[k]:.3f}" for k in COLUMNS] + [f"{old['accuracy']:.3f}", f"{old['fd']:.2f}"]
         print(f"| {name} (n={len(clips)}) | " + " | ".join(cells) + " |")
 
-    if args.png is not None and "teacher@50 (CFG 2)" in sets:
+    teacher_rows = [name for name in sets if name.startswith("teacher@")]
+    if args.png is not None and teacher_rows:
         from PIL import Image
 
-        clips, labels = sets["teacher@50 (CFG 2)"]
+        clips, labels = sets[teacher_rows[0]]
         Image.fromarray(clip_grid(clips[:20], scale=6)).save(args.png)
         _, logits = classify_frames(reference.classifier, clips[:20])
         print(f"\n{args.png}: requested digit -> per-frame reading")
