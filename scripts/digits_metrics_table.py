@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-# --- from the digits package (paths to repoint when rcm/data.py, rcm/evaluate.py and rcm/demo.py move) ---
-from rcm.data import NUM_CLASSES, DigitClips, clip_grid
-from rcm.demo import TeacherSampling, load_teacher, sample_teacher
-from rcm.evaluate import RealReference, clip_metrics, load_classifier
+
+from rcm.digits.data import NUM_CLASSES, DigitClips, clip_grid
+from rcm.digits.model import TeacherSampling, load_teacher, sample_teacher
+from rcm.digits.evaluate import RealReference, clip_metrics, load_classifier
 # ---
 from rcm.digits import corruptions
 from rcm.digits.metrics import classify_frames, frame_metrics, real_reference

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-# --- from the digits package (paths to repoint when rcm/data.py moves) ---
-from rcm.data import ClipSpec, DigitClips, bounce, render_clips
+
+from rcm.digits.data import ClipSpec, DigitClips, bounce, render_clips
 # ---
 from rcm.digits import corruptions
 from rcm.digits.metrics import (

@@ -45,10 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# --- from the digits package (paths to repoint when rcm/data.py and rcm/evaluate.py move) ---
-from rcm.data import DIGIT_SIZE, NUM_CLASSES, ClipSpec, DigitClips, bounce, digit_images, render_clips, to_unit
-from rcm.evaluate import frechet_distance
-# ---
+from rcm.digits.data import DIGIT_SIZE, NUM_CLASSES, ClipSpec, DigitClips, bounce, digit_images, render_clips, to_unit
 from rcm.digits.corruptions import blur
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -344,6 +341,24 @@ def motion_fit(centroids: torch.Tensor, spec_size: int) -> tuple[torch.Tensor, t
 
 # --------------------------------------------------------------------------------------------
 # the metrics
+
+
+def _sqrtm_psd(a: torch.Tensor) -> torch.Tensor:
+    w, v = torch.linalg.eigh(a)
+    return (v * w.clamp_min(0).sqrt()) @ v.T
+
+
+def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Fréchet distance between Gaussians fitted to feature sets ``a [N, D]`` and ``b [M, D]``:
+    ``|μa−μb|² + tr Σa + tr Σb − 2 tr (Σa^½ Σb Σa^½)^½`` (float64, symmetric eigh square roots)."""
+    a, b = a.double(), b.double()
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = torch.cov(a.T).reshape(a.shape[1], a.shape[1]), torch.cov(b.T).reshape(b.shape[1], b.shape[1])
+    s = _sqrtm_psd(cov_a)
+    m = s @ cov_b @ s
+    tr_covmean = torch.linalg.eigvalsh((m + m.T) / 2).clamp_min(0).sqrt().sum()
+    fd = (mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * tr_covmean
+    return max(fd.item(), 0.0)
 
 
 @dataclass(frozen=True, eq=False)

@@ -22,6 +22,7 @@ from rcm.digits.evaluate import DigitsReport, digits_report
 from rcm.digits.model import DEMO_SPEC, TeacherSampling, load_teacher, null_labels, save_model
 from rcm.losses import RCMConfig
 from rcm.optim import OptimizerConfig
+from rcm.sample import Device, resolve_device
 from rcm.train import DistillConfig, LoopConfig, Run, distill, start_run
 
 
@@ -44,14 +45,18 @@ class DigitsDistillConfig(DistillConfig):
     report: bool = True
     """sample and score teacher and student at the end."""
     report_settings: DigitsReport = field(default_factory=DigitsReport)
+    device: Device = "auto"
+    """auto: cuda when available, else cpu (clips are made on the CPU; batches move to the device)."""
     model: Literal["digits"] = "digits"
 
-    NOT_FINGERPRINTED: ClassVar[tuple[str, ...]] = (*DistillConfig.NOT_FINGERPRINTED, "report", "report_settings")
+    NOT_FINGERPRINTED: ClassVar[tuple[str, ...]] = (*DistillConfig.NOT_FINGERPRINTED, "report", "report_settings",
+                                                    "device")
 
     def __post_init__(self):
         super().__post_init__()
         if self.teacher is not None and not Path(self.teacher).is_file():
             raise ConfigError("teacher", f"no file at {self.teacher}")
+        resolve_device(self.device)  # cuda asked for without CUDA: an error naming --device
 
 
 class DigitsTask:
@@ -73,7 +78,8 @@ class DigitsTask:
         return load_teacher(self.cfg.teacher, device="cpu")  # its weights are overwritten by the gathered ones
 
     def next_batch(self) -> tuple[Tensor, Tensor]:
-        return next(self.batches)
+        clips, labels = next(self.batches)
+        return clips.to(self.run.device, non_blocking=True), labels.to(self.run.device, non_blocking=True)
 
     def negative_context(self, labels: Tensor) -> Tensor:
         return null_labels(labels)
@@ -97,6 +103,7 @@ class DigitsTask:
             return {}
         loss = self.cfg.loss
         sampling = TeacherSampling(guidance=loss.scm.guidance if loss.scm.guidance > 1 else loss.dmd.guidance)
+        teacher, ema = teacher.to(self.run.device), ema.to(self.run.device)
         rows = digits_report(teacher, {self.cfg.method: ema}, run_dir, self.cfg.report_settings, sampling,
                              console=console, teacher_path=self.cfg.teacher)
         console.print(f"samples → {run_dir}/samples.png, samples.gif, samples.mp4; metrics → {run_dir}/metrics.json")
@@ -105,5 +112,5 @@ class DigitsTask:
 
 def distill_digits(cfg: DigitsDistillConfig) -> dict:
     """`rcm distill` / `rcm distill digits`: run (or resume) the demo's distillation, export, report."""
-    run = start_run(cfg)
+    run = start_run(cfg, device=resolve_device(cfg.device))
     return distill(DigitsTask(cfg, run), cfg, run)

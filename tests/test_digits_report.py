@@ -1,0 +1,56 @@
+"""The digits report's pieces: per-step-count student mid-times, the teacher-rows cache outside the package."""
+
+import json
+
+import pytest
+import torch
+
+from rcm.digits import presets
+from rcm.digits.evaluate import SHIPPED_TEACHER_ROWS, DigitsReport, digits_report, teacher_rows_cache
+from rcm.digits.model import TeacherSampling, build_model, sample_student
+from rcm.samplers import consistency_times
+
+
+def test_student_mid_times_per_step_count():
+    assert presets.student_mid_times(1) == ()
+    assert presets.student_mid_times(2) == (1.0,)
+    assert presets.student_mid_times(4) == (1.3, 1.0, 0.6)
+    for steps in presets.STUDENT_MID_TIMES:  # every preset is a valid, decreasing schedule
+        consistency_times(steps, sigma_max=presets.STUDENT_SIGMA_MAX, mid_times=presets.student_mid_times(steps))
+    with pytest.raises(ValueError, match="steps"):
+        presets.student_mid_times(5)
+
+
+def test_sample_student_uses_the_presets_mid_times():
+    model = build_model("digits-dit-tiny")
+    labels = torch.arange(3)
+    draw = lambda **kw: sample_student(model, labels, torch.Generator().manual_seed(0), steps=2, **kw)  # noqa: E731
+    default, preset, reference = draw(), draw(mid_times=(1.0,)), draw(mid_times=(1.5,))
+    assert torch.equal(default, preset) and not torch.equal(default, reference)
+
+
+def test_report_caches_teacher_rows_in_the_user_cache_not_the_package(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    shipped = SHIPPED_TEACHER_ROWS.read_bytes()
+    teacher = build_model("digits-dit-tiny")
+    path = tmp_path / "teacher.safetensors"
+    from rcm.digits.model import save_model
+
+    save_model(teacher, path, {"kind": "teacher"})
+    report = DigitsReport(student_steps=(), teacher_steps=(1,), num_per_class=2, num_real=20)
+    fresh = digits_report(teacher, {}, tmp_path / "a", report, TeacherSampling(), teacher_path=path, write_media=False)
+    assert teacher_rows_cache() == tmp_path / "cache" / "rcm" / "digits_teacher_metrics.json"
+    cache = json.loads(teacher_rows_cache().read_text())
+    assert len(cache) == 1 and SHIPPED_TEACHER_ROWS.read_bytes() == shipped
+    again = digits_report(teacher, {}, tmp_path / "b", report, TeacherSampling(), teacher_path=path, write_media=False)
+    assert again[0].pop("cached") is True and again[0] == fresh[0]
+    written = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert written["rows"][0]["frame_fd"] == fresh[0]["frame_fd"]
+
+
+def test_shipped_teacher_rows_hold_every_metric():
+    rows = json.loads(SHIPPED_TEACHER_ROWS.read_text())
+    names = sorted(r["name"] for r in rows.values())
+    assert names == ["teacher@1", "teacher@2", "teacher@4", "teacher@50"]
+    for r in rows.values():
+        assert {"frame_accuracy", "switching_share", "frame_fd", "frame_diversity", "stray_ink"} <= set(r)
