@@ -54,3 +54,19 @@ def test_shipped_teacher_rows_hold_every_metric():
     assert names == ["teacher@1", "teacher@2", "teacher@4", "teacher@50"]
     for r in rows.values():
         assert {"frame_accuracy", "switching_share", "frame_fd", "frame_diversity", "stray_ink"} <= set(r)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without CUDA")
+@pytest.mark.parametrize("command", [["distill"], ["train-teacher"], ["eval", "--runs"], ["sample"], ["study"]])
+def test_device_cuda_without_cuda_is_a_one_line_error_naming_the_flag(command, capsys, tmp_path):
+    import cli
+
+    argv = [*command, "--device", "cuda"]
+    if command[0] == "eval":  # eval checks its runs first: give it a finished-looking one
+        (tmp_path / "run").mkdir()
+        (tmp_path / "run" / "student_ema.safetensors").write_bytes(b"")
+        argv = ["eval", "--runs", str(tmp_path / "run"), "--device", "cuda"]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--device" in err and "cuda" in err and err.count("\n") == 1, err

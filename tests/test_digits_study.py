@@ -59,3 +59,13 @@ def test_study_rejects_bad_settings(tmp_path):
         StudyConfig(out_dir=tmp_path, methods=("rcm", "sid"))
     with pytest.raises(ConfigError, match="student_steps"):
         StudyConfig(out_dir=tmp_path, student_steps=(8,))
+
+
+def test_study_concurrent_processes_match_one_after_the_other(tmp_path):
+    args = ["--methods", "rcm", "scm", "--snapshots", "2", "--batch-size", "2", "--num-per-class", "2",
+            "--num-real", "20", "--teacher-steps", "1", "--threads", "1", "--device", "cpu"]
+    cli.main(["study", "--out-dir", str(tmp_path / "a"), "--concurrent", *args])
+    cli.main(["study", "--out-dir", str(tmp_path / "b"), *args])
+    a, b = (json.loads((tmp_path / d / "study.json").read_text())["rows"] for d in "ab")
+    assert len(a) == 6 and [{k: v for k, v in r.items() if k != "sec_per_sample"} for r in a] == \
+        [{k: v for k, v in r.items() if k != "sec_per_sample"} for r in b]
