@@ -70,3 +70,15 @@ def test_device_cuda_without_cuda_is_a_one_line_error_naming_the_flag(command, c
         cli.main(argv)
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "--device" in err and "cuda" in err and err.count("\n") == 1, err
+
+
+def test_report_settings_are_checked_before_any_work():
+    from rcm import ConfigError
+
+    with pytest.raises(ConfigError, match="student_steps"):
+        DigitsReport(student_steps=(5,))
+    with pytest.raises(ConfigError, match="mid_times"):
+        DigitsReport(student_steps=(4,), mid_times=(1.0,))
+    with pytest.raises(ConfigError, match="num_real"):
+        DigitsReport(num_real=-5)
+    assert DigitsReport(student_steps=(5,), mid_times=(1.4, 1.2, 1.0, 0.5)).student_steps == (5,)

@@ -26,7 +26,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from rcm import PathArgumentError
+from rcm import ConfigError, PathArgumentError
 import torch.nn as nn
 
 from rcm.digits import presets
@@ -161,16 +161,21 @@ COLUMNS = (("frame_accuracy", "frame acc ↑", ".3f"), ("switching_share", "swit
 
 
 def print_table(rows: list[dict], title: str = "digit clips, scored frame by frame", console=None) -> None:
+    """The rows as a rich table, never squeezed into ellipses (wider than the terminal if it must)."""
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=title)
-    table.add_column("generator", justify="left")
+    table = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 1))
+    table.add_column("generator", justify="left", no_wrap=True)
     for _, header, _ in COLUMNS:
-        table.add_column(header, justify="right")
+        table.add_column(header, justify="right", no_wrap=True)
     for r in rows:
         table.add_row(r["name"], *(format(r[key], fmt) for key, _, fmt in COLUMNS))
-    (console or Console()).print(table)
+    console = console or Console()
+    if console.width < 140:  # a narrow terminal (or a pipe, 80 columns): print wider, let it wrap
+        console = Console(width=140, file=console.file, quiet=console.quiet, force_terminal=console.is_terminal)
+    console.print(table)
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -197,6 +202,19 @@ class DigitsReport:
     """students' TrigFlow mid-times, the first steps−1 used at each step count; None: the digits presets' per
     step count (presets.STUDENT_MID_TIMES); 1.5 1.4 1.0 is the reference's (Wan) choice."""
     seed: int = 0
+
+    def __post_init__(self):  # checked when the command starts, not after training
+        for name in ("num_per_class", "num_real"):
+            if getattr(self, name) < (1 if name == "num_per_class" else 20):
+                raise ConfigError(name, f"must be >= {1 if name == 'num_per_class' else 20}, got {getattr(self, name)}")
+        if any(n < 1 for n in (*self.student_steps, *self.teacher_steps)):
+            raise ConfigError("student_steps", f"step counts must be >= 1, got {self.student_steps} / {self.teacher_steps}")
+        for steps in self.student_steps:
+            if self.mid_times is None and steps not in presets.STUDENT_MID_TIMES:
+                raise ConfigError("student_steps", f"the digits presets have mid-times for "
+                                  f"{sorted(presets.STUDENT_MID_TIMES)} steps, got {steps}; pass --report-settings.mid-times")
+            if self.mid_times is not None and len(self.mid_times) < steps - 1:
+                raise ConfigError("mid_times", f"{steps} steps need {steps - 1} mid-times, got {list(self.mid_times)}")
 
 
 def digits_generators(teacher: nn.Module, students: dict[str, nn.Module], report: DigitsReport,
