@@ -1,8 +1,9 @@
 """`rcm distill` (digits): the embedded default as a task of the training engine.
 
 The shipped class-conditional digits teacher, real moving-digit clips as x0, labels as the context, the
-null label as the CFG negative; at the end a report comparing teacher and student on quality (classifier
-Fréchet distance), adherence (class accuracy) and diversity (``rcm.digits.evaluate``).
+null label as the CFG negative; at the end a report scoring teacher and student frame by frame (per-frame
+accuracy, digit switching, shape and motion consistency, stray ink, frame FD, diversity:
+``rcm.digits.evaluate``, ``rcm.digits.metrics``). ``--device``: clips are made on the CPU, batches move.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ from rcm.train import DistillConfig, LoopConfig, Run, distill, start_run
 class DigitsDistillConfig(DistillConfig):
     """Distill the shipped digits teacher into a 1-4 step student with rCM (or sCM / DMD2 alone).
 
-    With no arguments: rCM on the CPU, writing samples, metrics.json and a quality/diversity table to
-    --out-dir. Re-running the same command resumes from the last checkpoint."""
+    With no arguments: rCM (on CUDA when available, else the CPU), writing samples, metrics.json and the
+    per-frame table to --out-dir. Re-running the same command resumes from the last checkpoint."""
 
     teacher: Path | None = None
     """the teacher; default the shipped one (rcm/assets/digits_teacher.safetensors)."""
