@@ -8,7 +8,8 @@
                                 text to video with a Wan2.1 teacher or distilled student
     rcm synth                   write a Wan latent dataset (teacher samples, videos or existing latents)
     rcm export                  one network of a training checkpoint (any world size) as a safetensors file
-    rcm eval                    quality / diversity table of the teacher and finished distill runs
+    rcm eval                    per-frame quality / consistency / diversity table of the teacher and finished runs
+    rcm study                   convergence study: rCM, DMD2, sCM at equal budgets, scored at 1/2/4 steps vs iterations
     rcm train-teacher           train the digits teacher from scratch (how the shipped one was made)
     rcm train-classifier        train the digit-clip classifier used by `rcm eval` (how the shipped one was made)
     rcm bench attention         attention kernels side by side
@@ -47,7 +48,7 @@ def _commands() -> dict[str, Command | Group]:
     """Imported lazily so `rcm --help` is quick. Each command's code lives under its own name."""
     from rcm.bench import attention, sample as bench_sample, step
     from rcm.checkpoint import export
-    from rcm.digits import classifier, evaluate, sample as digits_sample, task as digits_task, teacher
+    from rcm.digits import classifier, evaluate, sample as digits_sample, study, task as digits_task, teacher
     from rcm.wan import sample as wan_sample, synth, task as wan_task
 
     wan_sizes = {"wan2.1-t2v-1.3b": "Wan2.1 T2V 1.3B", "wan2.1-t2v-14b": "Wan2.1 T2V 14B",
@@ -69,6 +70,7 @@ def _commands() -> dict[str, Command | Group]:
         "synth": Command(synth.SynthConfig, synth.synth),
         "export": Command(export.ExportConfig, export.export),
         "eval": Command(evaluate.EvalRunsConfig, evaluate.eval_runs),
+        "study": Command(study.StudyConfig, study.run_study),
         "train-teacher": Command(teacher.TrainTeacherConfig, teacher.train_teacher),
         "train-classifier": Command(classifier.TrainClassifierConfig, classifier.train_classifier),
         "bench": Group({"attention": Command(attention.BenchAttentionConfig, attention.bench_attention),

@@ -16,13 +16,30 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import torch
+
 from rcm import ConfigError, PathArgumentError
 
-__all__ = ["SampleResult", "SampleSettings", "existing_path", "numbered", "result_json"]
+__all__ = ["SampleResult", "SampleSettings", "existing_path", "numbered", "resolve_device", "result_json"]
+
+Device = Literal["auto", "cpu", "cuda"]
+
+
+def resolve_device(name: str) -> torch.device:
+    """A ``--device`` value (auto, cpu, cuda) as a device: auto = cuda when available; under torchrun
+    (LOCAL_RANK set) the rank's own GPU. A missing GPU asked for by name is an error naming the field."""
+    if name not in ("auto", "cpu", "cuda"):
+        raise ConfigError("device", f"must be auto, cpu or cuda, got {name!r}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device", "cuda was asked for but no CUDA device is available")
+    if name == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
 
 
 @dataclass

@@ -162,7 +162,7 @@ CASES = [
      "--save-path"),
     ("digits with a prompt", _digits("--checkpoint", "{F}/student.safetensors", "--prompt", "a cat"),
      "unrecognized arguments: --prompt"),  # a Wan option: `rcm sample wan...`
-    ("digits with a device", ["sample", "--device", "cpu"], "unrecognized arguments: --device"),
+    ("digits with an unknown device", ["sample", "--device", "tpu"], "invalid choice 'tpu'"),  # digits: auto|cpu|cuda
     ("unknown device", _wan("--device", "tpu"), "invalid choice 'tpu'"),
     ("unknown sampler", ["sample", "--sampler", "ddim"], "invalid choice 'ddim'"),
     # sample, Wan

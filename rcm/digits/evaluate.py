@@ -1,21 +1,23 @@
-"""Quality and diversity of generated digit clips, measured with a small classifier of our own.
+"""Scoring generated digit clips: `rcm eval`, the distill report, and the sampling of named generators.
 
-Metrics for a set of generated clips ``[N, 1, T, H, W]`` in [-1, 1] with the labels they were
-asked for:
-(a) ``accuracy``: fraction the classifier assigns to the requested class (adherence);
-(b) ``fd``: Fréchet distance between the classifier's penultimate features of the generated clips
-    and of held-out real clips (quality; lower is better), in float64 with an eigh-based matrix sqrt;
-(c) ``diversity``: mean pairwise feature distance within each class, averaged over classes,
-    divided by the same on the held-out real clips (1.0 = as diverse as the data, → 0 = collapse);
-(d) ``sec_per_sample``: wall time of the generator call divided by the number of clips.
+Every generator is run on the same class-balanced labels with the same noise seed and scored with the
+per-frame metrics of ``rcm.digits.metrics`` (per-frame accuracy, digit-switching share, shape change,
+motion residual and speed ratio, stray ink, frame FD, frame diversity; its docstring has the table of what
+each means and what real clips score), plus ``sec_per_sample`` (generator wall time per clip).
 
-The classifier: ``rcm.digits.classifier``. Here also the distill report (samples and the table of
-teacher and students) and `rcm eval`, which scores finished runs side by side.
+The older clip-pooled scores (``clip_metrics``: one classifier reading over the whole clip, FD of pooled
+features) stay for comparison only (``scripts/digits_metrics_table.py``): pooling hides a digit that
+changes within a clip and barely sees speckle, so the report no longer shows them.
+
+Teacher rows are cached (sampling the teacher at 50 steps with CFG is most of a report's time): read from
+the user cache (``$XDG_CACHE_HOME/rcm`` or ``~/.cache/rcm``) or the shipped read-only copy
+``rcm/assets/digits_teacher_metrics.json``, written only to the user cache, never inside the package.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +26,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from rcm import PathArgumentError
+from rcm import ConfigError, PathArgumentError
 import torch.nn as nn
 
 from rcm.digits import presets
@@ -39,7 +41,9 @@ from rcm.digits.model import (
     sample_student,
     sample_teacher,
 )
+from rcm.digits.metrics import frechet_distance, frame_metrics, real_reference
 from rcm.media import tile_clips, write_image, write_video
+from rcm.sample import Device, resolve_device
 
 # A generator maps requested labels [n] and a torch.Generator to clips [n, 1, T, H, W] in [-1, 1].
 ClipGenerator = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
@@ -58,24 +62,6 @@ def clip_features(model: DigitClassifier, clips: torch.Tensor, batch_size: int =
         feats.append(f.double())
         logits.append(model.head(f))
     return torch.cat(feats), torch.cat(logits)
-
-
-def _sqrtm_psd(a: torch.Tensor) -> torch.Tensor:
-    w, v = torch.linalg.eigh(a)
-    return (v * w.clamp_min(0).sqrt()) @ v.T
-
-
-def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Fréchet distance between Gaussians fitted to feature sets ``a [N, D]`` and ``b [M, D]``:
-    ``|μa−μb|² + tr Σa + tr Σb − 2 tr (Σa^½ Σb Σa^½)^½`` (float64, symmetric eigh square roots)."""
-    a, b = a.double(), b.double()
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = torch.cov(a.T).reshape(a.shape[1], a.shape[1]), torch.cov(b.T).reshape(b.shape[1], b.shape[1])
-    s = _sqrtm_psd(cov_a)
-    m = s @ cov_b @ s
-    tr_covmean = torch.linalg.eigvalsh((m + m.T) / 2).clamp_min(0).sqrt().sum()
-    fd = (mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * tr_covmean
-    return max(fd.item(), 0.0)
 
 
 def mean_intra_class_distance(feats: torch.Tensor, labels: torch.Tensor) -> float:
@@ -133,9 +119,9 @@ class EvalConfig:
     num_per_class: int = 50
     batch_size: int = 100
     seed: int = 0
-    num_real: int = 1000  # held-out real clips (test split) for FD and diversity
+    num_real: int = 1000  # held-out real clips (test split): the reference of frame FD, diversity, speed
     real_seed: int = 1234
-    classifier: Path | None = None  # None: the shipped classifier
+    classifier: Path | None = None  # the frame classifier; None: the shipped one
     spec: ClipSpec = field(default_factory=ClipSpec)
 
 
@@ -146,11 +132,9 @@ def data_generator(split: str = "train", spec: ClipSpec = ClipSpec()) -> ClipGen
 
 def evaluate(generators: dict[str, ClipGenerator], cfg: EvalConfig = EvalConfig(), console=None,
              show: bool = True) -> list[dict]:
-    """Run every generator on the same class-balanced labels with the same seed, score its clips,
-    print a rich table (`show`) and return one row (dict) per generator."""
-    model = load_classifier(cfg.classifier)
-    real = DigitClips("test", cfg.num_real, seed=cfg.real_seed, spec=cfg.spec)
-    reference = RealReference.from_clips(model, real.clips, real.labels)
+    """Run every generator on the same class-balanced labels with the same seed, score its clips with every
+    per-frame metric, print a rich table (`show`) and return one row (dict) per generator."""
+    reference = real_reference(cfg.num_real, cfg.real_seed, cfg.spec, cfg.classifier)
     labels = torch.arange(cfg.num_per_class * NUM_CLASSES) % NUM_CLASSES
     rows = []
     for name, gen in generators.items():
@@ -158,26 +142,47 @@ def evaluate(generators: dict[str, ClipGenerator], cfg: EvalConfig = EvalConfig(
         clips, seconds = [], 0.0
         for i in range(0, len(labels), cfg.batch_size):
             t0 = time.perf_counter()
-            out = gen(labels[i : i + cfg.batch_size], g)
+            out = gen(labels[i : i + cfg.batch_size], g).detach().float().cpu()  # .cpu() waits for the device
             seconds += time.perf_counter() - t0
-            clips.append(out.detach().float().cpu())
+            clips.append(out)
         clips = torch.cat(clips)
-        rows.append({"name": name, **clip_metrics(model, clips, labels, reference), "sec_per_sample": seconds / len(labels), "n": len(labels)})
+        rows.append({"name": name, **frame_metrics(clips, labels, reference),
+                     "sec_per_sample": seconds / len(labels), "n": len(labels)})
     if show:
         print_table(rows, console=console)
     return rows
 
 
-def print_table(rows: list[dict], title: str = "digit clips: quality and diversity", console=None) -> None:
+# (row key, column title, format): arrows say which way is better, →1 means "as real clips"
+COLUMNS = (("frame_accuracy", "frame acc ↑", ".3f"), ("switching_share", "switching ↓", ".3f"),
+           ("shape_change", "shape Δ ↓", ".3f"), ("motion_residual", "motion res ↓", ".3f"),
+           ("speed_ratio", "speed →1", ".2f"), ("stray_ink", "stray ink ↓", ".3f"), ("frame_fd", "frame FD ↓", ".2f"),
+           ("frame_diversity", "diversity →1", ".3f"), ("sec_per_sample", "s/sample", ".4f"))
+
+
+def print_table(rows: list[dict], title: str = "digit clips, scored frame by frame", console=None) -> None:
+    """The rows as a rich table, never squeezed into ellipses (wider than the terminal if it must)."""
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=title)
-    for col, just in [("generator", "left"), ("accuracy ↑", "right"), ("FD ↓", "right"), ("diversity (1=data)", "right"), ("s/sample", "right")]:
-        table.add_column(col, justify=just)
+    table = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 1))
+    table.add_column("generator", justify="left", no_wrap=True)
+    for _, header, _ in COLUMNS:
+        table.add_column(header, justify="right", no_wrap=True)
     for r in rows:
-        table.add_row(r["name"], f"{r['accuracy']:.3f}", f"{r['fd']:.2f}", f"{r['diversity']:.3f}", f"{r['sec_per_sample']:.4f}")
-    (console or Console()).print(table)
+        table.add_row(r["name"], *(format(r[key], fmt) for key, _, fmt in COLUMNS))
+    console = console or Console()
+    if console.width < 140:  # a narrow terminal (or a pipe, 80 columns): print wider, let it wrap
+        console = Console(width=140, file=console.file, quiet=console.quiet, force_terminal=console.is_terminal)
+    console.print(table)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The rows as a markdown table (the README's and docs/study.md's tables)."""
+    lines = ["| generator | " + " | ".join(h for _, h, _ in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    lines += [f"| {r['name']} | " + " | ".join(format(r[k], f) for k, _, f in COLUMNS) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
 
 
 # --------------------------------------------------------------------------------------------
@@ -191,9 +196,25 @@ class DigitsReport:
     student_steps: tuple[int, ...] = presets.STUDENT_STEPS
     teacher_steps: tuple[int, ...] = (1, 2, 4, presets.TEACHER_STEPS)
     num_per_class: int = 20  # clips per class scored for each generator
-    num_real: int = 500  # held-out real clips for FD / diversity
+    num_real: int = 500  # held-out real clips: the reference of frame FD, diversity and speed
     sigma_max: float = presets.STUDENT_SIGMA_MAX
+    mid_times: tuple[float, ...] | None = None
+    """students' TrigFlow mid-times, the first steps−1 used at each step count; None: the digits presets' per
+    step count (presets.STUDENT_MID_TIMES); 1.5 1.4 1.0 is the reference's (Wan) choice."""
     seed: int = 0
+
+    def __post_init__(self):  # checked when the command starts, not after training
+        for name in ("num_per_class", "num_real"):
+            if getattr(self, name) < (1 if name == "num_per_class" else 20):
+                raise ConfigError(name, f"must be >= {1 if name == 'num_per_class' else 20}, got {getattr(self, name)}")
+        if any(n < 1 for n in (*self.student_steps, *self.teacher_steps)):
+            raise ConfigError("student_steps", f"step counts must be >= 1, got {self.student_steps} / {self.teacher_steps}")
+        for steps in self.student_steps:
+            if self.mid_times is None and steps not in presets.STUDENT_MID_TIMES:
+                raise ConfigError("student_steps", f"the digits presets have mid-times for "
+                                  f"{sorted(presets.STUDENT_MID_TIMES)} steps, got {steps}; pass --report-settings.mid-times")
+            if self.mid_times is not None and len(self.mid_times) < steps - 1:
+                raise ConfigError("mid_times", f"{steps} steps need {steps - 1} mid-times, got {list(self.mid_times)}")
 
 
 def digits_generators(teacher: nn.Module, students: dict[str, nn.Module], report: DigitsReport,
@@ -205,8 +226,9 @@ def digits_generators(teacher: nn.Module, students: dict[str, nn.Module], report
         gens[f"teacher@{steps}"] = (lambda c: lambda labels, g: sample_teacher(teacher, labels, g, c))(cfg)
     for name, student in students.items():
         for steps in report.student_steps:
-            gens[f"{name}@{steps}"] = (lambda s, n: lambda labels, g: sample_student(
-                s, labels, g, steps=n, sigma_max=report.sigma_max))(student, steps)
+            mid = None if report.mid_times is None else report.mid_times[: steps - 1]
+            gens[f"{name}@{steps}"] = (lambda s, n, m: lambda labels, g: sample_student(
+                s, labels, g, steps=n, sigma_max=report.sigma_max, mid_times=m))(student, steps, mid)
     return gens
 
 
@@ -237,52 +259,89 @@ def write_samples(generators: dict, out_dir: Path, seed: int = 0) -> dict[str, P
     return paths
 
 
-TEACHER_METRICS_CACHE = Path(__file__).resolve().parents[1] / "assets" / "digits_teacher_metrics.json"
+SHIPPED_TEACHER_ROWS = Path(__file__).resolve().parents[1] / "assets" / "digits_teacher_metrics.json"  # read-only
 
 
-def _teacher_cache_key(teacher_path: Path | None, cfg, teacher_sampling: TeacherSampling, steps: int) -> str:
-    """Teacher rows depend only on the teacher file, the evaluation settings and the sampler: key them so a
-    run's report can reuse rows measured once (50-step CFG sampling is most of the report's time)."""
+def user_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/rcm`` (default ``~/.cache/rcm``): where caches are written, never the package."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rcm"
+
+
+def teacher_rows_cache() -> Path:
+    return user_cache_dir() / "digits_teacher_metrics.json"
+
+
+def _teacher_cache_key(teacher_path: Path | None, cfg: EvalConfig, teacher_sampling: TeacherSampling, steps: int) -> str:
+    """Teacher rows depend only on the teacher file, the evaluation settings, the frame classifier and the
+    sampler: key them so a run's report can reuse rows measured once."""
     import hashlib
 
-    digest = hashlib.sha256(Path(teacher_path or TEACHER_PATH).read_bytes()).hexdigest()[:16]
+    from rcm.digits.metrics import FRAME_CLASSIFIER_PATH
+
+    def digest(path: Path) -> str:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
     settings = {**teacher_sampling.__dict__, "steps": steps}
-    return json.dumps({"teacher": digest, "eval": {k: str(v) for k, v in cfg.__dict__.items()}, "sampling": settings},
+    return json.dumps({"teacher": digest(teacher_path or TEACHER_PATH),
+                       "frame_classifier": digest(cfg.classifier or FRAME_CLASSIFIER_PATH),
+                       "eval": {k: str(v) for k, v in cfg.__dict__.items() if k != "batch_size"}, "sampling": settings},
                       sort_keys=True)
+
+
+def _read_rows(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):  # a damaged cache is only a cache: measure again
+        return {}
+
+
+def _write_rows(path: Path, rows: dict) -> None:
+    """Merge ``rows`` into the cache at ``path`` (atomically: concurrent reports may write at once)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    merged = {**_read_rows(path), **rows}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(merged, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
 
 
 def digits_report(teacher: nn.Module, students: dict[str, nn.Module], out_dir: Path, report: DigitsReport,
                   teacher_sampling: TeacherSampling, console=None, teacher_path: Path | None = None,
-                  reuse_teacher_rows: bool = True) -> list[dict]:
-    """Sample, score and write `metrics.json`, `samples.png`, `samples.gif`, `samples.mp4`; print the table.
+                  reuse_teacher_rows: bool = True, write_media: bool = True) -> list[dict]:
+    """Sample, score and write `metrics.json` (and `samples.png`, `.gif`, `.mp4` with ``write_media``); print the
+    table and write it as `metrics.md`.
 
-    Teacher rows are read from `rcm/assets/digits_teacher_metrics.json` when it holds a row measured with the
-    same teacher file, evaluation settings and sampler (`reuse_teacher_rows`); `rcm eval` recomputes them."""
+    Teacher rows measured with the same teacher file, evaluation settings, frame classifier and sampler are
+    read from the user cache or the shipped copy (`reuse_teacher_rows`); rows measured here go to the user
+    cache (``teacher_rows_cache()``). `rcm eval` measures them afresh by default."""
+    from rich.console import Console
+
+    console = console or Console()
     out_dir.mkdir(parents=True, exist_ok=True)
     gens = digits_generators(teacher, students, report, teacher_sampling)
-    shown = {k: v for k, v in gens.items() if not k.startswith("teacher@") or k in ("teacher@1", "teacher@50")}
-    write_samples(shown, out_dir, seed=report.seed)
+    if write_media:
+        shown = {k: v for k, v in gens.items() if not k.startswith("teacher@") or k in ("teacher@1", "teacher@50")}
+        write_samples(shown, out_dir, seed=report.seed)
     cfg = EvalConfig(num_per_class=report.num_per_class, num_real=report.num_real, seed=report.seed, spec=DEMO_SPEC)
-    cache = json.loads(TEACHER_METRICS_CACHE.read_text()) if TEACHER_METRICS_CACHE.is_file() else {}
     keys = {f"teacher@{n}": _teacher_cache_key(teacher_path, cfg, teacher_sampling, n) for n in report.teacher_steps}
-    cached = {name: {**cache[key], "cached": True} for name, key in keys.items() if reuse_teacher_rows and key in cache}
+    known = {**_read_rows(SHIPPED_TEACHER_ROWS), **_read_rows(teacher_rows_cache())} if reuse_teacher_rows else {}
+    cached = {name: {**known[key], "cached": True} for name, key in keys.items() if key in known}
     start = time.perf_counter()
     fresh = evaluate({k: v for k, v in gens.items() if k not in cached}, cfg, console=console, show=False)
     by_name = {**cached, **{r["name"]: r for r in fresh}}
     rows = [by_name[name] for name in gens]
     print_table(rows, console=console)
     if cached:
-        from rich.console import Console
-
-        (console or Console()).print(f"({', '.join(cached)}: measured earlier by `rcm eval` with this teacher file and "
-                                     f"these settings, read from {TEACHER_METRICS_CACHE.name})")
-    if not reuse_teacher_rows:  # a full evaluation refreshes the shipped cache of teacher rows
-        cache.update({keys[r["name"]]: {k: v for k, v in r.items() if k != "cached"} for r in fresh if r["name"] in keys})
-        if TEACHER_METRICS_CACHE.parent.is_dir():
-            TEACHER_METRICS_CACHE.write_text(json.dumps(cache, indent=1, sort_keys=True) + "\n")
+        console.print(f"({', '.join(cached)}: measured earlier with this teacher file and these settings, read from "
+                      f"the cache of teacher rows)")
+    measured = {keys[r["name"]]: r for r in fresh if r["name"] in keys}
+    if measured:
+        _write_rows(teacher_rows_cache(), measured)
     meta = {"eval_seconds": round(time.perf_counter() - start, 1), "eval": cfg.__dict__ | {"spec": str(cfg.spec)},
-            "report": report.__dict__, "teacher_sampling": teacher_sampling.__dict__}
+            "report": report.__dict__, "teacher_sampling": teacher_sampling.__dict__,
+            "student_mid_times": {s: report.mid_times[: s - 1] if report.mid_times is not None
+                                  else presets.student_mid_times(s) for s in report.student_steps}}
     (out_dir / "metrics.json").write_text(json.dumps({"rows": rows, **meta}, indent=2, default=str) + "\n")
+    (out_dir / "metrics.md").write_text(markdown_table(rows))
     return rows
 
 
@@ -299,7 +358,10 @@ class EvalRunsConfig:
     out_dir: Path = Path("runs/eval")
     guidance: float = TeacherSampling().guidance  # the teacher's CFG weight, as the demo distills with
     report_settings: DigitsReport = field(default_factory=DigitsReport)
-    reuse_teacher_rows: bool = False  # False: sample the teacher afresh and refresh the shipped teacher rows
+    reuse_teacher_rows: bool = False
+    """False: sample the teacher afresh (and refresh the user cache of teacher rows)."""
+    device: Device = "auto"
+    """auto: cuda when available, else cpu."""
 
     def __post_init__(self):
         for run in self.runs:
@@ -307,14 +369,16 @@ class EvalRunsConfig:
                 raise PathArgumentError("runs", f"{run} has no student_ema.safetensors (run `rcm distill` first)")
         if self.teacher is not None and not Path(self.teacher).is_file():
             raise PathArgumentError("teacher", f"no file at {self.teacher}")
+        resolve_device(self.device)
 
 
 def eval_runs(cfg: EvalRunsConfig) -> list[dict]:
     """Sample and score the teacher and every run's EMA student; write metrics.json and samples to --out-dir."""
+    device = resolve_device(cfg.device)
     students = {}
     for run in cfg.runs:
         meta = json.loads((Path(run) / "config.json").read_text()) if (Path(run) / "config.json").is_file() else {}
-        students[meta.get("method", Path(run).name)] = load_model(Path(run) / "student_ema.safetensors")
-    return digits_report(load_teacher(cfg.teacher), students, Path(cfg.out_dir), cfg.report_settings,
+        students[meta.get("method", Path(run).name)] = load_model(Path(run) / "student_ema.safetensors", device=device)
+    return digits_report(load_teacher(cfg.teacher, device=device), students, Path(cfg.out_dir), cfg.report_settings,
                          TeacherSampling(guidance=cfg.guidance), teacher_path=cfg.teacher,
                          reuse_teacher_rows=cfg.reuse_teacher_rows)

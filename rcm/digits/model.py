@@ -111,7 +111,7 @@ def save_model(model: ClassConditionedDiT, path: str | Path, metadata: dict | No
             **{k: v if isinstance(v, str) else json.dumps(v, default=str) for k, v in (metadata or {}).items()}}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(path), metadata=meta)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(path), metadata=meta)
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32,
@@ -159,6 +159,13 @@ def model_metadata(path: str | Path) -> dict:
 # sampling
 
 
+def _device_of(model: nn.Module) -> torch.device:
+    """Where ``model``'s weights live: its samples' noise (drawn on the CPU, so a seed gives the same clips on
+    every device) moves there."""
+    weight = next(model.parameters(), None)
+    return weight.device if weight is not None else torch.device("cpu")
+
+
 @dataclass
 class TeacherSampling:
     """How the teacher samples: ``steps`` of ``sampler`` over Wan's shifted schedule, CFG ``guidance``."""
@@ -176,7 +183,9 @@ def sample_teacher(model: nn.Module, labels: Tensor, generator: torch.Generator,
     """Clips ``[N, 1, T, H, W]`` float32 in [-1, 1] (clamped) of the requested ``labels``."""
     from rcm.samplers import sample_euler, sample_unipc, shifted_flow_times, teacher_velocity
 
-    noise = torch.randn((len(labels), *spec.shape), generator=generator)
+    device = _device_of(model)
+    noise = torch.randn((len(labels), *spec.shape), generator=generator).to(device)
+    labels = labels.to(device)
     velocity = teacher_velocity(model, labels, guidance=cfg.guidance, negative_context=null_labels(labels))
     times = shifted_flow_times(cfg.steps, shift=cfg.shift, sigma_max=cfg.sigma_max)
     run = {"unipc": sample_unipc, "euler": sample_euler}[cfg.sampler]
@@ -192,10 +201,14 @@ def teacher_generator(model: nn.Module, cfg: TeacherSampling = TeacherSampling()
 def sample_student(model: nn.Module, labels: Tensor, generator: torch.Generator, steps: int = 2,
                    sigma_max: float = presets.STUDENT_SIGMA_MAX, mid_times=None, spec: ClipSpec = DEMO_SPEC, progress=None) -> Tensor:
     """Few-step consistency samples ``[N, 1, T, H, W]`` float32 in [-1, 1] (clamped) of a distilled
-    student (no CFG: the student has it baked in), docs/method.md §5.2."""
+    student (no CFG: the student has it baked in), docs/method.md §5.2. ``mid_times`` None: the digits
+    presets' for this step count (``presets.student_mid_times``)."""
     from rcm.samplers import consistency_times, sample_consistency, student_denoiser
 
-    noise = torch.randn((len(labels), *spec.shape), generator=generator)
+    device = _device_of(model)
+    noise = torch.randn((len(labels), *spec.shape), generator=generator).to(device)
+    labels = labels.to(device)
+    mid_times = presets.student_mid_times(steps) if mid_times is None else mid_times
     times = consistency_times(steps, sigma_max=sigma_max, mid_times=mid_times)
     out = sample_consistency(student_denoiser(model, labels), noise, times, generator=generator, progress=progress)
     return out.float().clamp(-1, 1)

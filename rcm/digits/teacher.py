@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from rcm.digits.data import ClipBatches, ClipSpec
+from rcm.sample import Device, resolve_device
 from rcm.timing import progress_bar
 from rcm.digits.model import DEMO_MODELS, DEMO_SPEC, NULL_LABEL, build_model, save_model
 
@@ -49,6 +50,8 @@ class TrainTeacherConfig:
     log_every: int = 50
     resume: bool = True
     threads: int = 0  # torch.set_num_threads; 0 leaves torch's default
+    device: Device = "auto"
+    """auto: cuda when available, else cpu (clips are made on the CPU; batches move to the device)."""
     spec: ClipSpec = field(default_factory=lambda: DEMO_SPEC)
 
     def __post_init__(self):
@@ -58,6 +61,7 @@ class TrainTeacherConfig:
             raise ValueError(f"need steps >= 0, batch_size, checkpoint_every, log_every >= 1; got {self}")
         if not 0 <= self.label_dropout < 1 or not 0 <= self.ema_decay < 1:
             raise ValueError("label_dropout and ema_decay must lie in [0, 1)")
+        resolve_device(self.device)
 
 
 def rectified_flow_loss(model: nn.Module, x0: Tensor, labels: Tensor, generator: torch.Generator,
@@ -65,9 +69,10 @@ def rectified_flow_loss(model: nn.Module, x0: Tensor, labels: Tensor, generator:
     """Per-sample mean squared velocity error ``[B]`` of Wan's rectified flow, with labels dropped to
     the null label with probability ``label_dropout``. All draws come from ``generator``."""
     b = x0.shape[0]
-    rho = torch.sigmoid(rho_mean + rho_std * torch.randn(b, generator=generator))
-    eps = torch.randn(x0.shape, generator=generator)
-    drop = torch.rand(b, generator=generator) < label_dropout
+    device = generator.device  # the draws are made where the generator lives (the batch's device)
+    rho = torch.sigmoid(rho_mean + rho_std * torch.randn(b, generator=generator, device=device))
+    eps = torch.randn(x0.shape, generator=generator, device=device)
+    drop = torch.rand(b, generator=generator, device=device) < label_dropout
     labels = torch.where(drop, torch.full_like(labels, NULL_LABEL), labels)
     r = rho.view(b, 1, 1, 1, 1)
     x_rho = (1 - r) * x0 + r * eps
@@ -106,16 +111,17 @@ def train_teacher(cfg: TrainTeacherConfig, console=None, stop_after: int | None 
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     record = _config_record(cfg)
-    resume_keys = {k: v for k, v in record.items() if k not in ("out_dir", "export", "resume", "threads", "log_every",
+    resume_keys = {k: v for k, v in record.items() if k not in ("out_dir", "export", "resume", "threads", "device", "log_every",
                                                                  "checkpoint_every", "keep_checkpoints")}
 
-    model = build_model(cfg.model, seed=cfg.seed).train()
-    ema = build_model(cfg.model, seed=cfg.seed).eval().requires_grad_(False)
+    device = resolve_device(cfg.device)
+    model = build_model(cfg.model, seed=cfg.seed).to(device).train()
+    ema = build_model(cfg.model, seed=cfg.seed).to(device).eval().requires_grad_(False)
     ema.load_state_dict(model.state_dict())
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg))
     batches = ClipBatches("train", cfg.batch_size, seed=cfg.seed, spec=cfg.spec)
-    generator = torch.Generator().manual_seed(cfg.seed + 1)
+    generator = torch.Generator(device).manual_seed(cfg.seed + 1)
     step, seconds_before, cpu_before = 0, 0.0, 0.0
 
     found = load_latest(out_dir / "checkpoints") if cfg.resume else None
@@ -145,7 +151,7 @@ def train_teacher(cfg: TrainTeacherConfig, console=None, stop_after: int | None 
     with progress_bar(console) as progress, open(out_dir / "log.jsonl", "a") as log:
         task = progress.add_task("teacher", total=cfg.steps, completed=step)
         while step < cfg.steps:
-            x0, labels = next(batches)
+            x0, labels = (t.to(device, non_blocking=True) for t in next(batches))
             loss = rectified_flow_loss(model, x0, labels, generator, cfg.label_dropout, cfg.rho_mean, cfg.rho_std).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -10,28 +10,16 @@ Teachers use flow UniPC or Euler over Wan's shifted schedule with classifier-fre
 
 from __future__ import annotations
 
-import os
 
 import torch
 from torch import Tensor
 
 from rcm import ConfigError, PathArgumentError
 from rcm.media import to_uint8
+from rcm.sample import resolve_device  # re-exported: the Wan commands import it from here
 from rcm.wan import presets
 
 __all__ = ["PathArgumentError", "decode_videos", "resolve_device", "sample_wan_latent", "video_size"]
-
-
-def resolve_device(name: str) -> torch.device:
-    """A ``--device`` value (auto, cpu, cuda) as a device: auto = cuda when available; under torchrun
-    (LOCAL_RANK set) the rank's own GPU. A missing GPU asked for by name is an error naming the field."""
-    if name not in ("auto", "cpu", "cuda"):
-        raise ConfigError("device", f"must be auto, cpu or cuda, got {name!r}")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device", "cuda was asked for but no CUDA device is available")
-    if name == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
 
 
 def video_size(resolution: str, aspect_ratio: str) -> tuple[int, int]:
