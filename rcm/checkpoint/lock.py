@@ -15,8 +15,8 @@ Not guaranteed:
   holder dies, until it exits; the message says so. Processes started with exec (subprocess) do not inherit it.
 - Filesystems without file locks (some Lustre or FUSE mounts) raise a ``ValueError`` naming the folder rather
   than run unlocked. NFS v4 and local filesystems lock correctly.
-- Someone deleting the lock file by hand breaks exclusion; ``RunFolderLock.check`` detects it (call it at saves).
-- Under torchrun only one process (rank 0) may take the lock; it must tell the others whether it got it.
+- Deleting the lock file by hand breaks exclusion; ``RunFolderLock.check`` detects it (call it at each save).
+  Under torchrun one process (rank 0) takes the lock and must tell the others whether it got it.
 """
 
 from __future__ import annotations
@@ -157,9 +157,8 @@ class RunFolderLock:
             os.close(fd)
         else:
             raise ValueError(f"cannot lock run folder {self.folder}: its lock file {self.path} keeps being replaced")
-        data = json.dumps(_this_process()).encode()
         os.ftruncate(fd, 0)
-        os.pwrite(fd, data, 0)
+        os.pwrite(fd, json.dumps(_this_process()).encode(), 0)
         os.fsync(fd)
         self._fd = fd
         return self
