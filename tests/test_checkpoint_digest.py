@@ -13,7 +13,13 @@ import pytest
 
 import rcm
 from rcm.checkpoint import digest as digest_module
-from rcm.checkpoint.digest import CHUNK_BYTES, file_digest, path_digest, sha256_file, user_cache_dir
+from rcm.checkpoint.digest import (
+    CHUNK_BYTES,
+    file_digest,
+    path_digest,
+    sha256_file,
+    user_cache_dir,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,7 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from rcm.checkpoint.fingerprint import differences, flag_name, flatten, mismatch_message, settings_record
+from rcm.checkpoint.fingerprint import (
+    differences,
+    flag_name,
+    flatten,
+    mismatch_message,
+    settings_record,
+)
 
 
 @dataclasses.dataclass

@@ -15,7 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from rcm.checkpoint.lock import LOCK_NAME, RunFolderBusy, RunFolderLock, holder_running, read_holder
+from rcm.checkpoint.lock import (
+    LOCK_NAME,
+    RunFolderBusy,
+    RunFolderLock,
+    holder_running,
+    read_holder,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -140,12 +146,10 @@ def test_a_forked_child_keeps_the_lock_after_its_parent_dies_and_the_message_say
 
 
 def test_two_locks_in_one_process_conflict_and_release_on_exit(tmp_path):
-    with RunFolderLock(tmp_path / "run"):
-        with pytest.raises(RunFolderBusy, match="already locked by this process"):
-            RunFolderLock(tmp_path / "run").acquire()
-    with pytest.raises(RuntimeError):
-        with RunFolderLock(tmp_path / "run"):
-            raise RuntimeError("a crash inside the run")
+    with RunFolderLock(tmp_path / "run"), pytest.raises(RunFolderBusy, match="already locked by this process"):
+        RunFolderLock(tmp_path / "run").acquire()
+    with pytest.raises(RuntimeError), RunFolderLock(tmp_path / "run"):
+        raise RuntimeError("a crash inside the run")
     RunFolderLock(tmp_path / "run").acquire().release()  # released by the failed block
 
 

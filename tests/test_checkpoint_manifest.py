@@ -132,8 +132,8 @@ def test_newest_intact_falls_back_past_corrupt_checkpoints_with_their_names(tmp_
     chosen, passed_over = newest_intact(paths)
     assert chosen.path == paths[0]
     assert [p.message for p in passed_over] == [
-        f"checkpoint {paths[2]} is corrupt: step_00000003.pt has {paths[2].stat().st_size} bytes, "
-        f"expected {paths[2].stat().st_size + 1}",
+        (f"checkpoint {paths[2]} is corrupt: step_00000003.pt has {paths[2].stat().st_size} bytes, "
+         f"expected {paths[2].stat().st_size + 1}"),
         f"checkpoint {paths[1]} is corrupt: step_00000002.pt digest mismatch"]
     loaded = torch.load(chosen.path, weights_only=True)
     assert torch.equal(loaded["optim"]["exp_avg"], _state(1)["optim"]["exp_avg"])
