@@ -22,6 +22,7 @@ User errors (bad paths, values, files) print one line and exit with status 2; `-
 from __future__ import annotations
 
 import sys
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -233,6 +234,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2)
     name, rest = argv[0], argv[1:]
     command, prog = commands[name], f"rcm {name}"
+    if not debug:  # a warning is one line, like an error (a fallback to an older checkpoint, say)
+        warnings.formatwarning = lambda message, category, *args, **kwargs: f"rcm: warning: {message}\n"
     try:
         if isinstance(command, Group):
             config, run = _parse_group(command, rest, prog)

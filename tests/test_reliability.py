@@ -53,7 +53,8 @@ def _lines(path: Path) -> int:
 
 def _temporaries(folder: Path, pid: int | None = None) -> list[str]:
     """Temporary files of checkpoint writes under way (or killed mid-way), of process `pid` or any."""
-    pattern = re.compile(r"^\..*\.tmp" + (r"\d+" if pid is None else str(pid)) + "$")
+    # rcm.checkpoint.atomic's names: .<name>.tmp-<host>-<pid>-<token>-<random>
+    pattern = re.compile(r"^\..*\.tmp-[0-9a-f]{8}-" + (r"\d+" if pid is None else str(pid)) + r"-[0-9a-f]{8}-[0-9a-f]{6}$")
     try:
         return sorted(n for n in os.listdir(folder) if pattern.match(n))
     except FileNotFoundError:

@@ -24,6 +24,7 @@ import io
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +40,9 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from rcm.checkpoint.atomic import atomic_write_bytes
-from rcm.checkpoint.local import LATEST
+from rcm.checkpoint.atomic import CheckpointError, atomic_write_bytes, atomic_write_with
+from rcm.checkpoint.local import LATEST, CheckpointWarning
+from rcm.checkpoint.manifest import discard_manifest, newest_intact, write_manifest
 from rcm.parallel.fsdp import full_model_state_dict
 from rcm.parallel.mesh import ParallelMesh
 
@@ -211,9 +213,12 @@ def save_sharded_checkpoint(folder: str | Path, state, mesh: ParallelMesh | None
     final = folder / name
     if rank0:
         shutil.rmtree(final, ignore_errors=True)
+        discard_manifest(final)
         os.replace(tmp, final)
+        write_manifest(final)  # before the pointer moves: a folder with a manifest is complete
         atomic_write_bytes(folder / LATEST, name.encode())
         for old in list_sharded_checkpoints(folder)[:-keep] if keep > 0 else []:
+            discard_manifest(old)
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
@@ -231,7 +236,17 @@ def load_latest_sharded_checkpoint(folder: str | Path, state, mesh: ParallelMesh
             candidates = candidates[: candidates.index(named) + 1]
     if not candidates:
         return None
-    path = candidates[-1]
+    chosen = [None]
+    if not _distributed() or dist.get_rank() == 0:  # rank 0 reads the checksums; every rank follows its choice
+        good, corrupt = newest_intact(candidates)
+        for bad in corrupt:
+            warnings.warn(f"{bad.message}; falling back to an older checkpoint", CheckpointWarning, stacklevel=2)
+        chosen = [None if good is None else str(good.path)]
+    if _distributed() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(chosen, src=0)
+    if chosen[0] is None:
+        raise CheckpointError(f"no intact checkpoint in {folder}")
+    path = Path(chosen[0])
     return load_train_state(path, state, mesh), path
 
 
@@ -250,7 +265,7 @@ def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path, dtype: torch
             v = v.to(dtype)
         out[k] = v.contiguous().clone()  # no shared storage in a safetensors file
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(out, str(path))
+    atomic_write_with(path, lambda tmp: save_file(out, str(tmp)))
     return path
 
 

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import io
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from rcm.checkpoint.atomic import CheckpointError, atomic_write_bytes
+from rcm.checkpoint.atomic import CheckpointError, atomic_write_bytes, remove_dead_temporaries
+from rcm.checkpoint.manifest import discard_manifest, newest_intact, write_manifest
 
 LATEST = "latest"
 
@@ -32,12 +34,14 @@ def save_checkpoint(folder: str | Path, step: int, state: dict[str, Any], keep: 
     path = folder / f"step_{step:08d}.pt"
     buffer = io.BytesIO()
     torch.save(state, buffer)
+    discard_manifest(path)  # an older checkpoint of this name (a resumed run) loses its manifest first
     atomic_write_bytes(path, buffer.getvalue())
+    write_manifest(path)  # last but the pointer: a checkpoint with a manifest was written completely
     atomic_write_bytes(folder / LATEST, path.name.encode())
     for old in list_checkpoints(folder)[:-keep] if keep > 0 else []:
+        discard_manifest(old)
         old.unlink(missing_ok=True)
-    for stray in folder.glob(".*.tmp*"):  # leftovers of writes killed mid-way
-        stray.unlink(missing_ok=True)
+    remove_dead_temporaries(folder)  # ours and dead processes'; never a live process's write in progress
     return path
 
 
@@ -74,10 +78,24 @@ def load_latest(folder: str | Path, map_location: str | torch.device = "cpu") ->
     if not candidates:
         return None
     errors = []
-    for path in reversed(candidates):
+    while candidates:
+        # checksums first: a checkpoint with flipped bytes can still unpickle into wrong numbers
+        good, corrupt = newest_intact(candidates)
+        errors += [bad.message for bad in corrupt]
+        if good is None:
+            break
         try:
-            return load_file(path, map_location), path
-        except CheckpointError as e:
+            saved = load_file(good.path, map_location)
+        except CheckpointError as e:  # unreadable though unverified (an older run without manifests)
             errors.append(str(e))
+            candidates = candidates[: candidates.index(good.path)]
+            continue
+        for message in errors:  # the run goes on from an older checkpoint: say which were passed over
+            warnings.warn(f"{message}; resuming from {good.path.name}", CheckpointWarning, stacklevel=2)
+        return saved, good.path
     raise CheckpointError(f"no readable checkpoint in {folder}: " + "; ".join(errors))
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint passed over on resume (corrupt or unreadable); the run continues from an older one."""
 

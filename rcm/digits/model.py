@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from rcm.digits import presets
 from rcm.digits.data import NUM_CLASSES, ClipSpec
 from rcm.models.wan import WanConfig, WanDiT
+from rcm.checkpoint.atomic import atomic_write_with
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 TEACHER_PATH = ASSETS / "digits_teacher.safetensors"
@@ -111,7 +112,8 @@ def save_model(model: ClassConditionedDiT, path: str | Path, metadata: dict | No
             **{k: v if isinstance(v, str) else json.dumps(v, default=str) for k, v in (metadata or {}).items()}}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(path), metadata=meta)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    atomic_write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))  # never half a file
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32,

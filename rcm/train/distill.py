@@ -17,6 +17,8 @@ import torch
 
 from rcm import ConfigError
 from rcm.checkpoint import checkpointer
+from rcm.checkpoint.fingerprint import settings_record
+from rcm.checkpoint.lock import LOCK_NAME as LOCK_FILE, RunFolderLock
 from rcm.losses import RCMConfig
 from rcm.optim import OptimizerConfig
 from rcm.parallel import ParallelConfig
@@ -72,11 +74,14 @@ class DistillConfig:
     def run_dir(self) -> Path:
         return Path(self.out_dir) if self.out_dir is not None else Path("runs") / f"{self.model}-{self.method}"
 
-    def fingerprint(self) -> str:
-        """Everything that changes the trajectory, as one string a resumed run must match."""
+    def fingerprint(self) -> dict:
+        """Everything that changes the trajectory, flat (dotted field names), as a resumed run must match it:
+        files (the teacher) by their content digest, not their spelling; the effective CPU thread count,
+        since a different count changes float sums (and so the trajectory) on the CPU."""
         fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in self.NOT_FINGERPRINTED}
         fields["loop"] = {"seed": self.loop.seed}
-        return json.dumps(fields, sort_keys=True, default=str)
+        fields["threads"] = torch.get_num_threads()
+        return settings_record(fields)
 
 
 @dataclass
@@ -168,20 +173,72 @@ class _Progress:
         self.bar.update(self.job, completed=state.iteration, info=info)
 
 
+RUN_MARKER = ".rcm-run"  # written first into a run folder: the folder's other files are this run's
+
+
+def _refuse_foreign_folder(run_dir: Path, resume: bool) -> None:
+    """A run folder is new, empty, or a run of rcm's (resumed only with --resume): anything else is
+    refused before any write, naming one file that is not a run's."""
+    if str(run_dir).strip() in ("", "."):
+        raise ConfigError("out_dir", "must name a run folder (the current directory is not one)")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError("out_dir", f"{run_dir} is a file, not a folder")
+    entries = sorted(p.name for p in run_dir.iterdir()) if run_dir.is_dir() else []
+    ours = RUN_MARKER in entries or "checkpoints" in entries  # (runs of earlier versions have no marker)
+    others = [e for e in entries if e != LOCK_FILE]
+    if others and not ours:
+        raise ConfigError("out_dir", f"{run_dir} holds files that are not an rcm run's (e.g. {others[0]}); "
+                                     f"give an empty or new folder")
+    if ours and not resume and any(e not in (RUN_MARKER, LOCK_FILE) for e in entries):
+        raise ConfigError("out_dir", f"{run_dir} already holds a run; use another --out-dir or drop --no-resume "
+                                     f"to continue it")
+
+
+def _lock_run_folder(run_dir: Path, resume: bool) -> RunFolderLock | None:
+    """Rank 0 checks and locks the folder (one writer per run folder); every rank learns the outcome."""
+    error, lock = None, None
+    if is_rank0():
+        try:
+            _refuse_foreign_folder(run_dir, resume)
+            lock = RunFolderLock(run_dir).acquire()
+            (run_dir / RUN_MARKER).touch()
+        except ValueError as e:
+            error = e
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        shared = [None if error is None else str(error)]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        if error is None and shared[0] is not None:
+            error = ValueError(shared[0])
+    if error is not None:
+        raise error
+    return lock
+
+
 def distill(task: Task, cfg: DistillConfig, run: Run) -> dict:
     """Run (or resume) a distillation of ``task``'s teacher, with periodic samples, then export the EMA
     student and report. Returns a summary dict (on ranks other than 0: the run folder and the rank)."""
     console, mesh, rank0 = run.console, run.mesh, is_rank0()
     run_dir = cfg.run_dir
+    lock = _lock_run_folder(run_dir, cfg.resume)  # before any write, before the models are built
+    try:
+        return _distill_locked(task, cfg, run, run_dir)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _distill_locked(task: Task, cfg: DistillConfig, run: Run, run_dir: Path) -> dict:
+    console, mesh, rank0 = run.console, run.mesh, is_rank0()
     loss = method_config(cfg.method, cfg.loss)
     state = _build_state(task, cfg, loss, run)
     if getattr(cfg, "compile", False):  # after activation checkpointing: the compiled call wraps the checkpointed block
         state.compile = "inductor"
     record = {"fingerprint": cfg.fingerprint(), "ema_sigma_rel": cfg.ema_sigma_rel}
-    if not cfg.resume and (run_dir / "checkpoints").exists():
-        raise ValueError(f"{run_dir} already holds a run; use another --out-dir or drop --no-resume to continue it")
     ckpt = checkpointer(run_dir / "checkpoints", mesh, keep=cfg.loop.keep_checkpoints)
     if cfg.resume and resume(state, task, ckpt, record) is not None:
+        if state.iteration > cfg.loop.iterations:  # exporting would hand out the later weights as the shorter run's
+            raise ConfigError("loop.iterations", f"{run_dir} has already run {state.iteration} iterations, more than "
+                                                 f"{cfg.loop.iterations}; give at least {state.iteration}, or another --out-dir")
         console.print(f"[bold]resumed[/] {run_dir} at iteration {state.iteration}")
     if rank0:
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from rcm import ConfigError
+from rcm.checkpoint.fingerprint import mismatch_message
 from rcm.checkpoint import Checkpointer, atomic_write_bytes, checkpointer
 from rcm.losses import RCMConfig, power_ema_gamma
 from rcm.train.step import Task, TrainState, is_rank0, train_step
@@ -93,10 +94,14 @@ def resume(state: TrainState, task: Task, ckpt: Checkpointer, record: dict) -> P
     """Load the newest good checkpoint into `state` and `task`; its path, or None if there is none."""
 
     def check(extra: dict, path: Path) -> None:
-        saved = extra.get("config", {}).get("fingerprint")
-        if saved != record.get("fingerprint"):
-            raise ValueError(f"{path} was written by a run with different settings; use another --out-dir or "
-                             f"--no-resume.\n  saved: {saved}\n  now:   {record.get('fingerprint')}")
+        saved, now = extra.get("config", {}).get("fingerprint"), record.get("fingerprint")
+        if isinstance(saved, dict) and isinstance(now, dict):
+            differs = mismatch_message(saved, now)
+        else:  # a run of an older version (one string) or a test's plain tag
+            differs = None if saved == now else "its settings were recorded by another version of rcm"
+        if differs:
+            raise ValueError(f"{path.parent.parent} holds a run with different settings ({differs}); "
+                             f"use another --out-dir, or the same settings to continue it")
 
     found = ckpt.load_latest(state, check)
     if found is None:
