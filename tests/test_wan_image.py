@@ -6,7 +6,12 @@ import torch
 from rcm.models import WanDiT, wan_config
 from rcm.models.image_encoder import tiny_image_encoder
 from rcm.models.vae import WanVAE, WanVAEConfig
-from rcm.models.wan_image import first_frame_mask_channels, image_conditioning, wan_image_condition
+from rcm.models.wan_image import (
+    first_frame_mask_channels,
+    first_latent_frame_condition,
+    image_conditioning,
+    wan_image_condition,
+)
 
 
 def official_mask(num_frames, h, w):
@@ -80,3 +85,18 @@ def test_frame_condition_ti2v_replaces_the_first_latent_frame():
         wan_image_condition(wan_config("wan-tiny-ti2v"), vae, img, 9)
     with pytest.raises(ValueError, match=r"image must be a floating tensor \[B, 3, H, W\]"):
         wan_image_condition(config, vae, img[:, :1], 9)
+
+
+@pytest.mark.parametrize("vae_config", [WanVAEConfig.tiny(), WanVAEConfig.tiny_wan22()], ids=["wan2.1", "wan2.2"])
+def test_a_video_latents_first_frame_is_its_images_latent(vae_config):
+    """Why a TI2V batch of video latents is its own condition (and synthesised I2V data needs no second
+    encode for the frame): the causal VAE encodes frame 0 alone."""
+    vae = WanVAE(vae_config).eval()
+    video = torch.rand(1, 3, 9, 32, 32, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    with torch.no_grad():
+        latent = vae.encode(video)
+        first = vae.encode(video[:, :, :1])
+    torch.testing.assert_close(latent[:, :, :1], first, rtol=1e-5, atol=1e-6)
+    condition = first_latent_frame_condition(latent)
+    assert torch.equal(condition.impose(torch.zeros_like(latent))[:, :, :1], latent[:, :, :1])
+    assert bool((condition.impose(torch.zeros_like(latent))[:, :, 1:] == 0).all())

@@ -23,15 +23,21 @@ from rcm.models.wan import WanDiT
 __all__ = ["WanExperts"]
 
 
+def _holds_a_dit(module) -> bool:
+    return isinstance(module, nn.Module) and any(isinstance(m, WanDiT) for m in module.modules()) \
+        and hasattr(module, "config")
+
+
 class WanExperts(nn.Module):
     """``forward(x, timestep, context, **conditioning)``: ``high_noise`` where ``timestep ≥ 1000·boundary``,
     ``low_noise`` elsewhere, per sample (per-token timesteps: the sample's largest, i.e. its noisy
     tokens' time)."""
 
-    def __init__(self, high_noise: WanDiT, low_noise: WanDiT, boundary: float):
+    def __init__(self, high_noise: nn.Module, low_noise: nn.Module, boundary: float):
         super().__init__()
-        if not (isinstance(high_noise, WanDiT) and isinstance(low_noise, WanDiT)):
-            raise ValueError(f"WanExperts: high_noise and low_noise must be WanDiT, got "
+        if not (_holds_a_dit(high_noise) and type(high_noise) is type(low_noise)):
+            raise ValueError(f"WanExperts: high_noise and low_noise must be two WanDiT (or two modules of one type "
+                             f"around a WanDiT, e.g. the digits' class-conditioned DiT), got "
                              f"{type(high_noise).__name__} and {type(low_noise).__name__}")
         if high_noise.config != low_noise.config:
             raise ValueError(f"WanExperts: the experts' configs differ: {high_noise.config} vs {low_noise.config}")

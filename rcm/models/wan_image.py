@@ -22,7 +22,7 @@ from torch import Tensor
 from rcm.models.trigflow import FrameCondition
 from rcm.models.wan import WanConfig
 
-__all__ = ["first_frame_mask_channels", "image_conditioning", "wan_image_condition"]
+__all__ = ["first_frame_mask_channels", "first_latent_frame_condition", "image_conditioning", "wan_image_condition"]
 
 
 def image_conditioning(config: WanConfig) -> Literal["channels", "frame"]:
@@ -66,9 +66,7 @@ def wan_image_condition(config: WanConfig, vae, image: Tensor, num_frames: int, 
         first = vae.encode(frames, chunk_size=chunk_size)  # [B, z, 1, h, w]
         latent = first.new_zeros(b, first.shape[1], vae.config.latent_frames(num_frames), *first.shape[3:])
         latent[:, :, :1] = first
-        mask = torch.zeros(1, 1, latent.shape[2], 1, 1, dtype=torch.bool, device=image.device)
-        mask[:, :, 0] = True
-        return FrameCondition(latent, mask)
+        return first_latent_frame_condition(latent)
     video = torch.cat([frames, frames.new_zeros(b, 3, num_frames - 1, height, width)], dim=2)
     latent = vae.encode(video, chunk_size=chunk_size)  # [B, z, T_lat, h, w]
     mask = first_frame_mask_channels(num_frames, latent.shape[2], vae.config.temporal_factor).to(latent.device)
@@ -84,3 +82,16 @@ def wan_image_condition(config: WanConfig, vae, image: Tensor, num_frames: int, 
                              f"({config.image_len}, {config.image_dim})")
         inputs["image_context"] = tokens.float()
     return FrameCondition(inputs=inputs)
+
+
+def first_latent_frame_condition(latent: Tensor) -> FrameCondition:
+    """Frame replacement from a video latent ``[B, C, T, H, W]`` itself: its first latent frame given.
+
+    The causal VAEs encode pixel frame 0 alone into latent frame 0, so a video's first latent frame *is*
+    its first image's latent (tested): a TI2V training batch of video latents is its own condition."""
+    if not isinstance(latent, Tensor) or latent.ndim != 5:
+        raise ValueError(f"latent must be a tensor [B, C, T, H, W], got "
+                         f"{tuple(latent.shape) if isinstance(latent, Tensor) else type(latent).__name__}")
+    mask = torch.zeros(1, 1, latent.shape[2], 1, 1, dtype=torch.bool, device=latent.device)
+    mask[:, :, 0] = True
+    return FrameCondition(latent, mask)
