@@ -269,3 +269,34 @@ def test_a_few_rcm_steps_on_each_tiny_variant_stay_finite_and_move_the_student(k
     if kind == "experts":  # both student experts trained (the rollout crosses the boundary)
         for dit, first in ((student.high_noise, start[0]), (student.low_noise, start[len(start) // 2])):
             assert (next(dit.parameters()).detach() - first).abs().max() > 0
+
+
+class LabelledDiT(torch.nn.Module):
+    """A module around a WanDiT with its own context (as the digits' class-conditioned DiT is)."""
+
+    def __init__(self, seed):
+        super().__init__()
+        self.dit = tiny_dit("wan-tiny-ti2v", seed)
+        self.embed = torch.nn.Embedding(3, 8 * 32, dtype=f64)
+
+    @property
+    def config(self):
+        return self.dit.config
+
+    def forward(self, x, timestep, labels):
+        return self.dit(x, timestep, self.embed(labels).view(-1, 8, 32))
+
+
+def test_wan_experts_take_two_wrapped_dits_and_split_their_context_with_the_rows():
+    high, low = LabelledDiT(50), LabelledDiT(51)
+    experts = WanExperts(high, low, BOUNDARY)
+    x, labels = randn(B, 8, T, H, W, seed=52), torch.tensor([0, 2, 1])
+    frame_map = torch.where(MASK, 0.0, torch.tensor([100.0, 990.0, 300.0], dtype=f64).view(B, 1, 1, 1, 1))
+    out = experts(x, frame_map, labels)
+    for i, expert in enumerate([low, high, low]):
+        torch.testing.assert_close(out[i:i + 1], expert(x[i:i + 1], frame_map[i:i + 1], labels[i:i + 1]),
+                                   rtol=1e-13, atol=1e-13)
+    with pytest.raises(ValueError, match="two WanDiT"):
+        WanExperts(high, tiny_dit("wan-tiny-ti2v", 53), BOUNDARY)
+    with pytest.raises(ValueError, match="two WanDiT"):
+        WanExperts(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2), BOUNDARY)
