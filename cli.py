@@ -1,10 +1,15 @@
 """rcm command line: tyro dataclass configs, one subcommand per job.
 
-    rcm distill                 distill the shipped digits teacher with rCM (the embedded default)
-    rcm sample                  sample a teacher or a distilled student
+    rcm distill [digits]        distill the shipped digits teacher with rCM (the embedded default)
+    rcm distill wan2.1-t2v-1.3b | wan2.1-t2v-14b | wan
+                                distill a Wan2.1 teacher on an `rcm synth` dataset (the reference's recipe)
+    rcm sample [digits]         sample the digits teacher or a distilled digits student
+    rcm sample wan2.1-t2v-1.3b | wan2.1-t2v-14b | wan
+                                text to video with a Wan2.1 teacher or distilled student
     rcm synth                   write a Wan latent dataset (teacher samples, videos or existing latents)
     rcm export                  one network of a training checkpoint (any world size) as a safetensors file
-    rcm eval                    quality / diversity table of the teacher and finished distill runs
+    rcm eval                    per-frame quality / consistency / diversity table of the teacher and finished runs
+    rcm study                   convergence study: rCM, DMD2, sCM at equal budgets, scored at 1/2/4 steps vs iterations
     rcm train-teacher           train the digits teacher from scratch (how the shipped one was made)
     rcm train-classifier        train the digit-clip classifier used by `rcm eval` (how the shipped one was made)
     rcm bench attention         attention kernels side by side
@@ -16,26 +21,62 @@ User errors (bad paths, values, files) print one line and exit with status 2; `-
 
 from __future__ import annotations
 
-import re
 import sys
-from typing import Callable
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable
 
 
-def _commands() -> dict[str, tuple[type, Callable]]:
-    """name -> (config dataclass, function taking it). Imported lazily so `rcm --help` is quick."""
-    from rcm import bench_attention, bench_wan, checkpoint, demo, evaluate, sample, synth, tasks, train
+@dataclass(frozen=True)
+class Command:
+    """One runnable job: its config (a dataclass type, or a default instance), the function taking it."""
 
+    config: Any
+    run: Callable
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class Group:
+    """Subcommands of one command (`rcm distill <model>`); ``default`` runs when none is named."""
+
+    commands: dict[str, Command]
+    default: str | None = None
+    description: str | None = None  # the group's help text (`rcm distill --help`)
+
+
+def _commands() -> dict[str, Command | Group]:
+    """Imported lazily so `rcm --help` is quick. Each command's code lives under its own name."""
+    from rcm.bench import attention, sample as bench_sample, step
+    from rcm.checkpoint import export
+    from rcm.digits import classifier, evaluate, sample as digits_sample, study, task as digits_task, teacher
+    from rcm.wan import sample as wan_sample, synth, task as wan_task
+
+    wan_sizes = {"wan2.1-t2v-1.3b": "Wan2.1 T2V 1.3B", "wan2.1-t2v-14b": "Wan2.1 T2V 14B",
+                 "wan": "any Wan2.1 T2V DiT (architecture read from its files)"}
+    distill = {"digits": Command(digits_task.DigitsDistillConfig(), digits_task.distill_digits,
+                                 "the digits demo (the default)")}
+    distill |= {m: Command(wan_task.WAN_DISTILL_PRESETS[m], wan_task.distill_wan,
+                           f"{d}, the reference's {'14B' if '14b' in m else '1.3B'} recipe") for m, d in wan_sizes.items()}
+    sample = {"digits": Command(digits_sample.DigitsSampleConfig(), digits_sample.sample_digits,
+                                "the digits demo (the default)")}
+    sample |= {m: Command(wan_sample.WanSampleConfig(model=m), wan_sample.sample_wan, d) for m, d in wan_sizes.items()}
     return {
-        "distill": (train.DistillConfig, train.distill),
-        "sample": (sample.SampleConfig, sample.sample),
-        "synth": (synth.SynthConfig, synth.synth),
-        "export": (checkpoint.ExportConfig, checkpoint.export),
-        "eval": (tasks.EvalRunsConfig, tasks.eval_runs),
-        "train-teacher": (demo.TrainTeacherConfig, demo.train_teacher),
-        "train-classifier": (evaluate.TrainClassifierConfig, evaluate.train_classifier),
-        "bench attention": (bench_attention.BenchAttentionConfig, bench_attention.bench_attention),
-        "bench step": (bench_wan.BenchStepConfig, bench_wan.bench_step),
-        "bench sample": (bench_wan.BenchSampleConfig, bench_wan.bench_sample),
+        "distill": Group(distill, default="digits", description=(
+            "Distill a teacher into a 1-4 step student with rCM (or sCM / DMD2 alone). With no model name: the\n"
+            "digits demo (`rcm distill digits --help`). Wan2.1: `rcm distill wan2.1-t2v-1.3b --teacher DIT --data\n"
+            "DATASET` (`rcm synth` makes the dataset; `wan` reads the architecture from the teacher). The\n"
+            "defaults of each size (docs/method.md §5.1):\n\n" + wan_task.wan_defaults_table())),
+        "sample": Group(sample, default="digits"),
+        "synth": Command(synth.SynthConfig, synth.synth),
+        "export": Command(export.ExportConfig, export.export),
+        "eval": Command(evaluate.EvalRunsConfig, evaluate.eval_runs),
+        "study": Command(study.StudyConfig, study.run_study),
+        "train-teacher": Command(teacher.TrainTeacherConfig, teacher.train_teacher),
+        "train-classifier": Command(classifier.TrainClassifierConfig, classifier.train_classifier),
+        "bench": Group({"attention": Command(attention.BenchAttentionConfig, attention.bench_attention),
+                        "step": Command(step.BenchStepConfig, step.bench_step),
+                        "sample": Command(bench_sample.BenchSampleConfig, bench_sample.bench_sample)}),
     }
 
 
@@ -57,53 +98,105 @@ class _ParseError(Exception):
     """tyro rejected the arguments (unknown flag, bad value or choice, a config's own check)."""
 
 
-_RULE = set("─━-│┃╭╮╰╯ ")  # box edges and rules, UTF-8 or ASCII (tyro draws ASCII when stdout is not UTF-8)
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+def _flag(name: str) -> str:
+    """A config field's dotted path (``student_optim.lr``) as the flag that sets it (``--student-optim.lr``)."""
+    return "--" + name.replace("_", "-")
 
 
-def _one_line(boxed: str) -> str:
-    """tyro's boxed error -> its first paragraph on one line (the title when the box has nothing else)."""
-    lines = [_ANSI.sub("", line).strip() for line in boxed.splitlines()]
-    lines = [line for line in lines if line]
-    title = lines[0].strip("─━╭╮ ") if lines else ""
-    paragraph: list[str] = []
-    for line in lines[1:]:
-        if set(line) <= _RULE:  # a rule or the bottom edge: ends the first paragraph (skipped before it)
-            if paragraph:
-                break
-            continue
-        paragraph.append(line.strip("│┃ "))
-    message = " ".join(" ".join(paragraph).split()) or title or "invalid arguments"
-    message = re.sub(r"^Error parsing [A-Z]\w*: ", "", message)  # a check of the whole config
-    return re.sub(r"^Error parsing ([a-z][\w.-]*): ", lambda m: f"--{m[1].replace('_', '-')}: ", message)  # of a group
+def _config_error_message(exc: BaseException | None) -> str | None:
+    """The one line of an error raised while tyro built the config, naming the flag it concerns.
+
+    tyro wraps a nested config's error (raised in its ``__post_init__``) in an exception whose ``arg`` is
+    that config's field path; a ``ConfigError`` adds its own field to it. None when nothing names a field."""
+    from rcm import ConfigError
+
+    prefix, seen = "", set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, ConfigError):
+            return f"{_flag('.'.join(p for p in (prefix, exc.field) if p))}: {' '.join(exc.message.split())}"
+        arg = getattr(exc, "arg", None)
+        if isinstance(arg, str) and not prefix:  # e.g. "__tyro-dummy-inner__.student-optim": the field path
+            parts = [p for p in arg.split(".") if p and not p.startswith("__") and p[0].islower()]
+            prefix = ".".join(parts)
+        last = exc
+        exc = exc.__cause__ or exc.__context__
+    if prefix:
+        return f"{_flag(prefix)}: {' '.join(str(last.args[0] if last.args else last).split())}"
+    return None
 
 
-def _parse(config_cls: type, args: list[str], prog: str):
-    """`tyro.cli`, with its multi-line error boxes turned into one `_ParseError` line (help is untouched)."""
-    import contextlib
-    import io
-    import os
+def _parse_error_message(event) -> str:
+    """One line for a tyro parse-error event (structured fields, never its rendered box)."""
+    from tyro import _errors as events
+
+    def flag(argument) -> str:
+        try:
+            return "/".join(argument.lowered.name_or_flags) or str(argument.lowered.metavar)
+        except AttributeError:
+            return "argument"
+
+    if isinstance(event, events.InstantiationFailure):
+        message = _config_error_message(sys.exc_info()[1])
+        if message is not None:
+            return message
+        text = " ".join(str(event.message).split())
+        return f"{flag(event.argument)}: {text}" if event.argument is not None else text
+    if isinstance(event, events.InvalidChoice):
+        return f"{flag(event.argument)}: invalid choice {event.value!r}; choose from {', '.join(event.choices)}"
+    if isinstance(event, events.BadValue):
+        got = f" {event.offending_value!r}" if event.offending_value is not None else ""
+        return f"{flag(event.argument)}: {'expected more values' if got == '' else 'cannot take' + got}"
+    if isinstance(event, events.UnrecognizedArgs):
+        return f"unrecognized arguments: {' '.join(map(str, event.tokens))}"
+    if isinstance(event, events.MissingArgs):
+        names = [flag(a.arg) for a in event.missing_arguments]
+        return f"missing required arguments: {', '.join(names)}"
+    if isinstance(event, events.MissingSubcommand):
+        return "a subcommand is needed"
+    return type(event).__name__
+
+
+def _raise_parse_error(event) -> None:
+    """tyro's parse-error hook (``tyro._errors.on_parse_error``): one line instead of tyro's box."""
+    raise _ParseError(_parse_error_message(event))
+
+
+def _parse(config: Any, args: list[str], prog: str):
+    """`tyro.cli` with every rejection turned into one `_ParseError` line."""
+    import tyro
+    from tyro import _errors
+
+    cls, default = (config, None) if isinstance(config, type) else (type(config), config)
+    with _errors.on_parse_error(_raise_parse_error):
+        return tyro.cli(cls, args=args, prog=prog, default=default)
+
+
+def _parse_group(group: Group, args: list[str], prog: str) -> tuple[Any, Callable]:
+    """A subcommand of ``group`` through tyro's own subcommand API (a Union of annotated configs). With a
+    default, arguments that name no subcommand go to it: `rcm distill --method scm` is `rcm distill
+    digits --method scm`. Returns (config, the function that runs it)."""
+    from typing import Annotated, Union
 
     import tyro
+    from tyro import _errors
 
-    if "-h" in args or "--help" in args:
-        return tyro.cli(config_cls, args=args, prog=prog)
-    captured, columns = io.StringIO(), os.environ.get("COLUMNS")
-    os.environ["COLUMNS"] = "100000"  # tyro wraps its boxes to the terminal: one paragraph per line
-    try:
-        with contextlib.redirect_stderr(captured):
-            config = tyro.cli(config_cls, args=args, prog=prog)
-    except SystemExit as e:
-        if e.code in (0, None):
-            raise
-        raise _ParseError(_one_line(captured.getvalue()), captured.getvalue()) from None
-    finally:
-        if columns is None:
-            os.environ.pop("COLUMNS", None)
-        else:
-            os.environ["COLUMNS"] = columns
-    sys.stderr.write(captured.getvalue())  # warnings, if any
-    return config
+    names = list(group.commands)
+    if group.default is not None and (not args or (args[0] not in names and args[0] not in ("-h", "--help"))):
+        args = [group.default, *args]
+    if group.default is None and args and args[0] not in names and args[0] not in ("-h", "--help"):
+        raise _ParseError(f"unknown subcommand {args[0]!r}; choose from {', '.join(names)}")
+    if group.default is None and not args:
+        raise _ParseError(f"a subcommand is needed; choose from {', '.join(names)}")
+    options = []
+    for name, cmd in group.commands.items():
+        cls, default = (cmd.config, None) if isinstance(cmd.config, type) else (type(cmd.config), cmd.config)
+        options.append(Annotated[cls, tyro.conf.subcommand(name, default=default, description=cmd.description,
+                                                           prefix_name=False)])
+    with _errors.on_parse_error(_raise_parse_error):
+        config = tyro.cli(Union[tuple(options)], args=args, prog=prog,  # noqa: UP007
+                          description=group.description, config=(tyro.conf.OmitSubcommandPrefixes,))
+    return config, group.commands[args[0]].run  # tyro has exited on --help: args[0] names the subcommand
 
 
 def _end_distributed() -> None:
@@ -119,42 +212,44 @@ def _end_distributed() -> None:
         dist.destroy_process_group()
 
 
+def _user_error_line(e: BaseException) -> str:
+    """A user error's one line: a ConfigError raised while running names the flag of its field."""
+    from rcm import ConfigError
+
+    if isinstance(e, ConfigError):
+        return f"{_flag(e.field)}: {' '.join(e.message.split())}"
+    return " ".join(str(e).split()) or type(e).__name__
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
-    commands = _commands()
-    groups = sorted({name.split()[0] for name in commands})
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
         raise SystemExit(0)
-    if argv[0] not in groups:
-        print(f"rcm: error: unknown command {argv[0]!r}; choose from {', '.join(groups)}", file=sys.stderr)
+    commands = _commands()
+    if argv[0] not in commands:
+        print(f"rcm: error: unknown command {argv[0]!r}; choose from {', '.join(sorted(commands))}", file=sys.stderr)
         raise SystemExit(2)
     name, rest = argv[0], argv[1:]
-    subs = {n.split(" ", 1)[1]: fn for n, fn in commands.items() if n.startswith(name + " ")}
-    if subs:  # a group such as `bench`
-        if not rest or rest[0] not in subs:
-            got = f"unknown subcommand {rest[0]!r}" if rest else "a subcommand is needed"
-            print(f"rcm: error: rcm {name}: {got}; choose from {', '.join(sorted(subs))}", file=sys.stderr)
-            raise SystemExit(2)
-        (config_cls, fn), prog, rest = subs[rest[0]], f"rcm {name} {rest[0]}", rest[1:]
-    else:
-        (config_cls, fn), prog = commands[name], f"rcm {name}"
+    command, prog = commands[name], f"rcm {name}"
+    if not debug:  # a warning is one line, like an error (a fallback to an older checkpoint, say)
+        warnings.formatwarning = lambda message, category, *args, **kwargs: f"rcm: warning: {message}\n"
     try:
-        config = _parse(config_cls, rest, prog)
-        fn(config)
+        if isinstance(command, Group):
+            config, run = _parse_group(command, rest, prog)
+        else:
+            config, run = _parse(command.config, rest, prog), command.run
+        run(config)
         _end_distributed()
     except _ParseError as e:
-        if debug:
-            print(e.args[1], file=sys.stderr, end="")
         print(f"rcm: error: {e.args[0]} (see {prog} --help)", file=sys.stderr)
         raise SystemExit(2)
     except _user_errors() as e:
         if debug:
             raise
-        message = " ".join(str(e).split()) or type(e).__name__
-        print(f"rcm: error: {message}", file=sys.stderr)
+        print(f"rcm: error: {_user_error_line(e)}", file=sys.stderr)
         raise SystemExit(2)
     except _run_failures() as e:
         if debug:

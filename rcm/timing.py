@@ -1,4 +1,5 @@
-"""Named phases of a training step, timed on demand.
+"""Time and progress: named phases of a training step timed on demand, the device sync before reading a
+clock, and the one rich progress bar of every command.
 
 ``with phase("scm.jvp"): ...`` marks a region. It always opens a ``torch.profiler.record_function`` range
 (so a profile groups kernels by phase) and, only while a ``PhaseTimer`` is active, records its duration:
@@ -15,7 +16,7 @@ from typing import Iterator
 
 import torch
 
-__all__ = ["PhaseTimer", "phase"]
+__all__ = ["PhaseTimer", "phase", "progress_bar", "sync"]
 
 _active: "PhaseTimer | None" = None
 
@@ -70,3 +71,22 @@ def phase(name: str) -> Iterator[None]:
             yield
         finally:
             timer._spans.append((name, start, timer._mark()))
+
+
+def sync(device: torch.device | str) -> None:
+    """Wait for ``device``'s queued work (CUDA), so that a wall clock read next measures it; no-op elsewhere."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def progress_bar(console=None, *, info: bool = False, transient: bool = False):
+    """The rich progress bar of every command: description, bar, done/total, elapsed, remaining
+    (``info``: plus a free-text column fed by ``update(task, info=...)``, e.g. the latest losses)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    columns = [TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn(), TimeRemainingColumn()]
+    if info:
+        columns.append(TextColumn("{task.fields[info]}"))
+    return Progress(*columns, console=console, transient=transient)

@@ -14,7 +14,7 @@ os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="sweep-cache-"
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-from rcm.bench_attention import DATASHEET_BF16_TFLOPS, _inputs, _Ref, matmul_tflops  # noqa: E402
+from rcm.bench.attention import DATASHEET_BF16_TFLOPS, _inputs, _Ref, matmul_tflops  # noqa: E402
 from rcm.kernels import triton_attention as ta  # noqa: E402
 from rcm.kernels.triton_attention import Cfg  # noqa: E402
 

@@ -23,7 +23,7 @@ for mode in "$@"; do
       timeout ${TESTS_TIMEOUT:-300} python3 -m pytest -q -m gpu -n 8 -p no:cacheprovider \
         tests/test_triton_attention.py tests/test_attention.py 2>&1 | tee -a "$OUT/tests.log" | tail -40 ;;
     bench)
-      timeout ${BENCH_TIMEOUT:-300} python3 -m rcm.bench_attention --out-json "$OUT/bench.json" $BENCH_ARGS 2>&1 \
+      timeout ${BENCH_TIMEOUT:-300} python3 -m rcm.bench.attention --out-json "$OUT/bench.json" $BENCH_ARGS 2>&1 \
         | tee -a "$OUT/bench.log" ;;
     *) echo "unknown mode $mode"; exit 2 ;;
   esac

@@ -4,7 +4,7 @@
 #   rcm synth (2 prompts, 33 frames at 240x416, 4 Euler teacher steps with CFG)
 #   -> rcm distill wan2.1-t2v-1.3b, 3 iterations (bf16 + fp32 master weights, one GPU): a student sCM step,
 #      a student sCM+DMD step, a critic step (tangent warmup 1, student update freq 2)
-#   -> export (EMA student, one safetensors file) -> rcm sample --model wan, 4 steps -> MP4.
+#   -> export (EMA student, one safetensors file) -> rcm sample wan, 4 steps -> MP4.
 # Prints seconds per distillation iteration (and its phase) and peak GPU memory; logs and the MP4 go to $OUT.
 #
 #   bash scripts/device_wan_distill.sh            # on the GPU machine, from the repo root (python3 cli.py ...)
@@ -84,7 +84,7 @@ CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0} python3 cli.py export --checkpoi
   --out "$WORK/run/exported.safetensors" 2>&1 | tee "$SAVE/export.log"
 
 echo "== sample the exported student"
-CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0} python3 cli.py sample --model wan --dit-path "$WORK/run/exported.safetensors" --vae-path "$WORK/vae" \
+CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0} python3 cli.py sample wan --dit-path "$WORK/run/exported.safetensors" --vae-path "$WORK/vae" \
   --text-encoder-path "$WORK/umt5" --prompt "A red fox running through fresh snow, cinematic" --num-steps 4 \
   "${SIZE[@]}" --device $DEVICE --save-path "$SAVE/student.mp4" 2>&1 | tee "$SAVE/sample.log"
 

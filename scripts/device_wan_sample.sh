@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Wan2.1 T2V sampling at the real 1.3B size on a GPU (acceptance 3 of issue 4), through the same code
-# as `rcm sample` (rcm.sample.sample):
+# as `rcm sample` (rcm.wan.sample.sample_wan):
 #   random weights, 1.3B DiT in bf16, 480p 16:9, 81 frames, 4-step student sampling, VAE decode, MP4.
 # The DiT checkpoint is written to disk and loaded back (strict, official layout), as are the full-size
 # VAE and a one-layer random umT5 of the DiT's text width (text encoding is excluded from the figures).
@@ -37,7 +37,8 @@ from rcm.models.checkpoint import save_dit
 from rcm.models.text_encoder import tiny_text_encoder
 from rcm.models.vae import WanVAE, save_vae
 from rcm.models.wan import WanDiT, wan_config
-from rcm.sample import SampleConfig, result_json, sample
+from rcm.sample import result_json
+from rcm.wan.sample import WanSampleConfig as SampleConfig, sample_wan as sample
 
 work, save = Path(sys.argv[1]), Path(sys.argv[2])
 console = Console(width=120)

@@ -9,7 +9,9 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from rcm.bench_wan import BenchSampleConfig, BenchStepConfig, forward_flops, phase_flops, random_dit, wan_shape
+from rcm.bench.common import forward_flops, phase_flops, random_dit, wan_shape
+from rcm.bench.sample import BenchSampleConfig
+from rcm.bench.step import BenchStepConfig
 
 CLI = Path(__file__).resolve().parents[1] / "cli.py"
 
@@ -38,13 +40,13 @@ def test_wan_1_3b_480p_counts():
 
 
 def test_bad_sizes_are_errors():
-    with pytest.raises(ValueError, match="num-frames"):
+    with pytest.raises(ValueError, match="num_frames"):
         wan_shape("wan-tiny", "480p", 80)
     with pytest.raises(ValueError, match="height"):
         wan_shape("wan-tiny", "480p", 5, 40, 32)
-    with pytest.raises(ValueError, match="rollout-steps"):
+    with pytest.raises(ValueError, match="rollout_steps"):
         BenchStepConfig(rollout_steps=5)
-    with pytest.raises(ValueError, match="student-steps"):
+    with pytest.raises(ValueError, match="student_steps"):
         BenchSampleConfig(student_steps=(8,))
 
 
@@ -108,7 +110,7 @@ def test_bench_step_under_torchrun_cp2_matches_one_process(tmp_path):
 
 
 def test_compiled_bench_is_refused_under_torchrun(monkeypatch):
-    from rcm.bench_wan import bench_step
+    from rcm.bench.step import bench_step
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="one process only"):

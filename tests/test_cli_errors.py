@@ -27,8 +27,8 @@ def files(tmp_path_factory) -> Path:
     from safetensors.torch import save_file
 
     from rcm.checkpoint import save_checkpoint
-    from rcm.demo import build_model, model_metadata, save_model
-    from rcm.models.checkpoint import save_dit
+    from rcm.digits.model import build_model, model_metadata, save_model
+    from rcm.models import save_dit
     from rcm.models.wan import WanDiT, wan_config
 
     d = tmp_path_factory.mktemp("files")
@@ -76,7 +76,7 @@ def dataclass_dict(config) -> dict:
 
 
 def _wan(*extra: str) -> list[str]:
-    return ["sample", "--model", "wan", "--dit-path", "{F}/dit.safetensors", "--vae-path", "{F}/vae.pth",
+    return ["sample", "wan", "--dit-path", "{F}/dit.safetensors", "--vae-path", "{F}/vae.pth",
             "--text-encoder-path", "{F}/empty.pth", "--prompt", "a cat", "--kind", "student",
             "--num-frames", "5", "--height", "32", "--width", "32", "--device", "cpu", *extra]  # fmt: skip
 
@@ -99,9 +99,9 @@ def _replace(argv: list[str], flag: str, value: str) -> list[str]:
 CASES = [
     # the command line itself
     ("unknown command", ["nosuch"], "unknown command 'nosuch'"),
-    ("group without subcommand", ["bench"], "rcm bench: a subcommand is needed"),
+    ("group without subcommand", ["bench"], "a subcommand is needed; choose from attention, step, sample"),
     ("unknown subcommand", ["bench", "nosuch"], "unknown subcommand 'nosuch'"),
-    ("unknown flag", ["distill", "--bogus"], "Unrecognized options: --bogus"),
+    ("unknown flag", ["distill", "--bogus"], "unrecognized arguments: --bogus"),
     ("flag without value", ["sample", "--num-steps"], "--num-steps"),
     ("not an integer", ["distill", "--batch-size", "abc"], "--batch-size"),
     ("unknown method", ["distill", "--method", "gan"], "invalid choice 'gan'"),
@@ -124,20 +124,20 @@ CASES = [
     ("distill no-resume over a run", _replace(_distill("--no-resume"), "--out-dir", "{F}/other_run"),
      "already holds a run"),
     # distill: values
-    ("distill negative batch", _distill("--batch-size", "-3"), "--batch-size must be >= 1, got -3"),
-    ("distill negative iterations", _distill("--loop.iterations", "-1"), ("iterations=-1", "iterations must be >= 0, got -1")),
+    ("distill negative batch", _distill("--batch-size", "-3"), "--batch-size: must be >= 1, got -3"),
+    ("distill negative iterations", _distill("--loop.iterations", "-1"), "--loop.iterations: must be >= 0, got -1"),
     ("distill checkpoint_every 0", _distill("--loop.checkpoint-every", "0"),
-     ("checkpoint_every=0", "checkpoint_every must be >= 1, got 0")),
+     "--loop.checkpoint-every: must be >= 1, got 0"),
     ("distill max_nonfinite 0", _distill("--loop.max-nonfinite-steps", "0"),
-     ("max_nonfinite_steps=0", "max_nonfinite_steps must be >= 1, got 0")),
+     "--loop.max-nonfinite-steps: must be >= 1, got 0"),
     pytest.param("distill log_every 0", _distill("--loop.log-every", "0", "--method", "scm", "--batch-size", "1"),
-                 "log_every must be >= 1"),
-    ("distill negative lr", _distill("--student-optim.lr", "-1"), "--student-optim: lr must be a positive number"),
-    ("distill betas", _distill("--critic-optim.betas", "0.9", "1.5"), "--critic-optim: betas"),
+                 "--loop.log-every: must be >= 1"),
+    ("distill negative lr", _distill("--student-optim.lr", "-1"), "--student-optim.lr: must be a positive number"),
+    ("distill betas", _distill("--critic-optim.betas", "0.9", "1.5"), "--critic-optim.betas: must lie in [0, 1)"),
     ("distill negative guidance", _distill("--loss.scm.guidance", "-1"), "guidance"),
     ("distill zero rollout steps", _distill("--loss.dmd.max-simulation-steps", "0"), "max_simulation_steps"),
     ("distill student_update_freq 0", _distill("--loss.student-update-freq", "0"), "student_update_freq"),
-    ("distill ema 0", _distill("--ema-sigma-rel", "0"), "--ema-sigma-rel must be > 0"),
+    ("distill ema 0", _distill("--ema-sigma-rel", "0"), "--ema-sigma-rel: must be > 0"),
     ("distill threads", _distill("--threads", "-1"), "--threads"),
     ("distill unknown model", _distill("--model", "wan"), "invalid choice 'wan'"),
     # sample, digits
@@ -160,11 +160,13 @@ CASES = [
     ("label 11", _digits("--checkpoint", "{F}/student.safetensors", "--labels", "11"), "--labels"),
     ("digits save path", ["sample", "--checkpoint", "{F}/student.safetensors", "--save-path", "{T}/x.txt"],
      "--save-path"),
-    ("digits with a prompt", _digits("--checkpoint", "{F}/student.safetensors", "--prompt", "a cat"), "--prompt"),
-    ("unknown device", ["sample", "--device", "tpu"], "invalid choice 'tpu'"),
+    ("digits with a prompt", _digits("--checkpoint", "{F}/student.safetensors", "--prompt", "a cat"),
+     "unrecognized arguments: --prompt"),  # a Wan option: `rcm sample wan...`
+    ("digits with an unknown device", ["sample", "--device", "tpu"], "invalid choice 'tpu'"),  # digits: auto|cpu|cuda
+    ("unknown device", _wan("--device", "tpu"), "invalid choice 'tpu'"),
     ("unknown sampler", ["sample", "--sampler", "ddim"], "invalid choice 'ddim'"),
     # sample, Wan
-    ("wan without dit", ["sample", "--model", "wan", "--prompt", "x"], "--dit-path: is required"),
+    ("wan without dit", ["sample", "wan", "--prompt", "x"], "--dit-path: is required"),
     ("wan dit missing", _replace(_wan(), "--dit-path", "{T}/nope.safetensors"), "--dit-path: no such file"),
     ("wan vae missing", _replace(_wan(), "--vae-path", "{T}/nope.pth"), "--vae-path: no such file"),
     ("wan umt5 missing", _replace(_wan(), "--text-encoder-path", "{T}/nope.pth"), "--text-encoder-path: no such"),
@@ -175,7 +177,7 @@ CASES = [
     ("wan resolution", _wan("--resolution", "1080p"), "invalid choice '1080p'"),
     ("wan aspect ratio", _wan("--aspect-ratio", "4:3"), "invalid choice '4:3'"),
     ("wan height not a multiple", _replace(_wan(), "--height", "100"), "--height: must be a positive multiple"),
-    ("wan height alone", ["sample", "--model", "wan", "--dit-path", "{F}/dit.safetensors", "--vae-path",
+    ("wan height alone", ["sample", "wan", "--dit-path", "{F}/dit.safetensors", "--vae-path",
                           "{F}/vae.pth", "--text-encoder-path", "{F}/empty.pth", "--prompt", "x", "--height", "480"],
      "give both --height and --width"),
     ("wan student 5 steps", _wan("--num-steps", "5"), "--num-steps"),
@@ -186,7 +188,7 @@ CASES = [
     ("wan dit not weights", _replace(_wan(), "--dit-path", "{F}/notes.txt"), "not a checkpoint file"),
     ("wan dit wrong layout", _replace(_wan(), "--dit-path", "{F}/layout.safetensors"), "not a Wan2.1 DiT"),
     ("wan dit wrong shapes", _replace(_wan(), "--dit-path", "{F}/dit_shapes.safetensors"), "shape mismatches"),
-    ("wan dit another model", _replace(_wan(), "--model", "wan2.1-t2v-1.3b"), "does not match the model"),
+    ("wan dit another model", ["sample", "wan2.1-t2v-1.3b", *_wan()[2:]], "does not match the model"),
     ("wan dit truncated, kind auto", _replace(_replace(_wan(), "--dit-path", "{F}/dit_truncated.safetensors"),
                                               "--kind", "auto"), "--dit-path: could not read"),
     ("wan vae corrupt", _replace(_wan(), "--vae-path", "{F}/empty.pth"), "--vae-path: could not read"),
@@ -243,15 +245,19 @@ def test_bad_invocation(name, argv, fragment, files, tmp_path, capsys):
 
 
 def test_debug_shows_the_exception(files, tmp_path):
-    from rcm.sample import PathArgumentError
+    from rcm import PathArgumentError
 
-    with pytest.raises(PathArgumentError, match="--checkpoint"):
+    with pytest.raises(PathArgumentError, match="checkpoint"):
         cli.main(["sample", "--checkpoint", str(tmp_path / "nope.safetensors"), "--debug"])
 
 
 def test_help_is_not_an_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["distill", "--help"])
+        cli.main(["distill", "--help"])  # the models to distill
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0 and "digits" in out and "wan2.1-t2v-14b" in out
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["distill", "digits", "--help"])  # the digits demo's options
     assert exit_info.value.code == 0 and "--batch-size" in capsys.readouterr().out
 
 
@@ -259,7 +265,7 @@ def test_help_is_not_an_error(capsys):
     (["sample", "--checkpoint", "{F}/truncated.safetensors", "--save-path", "{T}/x.png"], "(truncated)"),
     (["distill", "--teacher", "{F}/teacher.safetensors", "--out-dir", "{F}/corrupt_run", "--no-report"],
      "no readable checkpoint"),
-    (["distill", "--loop.iterations", "-5"], ("iterations=-5", "iterations must be >= 0, got -5")),
+    (["distill", "--loop.iterations", "-5"], "--loop.iterations: must be >= 0, got -5"),
 ], ids=["truncated checkpoint", "corrupt resume", "parse error"])  # fmt: skip
 def test_real_process_prints_one_line(argv, fragment, files, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "cli", *_fill(argv, files, tmp_path)], cwd=ROOT,

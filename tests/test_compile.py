@@ -1,7 +1,7 @@
 """torch.compile equals eager for a Wan DiT block: forward, gradients and JVP tangents.
 
 A compiled JVP through an autograd.Function with a custom jvp returns an all-zero tangent without error
-(DESIGN fact 3); the tangent checks here would fail on exactly that (they also check the tangent is not
+(docs/design.md fact 3); the tangent checks here would fail on exactly that (they also check the tangent is not
 zero). Uses the inductor backend: what users get from torch.compile.
 """
 
@@ -52,7 +52,7 @@ def test_compiled_block_matches_eager(block_and_inputs):
         assert rel_err(p.grad, g_e[name]) < 1e-4, name
 
     # Tangents: torch.func.jvp *around* a compiled callable must give the right, non-zero tangent rather than
-    # the silent zeros of DESIGN fact 3. (Forward-AD dual tensors fed to a compiled function lose their
+    # the silent zeros of docs/design.md fact 3. (Forward-AD dual tensors fed to a compiled function lose their
     # tangent; compiling torch.func.jvp itself is tested below.)
     compiled = torch.compile(lambda x, e: block(x, e, ctx, rope))
     with torch.no_grad():  # the sCM JVP pass runs under no_grad

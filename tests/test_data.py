@@ -1,7 +1,7 @@
 import torch
 import pytest
 
-from rcm.data import (
+from rcm.digits.data import (
     NUM_CLASSES,
     ClipBatches,
     ClipSpec,

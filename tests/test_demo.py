@@ -3,25 +3,23 @@ import json
 import pytest
 import torch
 
-from rcm.data import DigitClips
-from rcm.demo import (
+from rcm.digits.data import DigitClips
+from rcm.digits.model import (
     DEMO_MODELS,
     DEMO_SPEC,
     NULL_LABEL,
     TEACHER_PATH,
     ClassConditionedDiT,
     TeacherSampling,
-    TrainTeacherConfig,
     build_model,
     load_model,
     load_teacher,
     model_metadata,
     null_labels,
-    rectified_flow_loss,
     sample_teacher,
     save_model,
-    train_teacher,
 )
+from rcm.digits.teacher import TrainTeacherConfig, rectified_flow_loss, train_teacher
 
 
 def _randomize_head(model):
@@ -124,7 +122,7 @@ def test_shipped_teacher_loads_and_samples():
     clips = sample_teacher(teacher, labels, torch.Generator().manual_seed(0), TeacherSampling(steps=8))
     assert clips.shape == (30, *DEMO_SPEC.shape) and torch.isfinite(clips).all()
     # the requested digits, as the shipped classifier reads them (50 steps: see docs/demo.md)
-    from rcm.evaluate import classifier_accuracy, load_classifier
+    from rcm.digits.classifier import classifier_accuracy, load_classifier
 
     assert classifier_accuracy(load_classifier(), clips, labels) >= 0.9
     # a trained teacher draws mostly dark canvas with some bright ink, not noise

@@ -7,7 +7,14 @@ import pytest
 import torch
 
 import cli
-from rcm.demo import build_model, load_model, save_model
+from rcm.digits.model import build_model, load_model, save_model
+
+
+@pytest.fixture(autouse=True)
+def user_cache(tmp_path, monkeypatch):
+    """Caches (teacher rows) go to a fresh user cache dir, never to the real one or the package."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "rcm"
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +43,10 @@ def test_distill_writes_every_output_and_is_deterministic(tmp_path, tiny_teacher
         assert (run / name).is_file(), name
     rows = json.loads((run / "metrics.json").read_text())["rows"]
     assert [r["name"] for r in rows] == ["teacher@1", "teacher@2", "rcm@1", "rcm@2", "rcm@4"]
-    assert all(0 <= r["accuracy"] <= 1 and r["fd"] >= 0 and r["diversity"] >= 0 for r in rows)
-    assert "rcm@4" in out and "FD" in out  # the table reached the terminal
+    assert all(0 <= r["frame_accuracy"] <= 1 and 0 <= r["switching_share"] <= 1 and r["frame_fd"] >= 0
+               and r["frame_diversity"] >= 0 and r["speed_ratio"] >= 0 for r in rows)
+    assert "rcm@4" in out and "frame FD" in out  # the table reached the terminal
+    assert (run / "metrics.md").read_text().count("\n") == 2 + len(rows)
     gif = imageio.mimread(run / "samples.gif")
     assert len(gif) == 8  # one animation frame per clip frame
     assert imageio.imread(run / "samples.png").ndim == 2
@@ -45,8 +54,9 @@ def test_distill_writes_every_output_and_is_deterministic(tmp_path, tiny_teacher
     assert student.config == load_model(tiny_teacher).config
 
     _distill(tmp_path / "b", tiny_teacher, "--no-report")
-    a = [{k: v for k, v in json.loads(x).items() if k != "seconds"} for x in (run / "log.jsonl").read_text().splitlines()]
-    b = [{k: v for k, v in json.loads(x).items() if k != "seconds"}
+    timing = ("seconds", "seconds_per_iteration")  # wall clock: differs between any two runs
+    a = [{k: v for k, v in json.loads(x).items() if k not in timing} for x in (run / "log.jsonl").read_text().splitlines()]
+    b = [{k: v for k, v in json.loads(x).items() if k not in timing}
          for x in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
     assert a == b  # same seed, same trajectory
     sa, sb = load_model(run / "student_ema.safetensors"), load_model(tmp_path / "b" / "student_ema.safetensors")

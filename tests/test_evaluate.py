@@ -2,22 +2,24 @@ import numpy as np
 import pytest
 import torch
 
-from rcm.data import ClipSpec, DigitClips
-from rcm.evaluate import (
+from rcm.digits.classifier import (
     CLASSIFIER_PATH,
     DigitClassifier,
-    EvalConfig,
-    RealReference,
     TrainClassifierConfig,
     classifier_accuracy,
+    load_classifier,
+    save_classifier,
+    train_classifier,
+)
+from rcm.digits.data import ClipSpec, DigitClips
+from rcm.digits.evaluate import (
+    EvalConfig,
+    RealReference,
     clip_metrics,
     data_generator,
     evaluate,
     frechet_distance,
-    load_classifier,
     mean_intra_class_distance,
-    save_classifier,
-    train_classifier,
 )
 
 
@@ -117,10 +119,11 @@ def test_evaluate_rows_and_table(capsys):
     assert [r["name"] for r in rows] == ["data", "blank"]
     assert calls == [16, 16, 8]
     data, blank = rows
-    assert data["accuracy"] > 0.9 and blank["diversity"] == pytest.approx(0.0, abs=1e-9)
-    assert data["fd"] < blank["fd"] and blank["sec_per_sample"] >= 0 and data["n"] == 40
+    assert data["frame_accuracy"] > 0.9 and data["switching_share"] < 0.2 and blank["frame_accuracy"] < 0.5
+    assert blank["frame_diversity"] == pytest.approx(0.0, abs=1e-9) and 0.7 < data["frame_diversity"] < 1.3
+    assert data["frame_fd"] < blank["frame_fd"] and blank["sec_per_sample"] >= 0 and data["n"] == 40
     out = capsys.readouterr().out
-    assert "blank" in out and "FD" in out
+    assert "blank" in out and "frame FD" in out
 
 
 def test_train_classifier_tiny_run_saves_a_loadable_model(tmp_path):

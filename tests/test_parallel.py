@@ -25,18 +25,15 @@ import torch
 from filelock import FileLock
 
 from rcm.models.wan import WanDiT, wan_config
-from rcm.parallel import (
-    ParallelConfig,
-    apply_activation_checkpointing,
+from rcm.checkpoint.dcp import (
     export_checkpoint,
-    grads_finite,
     list_sharded_checkpoints,
     load_latest_sharded_checkpoint,
     load_train_state,
-    mixed_precision_policy,
     save_sharded_checkpoint,
     save_train_state,
 )
+from rcm.parallel import ParallelConfig, apply_activation_checkpointing, grads_finite, mixed_precision_policy
 from rcm.train import init_state, train_step
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

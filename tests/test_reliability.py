@@ -53,7 +53,8 @@ def _lines(path: Path) -> int:
 
 def _temporaries(folder: Path, pid: int | None = None) -> list[str]:
     """Temporary files of checkpoint writes under way (or killed mid-way), of process `pid` or any."""
-    pattern = re.compile(r"^\..*\.tmp" + (r"\d+" if pid is None else str(pid)) + "$")
+    # rcm.checkpoint.atomic's names: .<name>.tmp-<host>-<pid>-<token>-<random>
+    pattern = re.compile(r"^\..*\.tmp-[0-9a-f]{8}-" + (r"\d+" if pid is None else str(pid)) + r"-[0-9a-f]{8}-[0-9a-f]{6}$")
     try:
         return sorted(n for n in os.listdir(folder) if pattern.match(n))
     except FileNotFoundError:
@@ -113,7 +114,7 @@ def _check_latest(ckpt_dir: Path) -> int | None:
 def _entries(path: Path) -> list[dict]:
     """log.jsonl without the timings."""
     entries = [json.loads(line) for line in path.read_text().splitlines()]
-    return [{k: v for k, v in e.items() if k != "seconds"} for e in entries]
+    return [{k: v for k, v in e.items() if k not in ("seconds", "seconds_per_iteration")} for e in entries]
 
 
 def _assert_same(a, b, where: str = "state") -> None:
@@ -134,7 +135,7 @@ def _assert_same(a, b, where: str = "state") -> None:
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory) -> Path:
-    from rcm.demo import build_model, save_model
+    from rcm.digits.model import build_model, save_model
 
     path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
     save_model(build_model("digits-dit-tiny", seed=3), path, {"kind": "teacher"})
@@ -210,7 +211,7 @@ def test_nonfinite_run_stops_with_status_1_and_keeps_checkpoints(teacher, tmp_pa
     """Every batch non-finite from iteration 3 on: step 3 is skipped, the run stops cleanly at the 2nd
     consecutive non-finite step (4); the checkpoint kept holds the weights of the last good step."""
     import cli
-    from rcm.tasks import DigitsTask
+    from rcm.digits.task import DigitsTask
 
     next_batch = DigitsTask.next_batch
     calls = []

@@ -13,13 +13,13 @@ import pytest
 import torch
 
 import cli
-from rcm.data import INDEX_NAME, LatentBatches, LatentDataset, pad_embeddings
-from rcm.models.checkpoint import save_dit
+from rcm.wan.data import INDEX_NAME, LatentBatches, LatentDataset, pad_embeddings
+from rcm.models import save_dit
 from rcm.models.text_encoder import tiny_text_encoder
 from rcm.models.vae import WanVAE, WanVAEConfig, load_vae, save_vae
 from rcm.models.wan import WanConfig, WanDiT
-from rcm.sample import write_video
-from rcm.synth import read_video
+from rcm.media import write_video
+from rcm.wan.synth import read_video
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = WanConfig(dim=128, ffn_dim=256, num_heads=2, num_layers=2, text_len=16, text_dim=32, freq_dim=32)

@@ -1,6 +1,5 @@
 """The distillation loop: phases, exact resume, non-finite handling, checkpoint safety (tiny random Wan)."""
 
-import dataclasses
 import json
 
 import pytest
@@ -9,13 +8,15 @@ import torch
 from rcm.checkpoint import CheckpointError, list_checkpoints, load_latest, save_checkpoint
 from rcm.losses import DMDConfig, RCMConfig, SCMConfig
 from rcm.models.wan import WanDiT, wan_config
+from rcm.checkpoint import checkpointer
 from rcm.train import (
     LoopConfig,
     NonFiniteError,
     OptimizerConfig,
     init_state,
+    loop_callbacks,
     method_config,
-    resume_if_possible,
+    resume,
     run_loop,
 )
 
@@ -57,14 +58,21 @@ class ToyTask:
         self.calls = state["calls"]
 
 
-def _run(tmp_path, iterations, stop_after=None, resume=False, task=None, loss=LOSS, record=None):
+def _stop_after(n):
+    """A callback that stops the loop after `n` iterations of this call (an interruption)."""
+    done = []
+    return lambda state, logs: done.append(1) or len(done) >= n
+
+
+def _run(tmp_path, iterations, stop_after=None, resume_run=False, task=None, loss=LOSS, record=None):
     task = task or ToyTask()
     state = init_state(task.build_teacher(), loss, OPTIM, OPTIM, seed=7, device=torch.device("cpu"))
     record = record or {"fingerprint": "toy", "ema_sigma_rel": 0.1}
-    if resume:
-        assert resume_if_possible(state, task, tmp_path, record)
+    if resume_run:
+        assert resume(state, task, checkpointer(tmp_path / "checkpoints"), record) is not None
     loop = LoopConfig(iterations=iterations, checkpoint_every=1, log_every=1)
-    run_loop(state, task, loss, loop, tmp_path, record, stop_after=stop_after)
+    callbacks = loop_callbacks(state, task, tmp_path, record, loop)
+    run_loop(state, task, loss, loop, callbacks + ([_stop_after(stop_after)] if stop_after else []))
     return state
 
 
@@ -85,7 +93,7 @@ def test_phases_and_resume_is_exact(tmp_path):
 
     _run(tmp_path / "b", 9, stop_after=4)
     assert list_checkpoints(tmp_path / "b" / "checkpoints")[-1].name == "step_00000004.pt"
-    resumed = _run(tmp_path / "b", 9, resume=True)
+    resumed = _run(tmp_path / "b", 9, resume_run=True)
     assert _strip(_logs(tmp_path / "b")) == _strip(_logs(tmp_path / "a"))
     for (name, p), q in zip(straight.student.state_dict().items(), resumed.student.state_dict().values()):
         assert torch.equal(p, q), name
@@ -101,7 +109,7 @@ def test_resume_refuses_a_different_run(tmp_path):
     task = ToyTask()
     state = init_state(task.build_teacher(), LOSS, OPTIM, OPTIM, seed=7, device=torch.device("cpu"))
     with pytest.raises(ValueError, match="different settings"):
-        resume_if_possible(state, task, tmp_path, {"fingerprint": "other"})
+        resume(state, task, checkpointer(tmp_path / "checkpoints"), {"fingerprint": "other"})
 
 
 def test_nan_sample_leaves_other_samples_gradients_unchanged(tmp_path):
@@ -132,7 +140,8 @@ def test_nonfinite_steps_are_skipped_then_stop(tmp_path):
     task_state = init_state(always_bad.build_teacher(), loss, OPTIM, OPTIM, seed=7, device=torch.device("cpu"))
     loop = LoopConfig(iterations=10, checkpoint_every=1, log_every=1, max_nonfinite_steps=3)
     with pytest.raises(NonFiniteError, match="3 consecutive"):
-        run_loop(task_state, always_bad, loss, loop, tmp_path / "stop", {"fingerprint": "toy"})
+        run_loop(task_state, always_bad, loss, loop,
+                 loop_callbacks(task_state, always_bad, tmp_path / "stop", {"fingerprint": "toy"}, loop))
     assert task_state.iteration == 2  # the third bad step raised before advancing
 
 
@@ -199,7 +208,7 @@ def test_torchrun_distill_is_sharded_and_resumes_exactly(tmp_path):
     resumed run ends bit-identical to an uninterrupted one."""
     from safetensors.torch import load_file
 
-    from rcm.demo import build_model, save_model
+    from rcm.digits.model import build_model, save_model
 
     teacher = build_model("digits-dit-tiny")
     torch.nn.init.normal_(teacher.dit.head.head.weight, std=0.05, generator=torch.Generator().manual_seed(3))

@@ -4,7 +4,7 @@ import copy
 
 import torch
 
-from rcm.train import MasterWeightAdamW, init_state, load_state_dict, state_dict, train_step
+from rcm.train import MasterWeightAdamW, init_state, train_step
 from rcm.timing import PhaseTimer
 from tests.test_train import LOSS, OPTIM, ToyTask
 
@@ -41,13 +41,13 @@ def test_bf16_state_resumes_exactly():
     assert state.ema.blocks[0].ffn[0].weight.dtype == torch.float32
     assert isinstance(state.student_optimizer, MasterWeightAdamW)
     _steps(state, task, 3)
-    saved, task_saved = copy.deepcopy(state_dict(state)), copy.deepcopy(task.state_dict())
+    saved, task_saved = copy.deepcopy(state.state_dict()), copy.deepcopy(task.state_dict())
     logs = _steps(state, task, 3)
 
     task2 = ToyTask()
     task2.load_state_dict(task_saved)
     state2 = init_state(task2.build_teacher(), LOSS, OPTIM, OPTIM, seed=5, device=CPU, dtype=torch.bfloat16)
-    load_state_dict(state2, saved)
+    state2.load_state_dict(saved)
     logs2 = _steps(state2, task2, 3)
     assert logs == logs2
     for a, b in zip(state.student_optimizer.state_dict()["master_weights"],

@@ -52,7 +52,7 @@ def make_inputs(dtype=torch.float32, seed=1, cfg=TINY, b=B, t=T, h=H, w=W):
 
 
 def official_state_dict_shapes(cfg: WanConfig) -> dict[str, tuple[int, ...]]:
-    """The official Wan2.1 key list of RCM_METHOD.md §8, expanded for a config."""
+    """The official Wan2.1 key list of docs/method.md §8, expanded for a config."""
     d, f = cfg.dim, cfg.ffn_dim
     out = cfg.out_dim * math.prod(cfg.patch_size)
     keys = {

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import cli
-from rcm.train import WAN_DISTILL_PRESETS, wan_defaults_table
+from rcm.wan.task import WAN_DISTILL_PRESETS, wan_defaults_table
 from tests.test_synth import make_wan_files, synth_args
 
 
@@ -62,7 +62,7 @@ def test_distill_resumes_exactly_exports_and_samples(wan, tmp_path):
     assert not list(b.glob("samples/*.mp4"))  # no VAE: latents only
     # the export samples with `rcm sample`, found to be a student from its metadata
     out = tmp_path / "video.mp4"
-    cli.main(["sample", "--model", "wan", "--dit-path", str(a / "student_ema.safetensors"), "--vae-path",
+    cli.main(["sample", "wan", "--dit-path", str(a / "student_ema.safetensors"), "--vae-path",
               str(files / "vae"), "--text-encoder-path", str(files / "umt5"), "--prompt", "a cat", "--num-steps", "2",
               "--num-frames", "9", "--height", "16", "--width", "32", "--device", "cpu", "--save-path", str(out)])
     frames = iio.imread(out, index=None, plugin="FFMPEG")
@@ -70,7 +70,7 @@ def test_distill_resumes_exactly_exports_and_samples(wan, tmp_path):
 
 
 def test_help_shows_every_reference_default_for_each_size(capsys):
-    """RCM_METHOD.md §5.1, each value as the help prints it (the table is rendered from the presets)."""
+    """docs/method.md §5.1, each value as the help prints it (the table is rendered from the presets)."""
     expected = {
         "wan2.1-t2v-1.3b": ["2e-06 / 4e-07", "(0, 0.999), 0.01, 1e-08", "100 steps", "100 / 1",
                             "LogNormal(0.7, 1.6) / UniformShift(5)", "5 / 5", "| 1000 |", "| 5 |", "| 4 |", "| 20 |",
@@ -105,21 +105,22 @@ def test_help_shows_every_reference_default_for_each_size(capsys):
 
 
 def test_no_arguments_is_still_the_digits_demo():
-    from rcm.train import DistillConfig, _fingerprint
+    from rcm.digits.task import DigitsDistillConfig, distill_digits
 
-    cfg = cli._parse(DistillConfig, ["--method", "scm", "--batch-size", "4"], "rcm distill")
-    assert cfg.wan is None and cfg.method == "scm" and cfg.batch_size == 4
-    assert '"wan"' not in _fingerprint(cfg)  # the digits fingerprint (and so resuming old runs) is unchanged
+    cfg, run = cli._parse_group(cli._commands()["distill"], ["--method", "scm", "--batch-size", "4"], "rcm distill")
+    assert isinstance(cfg, DigitsDistillConfig) and run is distill_digits
+    assert cfg.method == "scm" and cfg.batch_size == 4
+    assert '"wan"' not in cfg.fingerprint()
 
 
 @pytest.mark.parametrize("argv, fragment", [
     (lambda f, d, t: ["distill", "wan2.1-t2v-1.3b", "--teacher", str(f / "teacher.safetensors"), "--data", str(d)],
      "--teacher: not a wan2.1-t2v-1.3b checkpoint"),
-    (lambda f, d, t: ["distill", "wan", "--teacher", str(f / "teacher.safetensors")], "--data is required"),
+    (lambda f, d, t: ["distill", "wan", "--teacher", str(f / "teacher.safetensors")], "--data: is required"),
     (lambda f, d, t: ["distill", "wan", "--teacher", str(f / "teacher.safetensors"), "--data", str(t)],
      "no index.json"),
     (lambda f, d, t: ["distill", "--batch-size", "3", "wan", "--teacher", str(f / "teacher.safetensors"), "--data",
-                      str(d)], "--batch-size was given before the model name"),
+                      str(d)], "unrecognized arguments: wan"),  # digits options, then a model name
     (lambda f, d, t: ["distill", "wan", "--teacher", str(t / "nope.safetensors"), "--data", str(d)],
      "--teacher: no such file"),
 ])  # fmt: skip
@@ -136,6 +137,7 @@ def test_compiled_run_matches_eager(wan, tmp_path):
     files, data = wan
     from torch._dynamo.utils import counters
 
+    torch._dynamo.reset()  # graphs cached by an earlier test of the same shapes would not count as new
     cli.main(distill_args(files, data, tmp_path / "eager", 3))
     graphs = counters["stats"]["unique_graphs"]
     cli.main(distill_args(files, data, tmp_path / "compiled", 3, "--compile"))
@@ -188,7 +190,7 @@ def test_torchrun_cp2_matches_one_process_and_its_dcp_checkpoint_exports_and_sam
     for k, v in exported["one"].items():
         torch.testing.assert_close(exported["cp2"][k], v, rtol=1e-4, atol=1e-6)
     video = tmp_path / "cp2.mp4"
-    cli.main(["sample", "--model", "wan", "--dit-path", str(tmp_path / "cp2.safetensors"), "--vae-path",
+    cli.main(["sample", "wan", "--dit-path", str(tmp_path / "cp2.safetensors"), "--vae-path",
               str(files / "vae"), "--text-encoder-path", str(files / "umt5"), "--prompt", "a cat", "--num-steps", "2",
               "--num-frames", "5", "--height", "16", "--width", "32", "--device", "cpu", "--save-path", str(video)])
     assert iio.imread(video, index=None, plugin="FFMPEG").shape == (5, 16, 32, 3)

@@ -40,14 +40,14 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .frozen_encoder import FrozenEncoder
 from .wan_loading import dit_weight_files
 from .weights import LazyTensor, load_state_dict_strict, open_state_dict
 
@@ -246,7 +246,7 @@ def detect_clip_layout(keys) -> str:
 # The encoder
 
 
-class CLIPImageEncoder:
+class CLIPImageEncoder(FrozenEncoder):
     """A ``CLIPVisionModel`` read out as Wan reads it: ``encode(images)`` takes ``[B, 3, H, W]`` images
     in ``[-1, 1]`` and returns the hidden states after the penultimate block, ``[B, 1 + patches, width]``
     (``[B, 257, 1280]`` for ViT-H/14). Frozen (eval, no grad). ``offload()`` / ``on(device)`` move it
@@ -257,8 +257,7 @@ class CLIPImageEncoder:
             raise ValueError(
                 f"the model needs at least 2 layers (Wan reads the penultimate), got {model.config.num_hidden_layers}"
             )
-        self.model = model.eval().requires_grad_(False)
-        self.offload_device = torch.device(offload_device)
+        super().__init__(model, offload_device=offload_device)
 
     @property
     def dim(self) -> int:
@@ -272,13 +271,7 @@ class CLIPImageEncoder:
     def num_tokens(self) -> int:
         return (self.image_size // self.model.config.patch_size) ** 2 + 1
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
 
     @torch.no_grad()
     def encode(self, images: Tensor, *, dtype: torch.dtype | None = None) -> Tensor:
@@ -287,28 +280,7 @@ class CLIPImageEncoder:
         states = self.model(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
         return states if dtype is None else states.to(dtype)
 
-    __call__ = encode
 
-    def to(self, device: str | torch.device) -> CLIPImageEncoder:
-        self.model.to(device)
-        return self
-
-    def offload(self) -> CLIPImageEncoder:
-        """Moves the weights to ``offload_device`` (CPU) and releases the cached GPU memory they held."""
-        was_cuda = self.device.type == "cuda"
-        self.model.to(self.offload_device)
-        if was_cuda:
-            torch.cuda.empty_cache()
-        return self
-
-    @contextmanager
-    def on(self, device: str | torch.device) -> Iterator[CLIPImageEncoder]:
-        """``with encoder.on("cuda"): tokens = encoder.encode(image)``: on ``device`` inside, offloaded after."""
-        self.to(device)
-        try:
-            yield self
-        finally:
-            self.offload()
 
 
 # ----------------------------------------------------------------------------------------------------

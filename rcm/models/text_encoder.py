@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import html
 import re
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from .frozen_encoder import FrozenEncoder
 from .weights import load_state_dict_strict, read_state_dict
 
 __all__ = [
@@ -169,29 +169,22 @@ def umt5_state_dict_to_official(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
 # The encoder
 
 
-class UMT5TextEncoder:
+class UMT5TextEncoder(FrozenEncoder):
     """Tokenizer + ``UMT5EncoderModel``: ``encode(prompts) -> [B, text_len, d_model]``, zero past each
     prompt's tokens. Frozen (eval, no grad). ``offload()`` / ``on(device)`` move it off / onto a GPU."""
 
     def __init__(self, model, tokenizer, *, text_len: int = TEXT_LEN, offload_device: str | torch.device = "cpu"):
         if text_len < 1:
             raise ValueError(f"text_len must be positive, got {text_len}")
-        self.model = model.eval().requires_grad_(False)
+        super().__init__(model, offload_device=offload_device)
         self.tokenizer = tokenizer
         self.text_len = text_len
-        self.offload_device = torch.device(offload_device)
 
     @property
     def dim(self) -> int:
         return self.model.config.d_model
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
 
     def tokenize(self, prompts: str | Sequence[str]) -> tuple[Tensor, Tensor]:
         """``(ids, mask)``, both ``[B, text_len]``: cleaned, EOS appended, truncated and right-padded."""
@@ -218,29 +211,7 @@ class UMT5TextEncoder:
         states = torch.where(mask.bool()[..., None], states, torch.zeros((), dtype=states.dtype, device=device))
         return states if dtype is None else states.to(dtype)
 
-    __call__ = encode
 
-    def to(self, device: str | torch.device) -> UMT5TextEncoder:
-        self.model.to(device)
-        return self
-
-    def offload(self) -> UMT5TextEncoder:
-        """Moves the weights to ``offload_device`` (CPU) and releases the cached GPU memory they held."""
-        was_cuda = self.device.type == "cuda"
-        self.model.to(self.offload_device)
-        if was_cuda:
-            torch.cuda.empty_cache()
-        return self
-
-    @contextmanager
-    def on(self, device: str | torch.device) -> Iterator[UMT5TextEncoder]:
-        """``with encoder.on("cuda"): ctx = encoder.encode(prompts)`` -> the weights are on ``device``
-        inside the block and offloaded after it (even on error)."""
-        self.to(device)
-        try:
-            yield self
-        finally:
-            self.offload()
 
 
 def _as_prompt_list(prompts) -> list[str]:

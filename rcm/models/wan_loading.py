@@ -32,6 +32,7 @@ from .wan_layouts import (
     wan_config_to_diffusers,
 )
 from .weights import corrupt_file_error, load_state_dict_strict, open_state_dict
+from rcm.checkpoint.atomic import atomic_write_with
 
 __all__ = ["DitFiles", "dit_weight_files", "expert_folders", "load_dit", "load_wan_experts", "read_dit_config", "save_dit",
            "save_wan_experts"]
@@ -195,7 +196,8 @@ def save_dit(
             raise ValueError("save_dit: a single .safetensors file is the official layout, unsharded; "
                              "give a folder for the diffusers layout or shards")
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous().cpu() for k, v in sd.items()}, str(path), metadata=meta)
+        tensors = {k: v.contiguous().cpu() for k, v in sd.items()}
+        atomic_write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
         return [path]
     path.mkdir(parents=True, exist_ok=True)
     if layout == "diffusers":

@@ -4,8 +4,9 @@
     parallelize(model, mesh)                # CP (Ulysses) → activation checkpointing → FSDP2
     shard_train_state(state, mesh)          # all four models of a TrainState + its optimizers
     terms = gathered_first_term(student_losses(...), state.student)   # JVP pass on gathered params
-    save_train_state(dir, state, mesh) / load_train_state(dir, state, mesh)   # DCP, any world size
-    export_checkpoint(dir, "ema.safetensors")                                 # one file, for sampling
+    full_model_state_dict(model) / load_full_model_state_dict(model, weights)  # whole weights, rank 0
+
+Sharded checkpoints (DCP, any world size) are the checkpointer's DCP backend: ``rcm.checkpoint.dcp``.
 
 The model file knows nothing of parallelism: everything is applied from outside.
 """
@@ -20,22 +21,12 @@ from rcm.parallel.context_parallel import (
     sequence_to_heads,
     split_sequence,
 )
-from rcm.parallel.dcp import (
-    export_checkpoint,
-    read_checkpoint_model,
-    export_safetensors,
-    full_model_state_dict,
-    list_sharded_checkpoints,
-    load_full_model_state_dict,
-    load_latest_sharded_checkpoint,
-    load_train_state,
-    save_sharded_checkpoint,
-    save_train_state,
-)
 from rcm.parallel.fsdp import (
+    full_model_state_dict,
     gathered_first_term,
     gathered_for_jvp,
     grads_finite,
+    load_full_model_state_dict,
     mixed_precision_policy,
     parallelize,
     materialize_train_state,
@@ -62,9 +53,6 @@ __all__ = [
     "compile_blocks",
     "broadcast_from_cp_leader",
     "build_mesh",
-    "export_checkpoint",
-    "read_checkpoint_model",
-    "export_safetensors",
     "full_model_state_dict",
     "gather_sequence",
     "gathered_first_term",
@@ -72,15 +60,10 @@ __all__ = [
     "grads_finite",
     "heads_to_sequence",
     "init_distributed",
-    "list_sharded_checkpoints",
     "load_full_model_state_dict",
-    "load_latest_sharded_checkpoint",
-    "load_train_state",
     "mixed_precision_policy",
     "parallelize",
     "rank_seed",
-    "save_sharded_checkpoint",
-    "save_train_state",
     "sequence_to_heads",
     "materialize_train_state",
     "shard_train_state",

@@ -12,7 +12,7 @@ blocks take the fp32 modulation and RoPE table; only the network itself decides 
 Gradient reduction: the mean over data-parallel ranks and the **sum** over the CP ranks of a group
 (each holds its own tokens' share of the gradient), i.e. divide factor = dp size.
 
-JVP through FSDP2 (DESIGN.md fact 5): FSDP2 all-gathers into plain tensors in a module pre-forward
+JVP through FSDP2 (docs/design.md fact 5): FSDP2 all-gathers into plain tensors in a module pre-forward
 hook, so ``torch.func.jvp`` over the sharded model never sees a DTensor; tested with and without
 ``torch.no_grad()`` (tangents equal the single-process run), followed by normal grad passes.
 """
@@ -142,7 +142,6 @@ def materialize_train_state(state, weights: dict[str, torch.Tensor] | None, devi
     ``shard_train_state``) on ``device`` and fill each (student, teacher, fake score, EMA) with the full
     teacher ``weights``, given on rank 0 only (``None`` elsewhere) and broadcast into every rank's shards.
     The optimizers keep their parameters (allocation swaps the tensors inside them). Collective."""
-    from rcm.parallel.dcp import load_full_model_state_dict
 
     for name in ("student", "teacher", "fake_score", "ema"):
         model = getattr(state, name)
@@ -180,3 +179,30 @@ def grads_finite(module: nn.Module) -> bool:
             ok = ok.to(torch.device("cuda", torch.cuda.current_device()))
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
     return bool(ok.item())
+
+
+# ------------------------------------------------------------------------------------------------
+# Full (unsharded) weights: for sampling, export and loading a teacher into a sharded model.
+
+
+def full_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's weights as plain CPU tensors. Collective for a sharded model, and then only
+    rank 0 gets them (the others get ``{}``). Keys are the model's own (official Wan keys)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_model_state_dict(model: nn.Module, full: dict[str, torch.Tensor] | None, *, strict: bool = True,
+                               broadcast_from_rank0: bool = False) -> None:
+    """Load plain full weights (e.g. the teacher checkpoint) into a sharded or plain model; each rank
+    keeps its shards. Strict by default (no silent key mismatches, docs/design.md).
+
+    ``broadcast_from_rank0``: only rank 0 reads the file and passes ``full``; the others pass ``None``
+    and receive the tensors through the process group (one copy of a 14B model in host memory per
+    node instead of one per GPU). With a model built on the meta device, call
+    ``model.to_empty(device=...)`` after ``parallelize`` and before this."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, strict=strict, broadcast_from_rank0=broadcast_from_rank0)
+    set_model_state_dict(model, {} if full is None else full, options=opts)

@@ -20,8 +20,9 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from parallel_workers import common  # noqa: E402
 
+from rcm.checkpoint.dcp import load_train_state, save_train_state  # noqa: E402
 from rcm.parallel import (  # noqa: E402
-    ParallelConfig, build_mesh, gathered_for_jvp, init_distributed, load_train_state, parallelize, save_train_state, shard_train_state)
+    ParallelConfig, build_mesh, gathered_for_jvp, init_distributed, parallelize, shard_train_state)
 from rcm.train import init_state, train_step  # noqa: E402
 
 failures = []

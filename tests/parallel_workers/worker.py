@@ -21,20 +21,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from parallel_workers import common  # noqa: E402
 
 from rcm.models.wan import WanDiT, wan_config  # noqa: E402
+from rcm.checkpoint.dcp import export_safetensors, load_train_state, save_sharded_checkpoint  # noqa: E402
 from rcm.parallel import (  # noqa: E402
     ParallelConfig,
     apply_context_parallel,
     broadcast_from_cp_leader,
     build_mesh,
-    export_safetensors,
     gathered_for_jvp,
     grads_finite,
     init_distributed,
     load_full_model_state_dict,
-    load_train_state,
     parallelize,
     rank_seed,
-    save_sharded_checkpoint,
     shard_train_state,
 )
 from rcm.train import init_state, train_step  # noqa: E402

@@ -1,31 +1,17 @@
-"""`rcm bench step` and `rcm bench sample`: the full rCM training step and few-step sampling of a Wan2.1 DiT.
+"""`rcm bench step`: the full rCM training step of a Wan2.1 DiT, phase by phase, eager vs compiled.
 
-Random weights (no checkpoint needed), one GPU, bf16. Everything compared is measured in the same process:
-
-* **step**: one rCM *student* iteration (teacher CFG forwards, the no-grad JVP pass, the student's grad
-  forward and backward, the DMD rollout, fake-score and teacher forwards, the DMD backward, the optimizer
-  step and EMA) and one *critic* iteration, phase by phase (``rcm.timing``), eager and ``torch.compile``d
-  side by side, with peak memory and model-FLOP utilization against a bf16 matmul timed in the same run.
-  Before timing, the compiled JVP tangent and student output are checked against eager on the same inputs.
-* **sample**: seconds per video for 1/2/4-step student sampling and 50-step CFG teacher sampling, DiT only
-  and with the VAE decode.
-
-Model FLOPs are counted analytically (matmuls only; elementwise work is not counted):
-
-    forward F      = linear 2·N·P_lin + self-attention 4·B·H·L²·D + cross-attention 4·B·H·L·L_text·D (per layer)
-    JVP pass       = 2× linear + 3× self-attention (12·BHL²D) + 2× cross-attention (the text has no tangent)
-    backward       = 2 F (activation-checkpointing recomputation is not counted, as MFU conventions go)
-    student step   = teacher CFG 2F + JVP + F + 2F (sCM) + n F + 2F (rollout with grad on the last step)
-                     + 3F (fake score, teacher CFG)                                    n: rollout steps
-    critic step    = n F (rollout) + F + 2F (fake score forward and backward)
+Random weights (no checkpoint needed), one GPU, bf16. One rCM *student* iteration (teacher CFG forwards,
+the no-grad JVP pass, the student's grad forward and backward, the DMD rollout, fake-score and teacher
+forwards, the DMD backward, the optimizer step and EMA) and one *critic* iteration, phase by phase
+(``rcm.timing``), eager and ``torch.compile``d side by side, with peak memory and model-FLOP utilization
+against a bf16 matmul timed in the same run. Before timing, the compiled JVP tangent and student output
+are checked against eager on the same inputs. FLOP counts: ``rcm.bench.common``.
 """
 
 from __future__ import annotations
 
 import copy
-import gc
 import json
-import math
 import time
 import os
 from dataclasses import dataclass, field, replace
@@ -33,123 +19,19 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+
+from rcm import ConfigError
 import torch.distributed as dist
 
-from rcm.models.wan import WAN_CONFIGS, WanConfig, WanDiT
+from rcm.bench.common import (
+    Mode, WanModel, WanShape, console as _console, device_name as _device_name, free as _free,
+    gpu_settings as _gpu_settings, peak_gib as _peak_gib, phase_flops, random_dit, reset_peak as _reset_peak, wan_shape,
+)  # fmt: skip
+from rcm.models.wan import WanDiT
 from rcm.parallel import ParallelConfig
-from rcm.sample import resolve_device
-
-WanModel = Literal["wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "wan-tiny"]
-Mode = Literal["eager", "compiled"]
-WAN_FRAME_RATE_DIVISOR = 4  # the VAE's causal temporal factor: frames = 1 + 4 (T − 1)
-
-
-@dataclass(frozen=True)
-class WanShape:
-    """A Wan2.1 video size and its latent / token counts."""
-
-    config: WanConfig
-    num_frames: int
-    height: int
-    width: int
-    batch_size: int = 1
-
-    @property
-    def latent(self) -> tuple[int, int, int, int, int]:
-        return (self.batch_size, self.config.in_dim, 1 + (self.num_frames - 1) // 4, self.height // 8, self.width // 8)
-
-    @property
-    def tokens(self) -> int:
-        return math.prod(self.latent[2:]) // self.config.patch_numel
-
-
-def wan_shape(model: str, resolution: str, num_frames: int, height: int | None = None, width: int | None = None,
-              batch_size: int = 1) -> WanShape:
-    """Checked size of a benchmark: explicit height/width or a resolution (16:9)."""
-    from rcm.sample import video_size
-
-    config = WAN_CONFIGS[model]
-    if (height is None) != (width is None):
-        raise ValueError("give both --height and --width, or neither")
-    if height is None:
-        height, width = video_size(resolution, "16:9")
-    if num_frames < 1 or (num_frames - 1) % 4:
-        raise ValueError(f"--num-frames must be 1 + 4k (1, 5, ..., 81), got {num_frames}")
-    step = 8 * config.patch_size[1]
-    for name, size in (("height", height), ("width", width)):
-        if size < step or size % step:
-            raise ValueError(f"--{name} must be a positive multiple of {step}, got {size}")
-    if batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
-    return WanShape(config, num_frames, height, width, batch_size)
-
-
-def forward_flops(shape: WanShape) -> dict[str, float]:
-    """Matmul FLOPs of one DiT forward, split into linear / self-attention / cross-attention."""
-    c, n, b = shape.config, shape.tokens, shape.batch_size
-    d, t = c.dim, c.text_len
-    per_token = 4 * d * d + 2 * d * d + 2 * d * c.ffn_dim  # multiply-adds: self q,k,v,o; cross q,o; FFN
-    per_text_token = 2 * d * d  # cross k,v
-    embeddings = (t * (c.text_dim * d + d * d) + n * d * c.patch_numel * (c.in_dim + c.out_dim)  # text, patch, head
-                  + c.freq_dim * d + d * d + d * 6 * d)  # time embedding and projection
-    linear = 2 * b * (c.num_layers * (n * per_token + t * per_text_token) + embeddings)
-    self_attn = 4 * b * c.num_layers * n * n * d  # H·D = dim
-    cross_attn = 4 * b * c.num_layers * n * t * d
-    return {"linear": float(linear), "self_attention": float(self_attn), "cross_attention": float(cross_attn)}
-
-
-def phase_flops(shape: WanShape, rollout_steps: int, guidance: bool = True) -> dict[str, float]:
-    """Model FLOPs of each phase of a student and a critic iteration (see the module docstring)."""
-    f = forward_flops(shape)
-    F = sum(f.values())
-    jvp = 2 * f["linear"] + 3 * f["self_attention"] + 2 * f["cross_attention"]
-    cfg = 2 if guidance else 1
-    return {
-        "scm.teacher": cfg * F, "scm.jvp": jvp, "scm.student_forward": F, "scm.backward": 2 * F,
-        "dmd.rollout": rollout_steps * F, "dmd.scores": (1 + cfg) * F, "dmd.backward": 2 * F,
-        "critic.rollout": rollout_steps * F, "critic.forward": F, "critic.backward": 2 * F,
-    }
-
-
-def random_dit(config: WanConfig, seed: int = 0, device: torch.device | str = "cpu") -> WanDiT:
-    """A DiT (fp32, on the CPU) with the official init and a non-zero random head (the official zero head
-    would make every output, tangent and gradient downstream of it trivially zero). Initialized on
-    ``device`` (fast on a GPU), returned on the CPU."""
-    generator = torch.Generator(device).manual_seed(seed)
-    with torch.device(device):
-        net = WanDiT(config)
-    net.init_weights(generator)
-    with torch.no_grad():
-        net.head.head.weight.normal_(0, 0.02, generator=generator)
-    return net.cpu()
-
-
-
-def _gpu_settings(device: torch.device) -> None:
-    if device.type == "cuda":  # TF32 for the few fp32 matmuls (time embedding), as the reference trainer
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _free(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def _peak_gib(device: torch.device) -> float | None:
-    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-
-
-def _reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
+from rcm.wan import presets
+from rcm.timing import sync as _sync
+from rcm.wan.pipeline import resolve_device
 
 # ------------------------------------------------------------------------------------------------------------
 # bench step
@@ -161,7 +43,7 @@ class BenchStepConfig:
 
     model: WanModel = "wan2.1-t2v-1.3b"
     resolution: Literal["480p", "720p"] = "480p"
-    num_frames: int = 81
+    num_frames: int = presets.NUM_FRAMES
     height: int | None = None  # explicit size (overrides --resolution), a multiple of 16
     width: int | None = None
     batch_size: int = 1
@@ -181,11 +63,11 @@ class BenchStepConfig:
 
     def __post_init__(self):
         if self.repeats < 1:
-            raise ValueError(f"--repeats must be >= 1, got {self.repeats}")
+            raise ConfigError("repeats", f"must be >= 1, got {self.repeats}")
         if not 1 <= self.rollout_steps <= 4:
-            raise ValueError(f"--rollout-steps must be in 1..4 (max_simulation_steps), got {self.rollout_steps}")
+            raise ConfigError("rollout_steps", f"must be in 1..4 (max_simulation_steps), got {self.rollout_steps}")
         if not self.modes or len(set(self.modes)) != len(self.modes):
-            raise ValueError(f"--modes must name eager and/or compiled once each, got {self.modes}")
+            raise ConfigError("modes", f"must name eager and/or compiled once each, got {self.modes}")
 
 
 class _RandomTask:
@@ -227,7 +109,7 @@ def _check_compiled(state, task, device) -> dict:
     """Compiled vs eager on identical inputs and weights: the JVP tangent c s dF/dt and the student's F
     (relative L2; the reference runs the same modules with ``torch.compiler.set_stance("force_eager")``).
     The JVP goes through blocks that step aside to eager inside ``torch.func``; the check catches a tangent
-    lost or changed by the compiled modules (DESIGN fact 3), and F checks the compiled forward."""
+    lost or changed by the compiled modules (docs/design.md fact 3), and F checks the compiled forward."""
     from rcm.losses import scm_jvp
     from rcm.models.trigflow import trigflow_denoise
 
@@ -269,7 +151,7 @@ def _time_iteration(state, task, loss, iteration: int, device) -> tuple[float, d
 
 def bench_step(cfg: BenchStepConfig) -> dict:
     """Run the benchmark, print the table, return the results."""
-    from rcm.bench_attention import matmul_tflops
+    from rcm.bench.attention import matmul_tflops
     from rcm.losses import RCM_PRESETS
     from rcm.parallel import apply_activation_checkpointing
     from rcm.train import OptimizerConfig
@@ -281,7 +163,7 @@ def bench_step(cfg: BenchStepConfig) -> dict:
         from rcm.parallel import init_distributed
 
         if "compiled" in cfg.modes:
-            raise ValueError("--modes: compiled runs in one process only for now (regional compile is untested "
+            raise ConfigError("modes", "compiled runs in one process only for now (regional compile is untested "
                              "with FSDP2); pass --modes eager under torchrun")
         mesh = init_distributed(parallel)
         device = torch.device(mesh.device_type, torch.cuda.current_device() if mesh.device_type == "cuda" else 0)
@@ -390,19 +272,6 @@ def _bench_mode(cfg: BenchStepConfig, mode: str, teacher, loss, optim, shape: Wa
     return out
 
 
-def _console():
-    """A rich console; wide when writing to a file or pipe (logs of device runs), so tables stay whole."""
-    import sys
-
-    from rich.console import Console
-
-    return Console() if sys.stdout.isatty() else Console(width=160)
-
-
-def _device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-
-
 def _summarize(results: dict, flops: dict) -> None:
     """Totals, MFU, the JVP / forward ratio and the compile speed-up, in place."""
     peak = results["matmul_tflops"]
@@ -503,120 +372,3 @@ def _profile(state, task, loss, iteration: int, device, path: Path, top: int = 1
     return rows
 
 
-# ------------------------------------------------------------------------------------------------------------
-# bench sample
-
-
-@dataclass
-class BenchSampleConfig:
-    """Seconds per video: 1/2/4-step student sampling and 50-step CFG teacher sampling, DiT only and with
-    the VAE decode (random weights)."""
-
-    model: WanModel = "wan2.1-t2v-1.3b"
-    resolution: Literal["480p", "720p"] = "480p"
-    num_frames: int = 81
-    height: int | None = None
-    width: int | None = None
-    student_steps: tuple[int, ...] = (1, 2, 4)
-    teacher_steps: int = 50
-    guidance: float = 5.0
-    modes: tuple[Mode, ...] = ("eager", "compiled")
-    decode: bool = True  # also time the VAE decode (random real-size Wan VAE)
-    device: Literal["auto", "cuda", "cpu"] = "auto"
-    json_path: Path | None = None
-    seed: int = 0
-    compile_backend: str = "inductor"  # torch.compile backend of the compiled mode
-
-    def __post_init__(self):
-        if not self.student_steps or any(not 1 <= s <= 4 for s in self.student_steps):
-            raise ValueError(f"--student-steps must be in 1..4, got {self.student_steps}")
-        if self.teacher_steps < 1:
-            raise ValueError(f"--teacher-steps must be >= 1, got {self.teacher_steps}")
-        if not self.modes or len(set(self.modes)) != len(self.modes):
-            raise ValueError(f"--modes must name eager and/or compiled once each, got {self.modes}")
-
-
-def bench_sample(cfg: BenchSampleConfig) -> dict:
-    """Run the sampling benchmark, print the table, return the results."""
-    from rich.table import Table
-
-    from rcm.parallel import compile_blocks
-    from rcm.sample import decode_videos, sample_wan_latent
-
-    console = _console()
-    device = resolve_device(cfg.device)
-    _gpu_settings(device)
-    shape = wan_shape(cfg.model, cfg.resolution, cfg.num_frames, cfg.height, cfg.width)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    console.print(f"[bold]rcm bench sample[/]: {cfg.model}, {shape.num_frames} frames {shape.height}x{shape.width}, "
-                  f"{shape.tokens} tokens, {dtype}, {device}")
-    dit = random_dit(shape.config, cfg.seed, device).to(device=device, dtype=dtype).eval().requires_grad_(False)
-    c = shape.config
-    g = torch.Generator(device).manual_seed(cfg.seed)
-    context = torch.randn(1, c.text_len, c.text_dim, generator=g, device=device, dtype=dtype)
-    negative = torch.randn(1, c.text_len, c.text_dim, generator=g, device=device, dtype=dtype)
-    noise = torch.randn(shape.latent, generator=g, device=device)
-    vae = None
-    if cfg.decode:
-        from rcm.models.vae import WanVAE
-
-        vae = WanVAE().to(device=device, dtype=dtype).eval().requires_grad_(False)
-    runs = [(f"student {n} step{'s' if n > 1 else ''}", dict(kind="student", num_steps=n)) for n in cfg.student_steps]
-    runs.append((f"teacher {cfg.teacher_steps} steps CFG {cfg.guidance:g}",
-                 dict(kind="teacher", steps=cfg.teacher_steps, guidance=cfg.guidance, negative_context=negative)))
-    results: dict = {"model": cfg.model, "tokens": shape.tokens, "device": _device_name(device),
-                     "torch": torch.__version__, "modes": {}}
-    latent = None
-    for mode in cfg.modes:
-        if mode == "compiled":
-            compile_blocks(dit, cfg.compile_backend)
-        net = dit
-        rows = {}
-        # warm-up (compile): a 2-step student and a 2-step guided teacher
-        t0 = time.perf_counter()
-        sample_wan_latent(net, context, noise, kind="student", num_steps=2, generator=torch.Generator().manual_seed(0))
-        sample_wan_latent(net, context, noise, kind="teacher", steps=2, guidance=cfg.guidance,
-                          negative_context=negative, generator=torch.Generator().manual_seed(0))
-        _sync(device)
-        warmup = time.perf_counter() - t0
-        for label, kwargs in runs:
-            with console.status(f"{mode}: {label}"):
-                _sync(device)
-                t0 = time.perf_counter()
-                latent = sample_wan_latent(net, context, noise, generator=torch.Generator().manual_seed(0), **kwargs)
-                _sync(device)
-                rows[label] = {"dit_seconds": time.perf_counter() - t0}
-        results["modes"][mode] = {"warmup_seconds": warmup, "runs": rows}
-    if vae is not None:
-        _sync(device)
-        decode_videos(vae, latent)  # warm-up
-        _sync(device)
-        t0 = time.perf_counter()
-        decode_videos(vae, latent)
-        _sync(device)
-        results["vae_decode_seconds"] = time.perf_counter() - t0
-    teacher_label = runs[-1][0]
-    decode = results.get("vae_decode_seconds")
-    table = Table(title=f"Sampling one video, {cfg.model}, {shape.num_frames} frames {shape.height}x{shape.width}"
-                        + (f"; VAE decode {decode:.2f} s" if decode is not None else ""))
-    table.add_column("sampler")
-    for mode in cfg.modes:
-        table.add_column(f"{mode} DiT s", justify="right")
-        table.add_column(f"{mode} ×teacher", justify="right")
-        if decode is not None:
-            table.add_column(f"{mode} +VAE s", justify="right")
-    for label, _ in runs:
-        cells = []
-        for mode in cfg.modes:
-            r = results["modes"][mode]["runs"]
-            s = r[label]["dit_seconds"]
-            r[label]["speedup_vs_teacher"] = r[teacher_label]["dit_seconds"] / s
-            cells += [f"{s:.2f}", f"{r[label]['speedup_vs_teacher']:.1f}"]
-            if decode is not None:
-                r[label]["with_decode_seconds"] = s + decode
-                cells.append(f"{s + decode:.2f}")
-        table.add_row(label, *cells)
-    console.print(table)
-    if cfg.json_path is not None:
-        Path(cfg.json_path).write_text(json.dumps(results, indent=2) + "\n")
-    return results

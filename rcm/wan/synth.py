@@ -1,4 +1,4 @@
-"""``rcm synth``: build the distillation data for Wan2.1 (RCM_METHOD.md §5.5).
+"""``rcm synth``: build the distillation data for Wan2.1 (docs/method.md §5.5).
 
     rcm synth --prompts prompts.txt --teacher Wan2.1-T2V-1.3B/ --text-encoder-path models_t5_umt5-xxl-enc-bf16.pth \\
         --out-dir data/wan-1.3b                        # teacher samples: Euler 100 steps, shift 3, CFG 5, σ_max 5000
@@ -10,7 +10,7 @@ Sources (exactly one): a prompt list (``.txt``, one prompt a line, or ``.jsonl``
 sampled by the teacher with the flow sampler and CFG against Wan's negative prompt; a folder of videos
 (``.mp4``/``.gif``, centre-cropped and resized, encoded with the VAE; the prompt of ``clip.mp4`` is
 ``clip.txt`` beside it, or line i of ``--prompts`` for the i-th video by name); or existing latents (the
-reference's webdataset tars, or another ``rcm synth`` dataset). The layout written is in ``rcm.data``
+reference's webdataset tars, or another ``rcm synth`` dataset). The layout written is in ``rcm.wan.data``
 (``LatentDataset`` reads it, and reads the reference's tars directly too).
 
 The prompts are encoded with umT5 once (the encoder is freed before the teacher is loaded), the negative
@@ -34,12 +34,14 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from rcm import ConfigError, PathArgumentError
 from rcm.checkpoint import atomic_write_bytes
-from rcm.data import INDEX_NAME, LATENT_FORMAT, NEGATIVE_NAME, LatentDataset, encode_shard, trim_embedding
+from rcm.timing import progress_bar
+from rcm.wan import presets
+from rcm.wan.data import INDEX_NAME, LATENT_FORMAT, NEGATIVE_NAME, LatentDataset, encode_shard, trim_embedding
 from rcm.models.text_encoder import TEXT_LEN, WAN_NEGATIVE_PROMPT
-from rcm.sample import _bad, resolve_device
+from rcm.wan.pipeline import resolve_device
 
-VIDEO_SUFFIXES = (".mp4", ".gif")
 
 
 @dataclass
@@ -65,21 +67,21 @@ class SynthConfig:
     """the Wan VAE, for --videos."""
     negative_prompt: str = WAN_NEGATIVE_PROMPT
     """the CFG negative prompt (Wan's default), sampled against and stored for training."""
-    num_frames: int = 81
+    num_frames: int = presets.NUM_FRAMES
     """video frames, 1 + 4k (81: 21 latent frames)."""
-    height: int = 480
+    height: int = presets.WAN_SIZES["480p"]["16:9"][0]
     """video height, a multiple of 16."""
-    width: int = 832
+    width: int = presets.WAN_SIZES["480p"]["16:9"][1]
     """video width, a multiple of 16."""
-    sampler: Literal["euler", "unipc"] = "euler"
+    sampler: Literal["euler", "unipc"] = presets.SYNTH_SAMPLER
     """teacher sampler (the released data: Euler)."""
-    steps: int = 100
+    steps: int = presets.SYNTH_STEPS
     """teacher sampling steps."""
-    shift: float = 3.0
+    shift: float = presets.SYNTH_SHIFT
     """schedule shift."""
-    guidance: float = 5.0
+    guidance: float = presets.GUIDANCE
     """CFG weight against the negative prompt (> 1 guides)."""
-    sigma_max: float = 5000.0
+    sigma_max: float = presets.TEACHER_SIGMA_MAX
     """starting noise level."""
     samples_per_prompt: int = 1
     """teacher samples per prompt (different noise)."""
@@ -113,7 +115,7 @@ def _file_sha256(paths: list[Path]) -> str:
 def read_prompts(path: Path) -> list[str]:
     """Prompts of a .txt (one per non-empty line) or .jsonl (a "prompt" key per line) file."""
     if not path.is_file():
-        raise FileNotFoundError(f"--prompts: no file at {path}")
+        raise PathArgumentError("prompts", f"no file at {path}")
     lines = path.read_text(encoding="utf-8").splitlines()
     if path.suffix == ".jsonl":
         prompts = []
@@ -123,14 +125,14 @@ def read_prompts(path: Path) -> list[str]:
             try:
                 prompt = json.loads(line)["prompt"]
             except (ValueError, KeyError, TypeError) as e:
-                raise _bad("prompts", f"{path} line {n}: not a JSON object with a \"prompt\" key ({e})") from e
+                raise ConfigError("prompts", f"{path} line {n}: not a JSON object with a \"prompt\" key ({e})") from e
             if not isinstance(prompt, str):
-                raise _bad("prompts", f"{path} line {n}: \"prompt\" must be a string")
+                raise ConfigError("prompts", f"{path} line {n}: \"prompt\" must be a string")
             prompts.append(prompt.strip())
     else:
         prompts = [line.strip() for line in lines if line.strip()]
     if not prompts or not all(prompts):
-        raise _bad("prompts", f"{path} holds no prompts" if not prompts else f"{path} has an empty prompt")
+        raise ConfigError("prompts", f"{path} holds no prompts" if not prompts else f"{path} has an empty prompt")
     return prompts
 
 
@@ -143,48 +145,48 @@ def _check(cfg: SynthConfig) -> str:
     if source == "prompts" and cfg.prompts is None:
         raise ValueError("no source: give --prompts (with --teacher), --videos (with --vae-path) or --latents")
     if source == "latents" and cfg.prompts is not None:
-        raise _bad("prompts", "does not apply to --latents (the prompts come with the latents)")
+        raise ConfigError("prompts", "does not apply to --latents (the prompts come with the latents)")
     for name in ("prompts", "teacher", "text_encoder_path", "tokenizer_path", "vae_path"):
         path = getattr(cfg, name)
         if path is not None and not Path(path).exists():
-            raise FileNotFoundError(f"--{name.replace('_', '-')}: no such file or folder: {path}")
+            raise PathArgumentError(name, f"no such file or folder: {path}")
     for name in ("videos", "latents"):
         path = getattr(cfg, name)
         if path is not None and not Path(path).is_dir():
-            raise FileNotFoundError(f"--{name}: no folder at {path}")
+            raise PathArgumentError(name, f"no folder at {path}")
     if source == "prompts" and cfg.teacher is None:
-        raise _bad("teacher", "is required to sample the --prompts")
+        raise ConfigError("teacher", "is required to sample the --prompts")
     if source == "videos" and cfg.vae_path is None:
-        raise _bad("vae_path", "is required to encode --videos")
+        raise ConfigError("vae_path", "is required to encode --videos")
     if source != "latents" and cfg.text_encoder_path is None:
-        raise _bad("text_encoder_path", "is required to encode the prompts")
+        raise ConfigError("text_encoder_path", "is required to encode the prompts")
     if source != "latents":
         if cfg.num_frames < 1 or (cfg.num_frames - 1) % 4:
-            raise _bad("num_frames", f"must be 1 + 4k (1, 5, ..., 81), got {cfg.num_frames}")
+            raise ConfigError("num_frames", f"must be 1 + 4k (1, 5, ..., 81), got {cfg.num_frames}")
         for name in ("height", "width"):
             size = getattr(cfg, name)
             if size < 16 or size % 16:
-                raise _bad(name, f"must be a positive multiple of 16 (VAE 8x times patch 2), got {size}")
+                raise ConfigError(name, f"must be a positive multiple of 16 (VAE 8x times patch 2), got {size}")
     for name, low in (("steps", 1), ("samples_per_prompt", 1), ("shard_size", 1), ("batch_size", 1),
                       ("text_len", 1), ("seed", 0), ("threads", 0)):
         if getattr(cfg, name) < low:
-            raise _bad(name, f"must be >= {low}, got {getattr(cfg, name)}")
+            raise ConfigError(name, f"must be >= {low}, got {getattr(cfg, name)}")
     for name in ("shift", "sigma_max"):
         if not (math.isfinite(getattr(cfg, name)) and getattr(cfg, name) > 0):
-            raise _bad(name, f"must be a finite number > 0, got {getattr(cfg, name)}")
+            raise ConfigError(name, f"must be a finite number > 0, got {getattr(cfg, name)}")
     if not (math.isfinite(cfg.guidance) and cfg.guidance >= 0):
-        raise _bad("guidance", f"must be a finite number >= 0, got {cfg.guidance}")
+        raise ConfigError("guidance", f"must be a finite number >= 0, got {cfg.guidance}")
     return source
 
 
 
 def _list_videos(cfg: SynthConfig) -> list[tuple[Path, str]]:
-    videos = sorted(p for p in Path(cfg.videos).iterdir() if p.suffix.lower() in VIDEO_SUFFIXES)
+    videos = sorted(p for p in Path(cfg.videos).iterdir() if p.suffix.lower() in presets.VIDEO_SUFFIXES)
     if not videos:
-        raise _bad("videos", f"{cfg.videos} holds no {'/'.join(VIDEO_SUFFIXES)} files")
+        raise ConfigError("videos", f"{cfg.videos} holds no {'/'.join(presets.VIDEO_SUFFIXES)} files")
     listed = read_prompts(Path(cfg.prompts)) if cfg.prompts is not None else None
     if listed is not None and len(listed) != len(videos):
-        raise _bad("prompts", f"{len(listed)} prompts for {len(videos)} videos in {cfg.videos} (one per video, by name)")
+        raise ConfigError("prompts", f"{len(listed)} prompts for {len(videos)} videos in {cfg.videos} (one per video, by name)")
     out = []
     for i, v in enumerate(videos):
         side = v.with_suffix(".txt")
@@ -193,7 +195,7 @@ def _list_videos(cfg: SynthConfig) -> list[tuple[Path, str]]:
         elif listed is not None:
             out.append((v, listed[i]))
         else:
-            raise _bad("videos", f"{v.name} has no prompt: put it in {side.name} or pass --prompts")
+            raise ConfigError("videos", f"{v.name} has no prompt: put it in {side.name} or pass --prompts")
     return out
 
 
@@ -206,11 +208,11 @@ def read_video(path: Path, num_frames: int, height: int, width: int) -> Tensor:
     try:
         frames = np.asarray(iio.imread(path, index=None))
     except Exception as e:  # imageio raises many types for an unreadable file
-        raise _bad("videos", f"cannot read {path} ({type(e).__name__}: {e})") from e
+        raise ConfigError("videos", f"cannot read {path} ({type(e).__name__}: {e})") from e
     if frames.ndim == 3:  # grey
         frames = np.repeat(frames[..., None], 3, axis=-1)
     if frames.ndim != 4 or frames.shape[0] < num_frames:
-        raise _bad("videos", f"{path.name} has {frames.shape[0] if frames.ndim == 4 else 0} frames; "
+        raise ConfigError("videos", f"{path.name} has {frames.shape[0] if frames.ndim == 4 else 0} frames; "
                              f"--num-frames is {num_frames}")
     video = torch.from_numpy(np.ascontiguousarray(frames[:num_frames, :, :, :3])).float().permute(0, 3, 1, 2)
     h, w = video.shape[-2:]
@@ -232,12 +234,12 @@ def _text_encoder_width(path: Path) -> int | None:
             if c.is_file():
                 return json.loads(c.read_text()).get("d_model")
         return None
-    from rcm.models.checkpoint import open_state_dict
+    from rcm.models import open_state_dict
 
     try:
         emb = open_state_dict(path).get("token_embedding.weight")
     except ValueError as e:
-        raise _bad("text_encoder_path", str(e)) from e
+        raise ConfigError("text_encoder_path", str(e)) from e
     return None if emb is None else emb.shape[1]
 
 
@@ -259,7 +261,7 @@ def _shard_name(i: int) -> str:
 def _shard_state(path: Path, settings_hash: str) -> bool:
     """True if ``path`` is a complete shard of these settings, False if absent or unreadable (rewritten);
     a complete shard of other settings is an error."""
-    from rcm.models.checkpoint import open_state_dict
+    from rcm.models import open_state_dict
 
     if not path.is_file():
         return False
@@ -268,14 +270,13 @@ def _shard_state(path: Path, settings_hash: str) -> bool:
     except ValueError:
         return False
     if meta.get("settings_hash") != settings_hash:
-        raise ValueError(f"--out-dir: {path} was written with other settings (or inputs); use another --out-dir")
+        raise ConfigError("out_dir", f"{path} was written with other settings (or inputs); use another --out-dir")
     return True
 
 
 def synth(cfg: SynthConfig) -> dict:
     """Write (or finish writing) the dataset; returns a summary (shards written by this rank, paths)."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     source = _check(cfg)
     if cfg.threads:
@@ -289,12 +290,12 @@ def synth(cfg: SynthConfig) -> dict:
     # -- what to make: items in sample order, and the settings that define them --
     config = None
     if cfg.teacher is not None:
-        from rcm.models.checkpoint import dit_weight_files, read_dit_config
+        from rcm.models import dit_weight_files, read_dit_config
 
         try:
             config = read_dit_config(cfg.teacher)
         except ValueError as e:
-            raise _bad("teacher", str(e)) from e
+            raise ConfigError("teacher", str(e)) from e
     text_len = config.text_len if config is not None else cfg.text_len
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()
                 if k not in ("out_dir", "device", "threads", "batch_size", "teacher", "text_encoder_path",
@@ -306,7 +307,7 @@ def synth(cfg: SynthConfig) -> dict:
         settings["teacher_sha256"] = _file_sha256(dit_weight_files(cfg.teacher).files)
         settings["prompts_sha256"] = hashlib.sha256("\n".join(prompts).encode()).hexdigest()
         if config.in_dim != 16:
-            raise _bad("teacher", f"has in_dim {config.in_dim}; Wan2.1 latents have 16 channels")
+            raise ConfigError("teacher", f"has in_dim {config.in_dim}; Wan2.1 latents have 16 channels")
     elif source == "videos":
         items = _list_videos(cfg)
         settings["videos"] = [(v.name, p) for v, p in items]
@@ -318,19 +319,19 @@ def synth(cfg: SynthConfig) -> dict:
                   "samples_per_prompt", "seed"):
             settings.pop(k)
         if config is not None and src.text_dim != config.text_dim:
-            raise _bad("latents", f"text width {src.text_dim} != the teacher's text_dim {config.text_dim}")
+            raise ConfigError("latents", f"text width {src.text_dim} != the teacher's text_dim {config.text_dim}")
     settings_hash = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     if config is not None and cfg.text_encoder_path is not None:
         width = _text_encoder_width(cfg.text_encoder_path)
         if width is not None and width != config.text_dim:
-            raise _bad("text_encoder_path", f"its width {width} != the teacher's text_dim {config.text_dim}")
+            raise ConfigError("text_encoder_path", f"its width {width} != the teacher's text_dim {config.text_dim}")
 
     index_path = out / INDEX_NAME
     if index_path.is_file():
         old = json.loads(index_path.read_text())
         if old.get("settings_hash") != settings_hash:
-            raise ValueError(f"--out-dir: {out} holds a dataset made with other settings or inputs; use another --out-dir")
+            raise ConfigError("out_dir", f"{out} holds a dataset made with other settings or inputs; use another --out-dir")
     num_shards = math.ceil(len(items) / cfg.shard_size)
     shards = [items[s * cfg.shard_size : (s + 1) * cfg.shard_size] for s in range(num_shards)]
     out.mkdir(parents=True, exist_ok=True)
@@ -356,9 +357,9 @@ def synth(cfg: SynthConfig) -> dict:
                     encoder = load_text_encoder(cfg.text_encoder_path, tokenizer_path=cfg.tokenizer_path,
                                                 dtype=dtype, device=device, text_len=text_len)
                 except ValueError as e:
-                    raise _bad("text_encoder_path", str(e)) from e
+                    raise ConfigError("text_encoder_path", str(e)) from e
                 if config is not None and encoder.dim != config.text_dim:
-                    raise _bad("text_encoder_path", f"its width {encoder.dim} != the teacher's text_dim {config.text_dim}")
+                    raise ConfigError("text_encoder_path", f"its width {encoder.dim} != the teacher's text_dim {config.text_dim}")
                 store = getattr(torch, cfg.embed_dtype)
                 encode = lambda ps: [trim_embedding(e).to(store).cpu() for e in encoder.encode(ps)]  # noqa: E731
                 negative = encode([cfg.negative_prompt])[0]
@@ -371,13 +372,13 @@ def synth(cfg: SynthConfig) -> dict:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
     if need_negative and negative is None:
-        raise _bad("text_encoder_path", f"is needed to encode the negative prompt ({cfg.latents} stores none)")
+        raise ConfigError("text_encoder_path", f"is needed to encode the negative prompt ({cfg.latents} stores none)")
 
     # -- 2. latents, shard by shard --
     store = getattr(torch, cfg.latent_dtype)
     model = None
     if pending and source == "prompts":
-        from rcm.models.checkpoint import load_dit
+        from rcm.models import load_dit
 
         with console.status("loading the teacher"):
             model = load_dit(cfg.teacher, config=config, dtype=dtype, device=device).eval().requires_grad_(False)
@@ -388,26 +389,24 @@ def synth(cfg: SynthConfig) -> dict:
             try:
                 model = load_vae(cfg.vae_path, dtype=dtype, device=device)
             except ValueError as e:
-                raise _bad("vae_path", str(e)) from e
+                raise ConfigError("vae_path", str(e)) from e
             if config is not None and model.config.z_dim != config.in_dim:
-                raise _bad("vae_path", f"{model.config.z_dim} latent channels, the teacher takes {config.in_dim}")
+                raise ConfigError("vae_path", f"{model.config.z_dim} latent channels, the teacher takes {config.in_dim}")
     neg_context = None
     if source == "prompts" and cfg.guidance > 1 and pending:
-        from rcm.data import pad_embeddings
+        from rcm.wan.data import pad_embeddings
 
         neg_context = pad_embeddings([negative], text_len).to(device=device, dtype=dtype)
     latent_shape = None
     start = time.perf_counter()
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TimeRemainingColumn())
-    with Progress(*columns, console=console) as bar:
+    with progress_bar(console) as bar:
         job = bar.add_task(f"{source} (rank {rank})" if world > 1 else source,
                            total=sum(len(shards[s]) for s in pending))
         for s in pending:
             lat, emb, texts = [], [], []
             if source == "prompts":
-                from rcm.data import pad_embeddings
-                from rcm.sample import sample_wan_latent
+                from rcm.wan.data import pad_embeddings
+                from rcm.wan.pipeline import sample_wan_latent
 
                 shape = (16, 1 + (cfg.num_frames - 1) // 4, cfg.height // 8, cfg.width // 8)
                 for i in range(0, len(shards[s]), cfg.batch_size):
@@ -438,7 +437,7 @@ def synth(cfg: SynthConfig) -> dict:
                     texts.append(prompt)
                     bar.advance(job)
                 if config is not None and text_len < max(e.shape[0] for e in emb):
-                    raise _bad("latents", f"an embedding is longer than the teacher's text_len {text_len}")
+                    raise ConfigError("latents", f"an embedding is longer than the teacher's text_len {text_len}")
             latents = torch.stack(lat).to(store)
             latent_shape = list(latents.shape[1:])
             data = encode_shard(latents, emb, texts, {"settings_hash": settings_hash, "shard": s})
@@ -458,7 +457,7 @@ def synth(cfg: SynthConfig) -> dict:
 
             atomic_write_bytes(negative_path, save({"embed": negative.contiguous()},
                                                    metadata={"prompt": cfg.negative_prompt}))
-        from rcm.data import _open_shard
+        from rcm.wan.data import _open_shard
 
         first = _open_shard(out / _shard_name(0))  # headers only: the shape and width
         index = {"format": LATENT_FORMAT, "num_samples": len(items), "shard_size": cfg.shard_size,

@@ -24,6 +24,7 @@ import io
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -33,22 +34,22 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
     get_model_state_dict,
     get_state_dict,
     set_model_state_dict,
     set_state_dict,
 )
 
-from rcm.checkpoint import LATEST, atomic_write_bytes
+from rcm.checkpoint.atomic import CheckpointError, atomic_write_bytes, atomic_write_with
+from rcm.checkpoint.local import LATEST, CheckpointWarning
+from rcm.checkpoint.manifest import discard_manifest, newest_intact, write_manifest
+from rcm.parallel.fsdp import full_model_state_dict
 from rcm.parallel.mesh import ParallelMesh
 
 __all__ = [
     "export_checkpoint",
     "export_safetensors",
-    "full_model_state_dict",
     "list_sharded_checkpoints",
-    "load_full_model_state_dict",
     "load_latest_sharded_checkpoint",
     "load_train_state",
     "save_sharded_checkpoint",
@@ -105,7 +106,7 @@ def _gather_rank_states(payload: dict, mesh: ParallelMesh | None) -> dict[int, d
 
 
 def save_train_state(path: str | Path, state, mesh: ParallelMesh | None = None, extra: Any = None) -> Path:
-    """Write ``state`` (an ``rcm.train.TrainState``, sharded or not) as a DCP checkpoint folder.
+    """Write ``state`` (a ``TrainState`` of the training loop, sharded or not) as a DCP checkpoint folder.
 
     Collective: every rank calls it. ``extra``: any picklable per-rank object stored per data-parallel
     rank (e.g. ``task.state_dict()``), returned by ``load_train_state``."""
@@ -196,7 +197,7 @@ def list_sharded_checkpoints(folder: str | Path) -> list[Path]:
 
 def save_sharded_checkpoint(folder: str | Path, state, mesh: ParallelMesh | None = None, extra: Any = None,
                             keep: int = 2) -> Path:
-    """``save_train_state`` into ``folder/step_<iteration>/``, crash-safe like ``rcm.checkpoint``:
+    """``save_train_state`` into ``folder/step_<iteration>/``, crash-safe like the local backend (``rcm.checkpoint.local``):
     written under a temporary name, renamed by rank 0 once complete, then ``latest`` is moved and
     checkpoints beyond the newest ``keep`` are deleted. Collective; returns the final path."""
     folder = Path(folder)
@@ -212,9 +213,12 @@ def save_sharded_checkpoint(folder: str | Path, state, mesh: ParallelMesh | None
     final = folder / name
     if rank0:
         shutil.rmtree(final, ignore_errors=True)
+        discard_manifest(final)
         os.replace(tmp, final)
+        write_manifest(final)  # before the pointer moves: a folder with a manifest is complete
         atomic_write_bytes(folder / LATEST, name.encode())
         for old in list_sharded_checkpoints(folder)[:-keep] if keep > 0 else []:
+            discard_manifest(old)
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
@@ -232,37 +236,23 @@ def load_latest_sharded_checkpoint(folder: str | Path, state, mesh: ParallelMesh
             candidates = candidates[: candidates.index(named) + 1]
     if not candidates:
         return None
-    path = candidates[-1]
+    chosen = [None]
+    if not _distributed() or dist.get_rank() == 0:  # rank 0 reads the checksums; every rank follows its choice
+        good, corrupt = newest_intact(candidates)
+        for bad in corrupt:
+            warnings.warn(f"{bad.message}; falling back to an older checkpoint", CheckpointWarning, stacklevel=2)
+        chosen = [None if good is None else str(good.path)]
+    if _distributed() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(chosen, src=0)
+    if chosen[0] is None:
+        raise CheckpointError(f"no intact checkpoint in {folder}")
+    path = Path(chosen[0])
     return load_train_state(path, state, mesh), path
 
 
 def _barrier() -> None:
     if _distributed() and dist.get_world_size() > 1:
         dist.barrier()
-
-
-# ------------------------------------------------------------------------------------------------
-# Full (unsharded) weights: for sampling, export and loading a teacher into a sharded model.
-
-
-def full_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The whole model's weights as plain CPU tensors. Collective for a sharded model, and then only
-    rank 0 gets them (the others get ``{}``). Keys are the model's own (official Wan keys)."""
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(model, options=opts)
-
-
-def load_full_model_state_dict(model: nn.Module, full: dict[str, torch.Tensor] | None, *, strict: bool = True,
-                               broadcast_from_rank0: bool = False) -> None:
-    """Load plain full weights (e.g. the teacher checkpoint) into a sharded or plain model; each rank
-    keeps its shards. Strict by default (DESIGN.md: no silent key mismatches).
-
-    ``broadcast_from_rank0``: only rank 0 reads the file and passes ``full``; the others pass ``None``
-    and receive the tensors through the process group (one copy of a 14B model in host memory per
-    node instead of one per GPU). With a model built on the meta device, call
-    ``model.to_empty(device=...)`` after ``parallelize`` and before this."""
-    opts = StateDictOptions(full_state_dict=True, strict=strict, broadcast_from_rank0=broadcast_from_rank0)
-    set_model_state_dict(model, {} if full is None else full, options=opts)
 
 
 def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path, dtype: torch.dtype | None) -> Path:
@@ -275,7 +265,7 @@ def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path, dtype: torch
             v = v.to(dtype)
         out[k] = v.contiguous().clone()  # no shared storage in a safetensors file
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(out, str(path))
+    atomic_write_with(path, lambda tmp: save_file(out, str(tmp)))
     return path
 
 

@@ -1,0 +1,240 @@
+"""`rcm study`: the convergence study of the digits demo, as one resumable command.
+
+Each method (rCM, DMD2, sCM) is an ordinary `rcm distill` run folder (``<out-dir>/<method>``) with the same
+budget and settings (batch, learning rate, EMA, iterations). While it trains, the loop's periodic-sample
+callback hands the task the EMA student every ``gcd(snapshots)`` iterations; at each snapshot iteration
+the study's task samples the EMA at every step count on the report seed and scores it with every per-frame
+metric (``rcm.digits.metrics``), writing ``<out-dir>/<method>/study/<iteration>.json``. A rerun resumes each
+run from its last checkpoint and skips snapshots already scored. At the end: ``study.md`` and ``study.json``
+(a row per method@steps and snapshot, plus the teacher rows) and ``study.png`` (a panel per metric against
+iterations, a line per method@steps, the teacher at 50 and 4 steps as dashed levels).
+
+    rcm study --device cuda --snapshots 500 1000 2500 5000 10000 --concurrent   # one GPU, 3 processes
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+from dataclasses import dataclass, replace
+from functools import reduce
+from pathlib import Path
+
+import torch
+
+from rcm import ConfigError
+from rcm.digits import presets
+from rcm.digits.evaluate import (COLUMNS, DigitsReport, EvalConfig, digits_report, evaluate, markdown_table,
+                                 print_table)
+from rcm.digits.model import DEMO_SPEC, TeacherSampling, load_teacher, sample_student
+from rcm.digits.task import DigitsDistillConfig, DigitsTask
+from rcm.sample import Device, resolve_device
+from rcm.train import LoopConfig, distill, start_run
+
+METHODS = ("rcm", "dmd2", "scm")
+METRICS = [key for key, _, _ in COLUMNS if key != "sec_per_sample"]
+
+
+@dataclass
+class StudyConfig:
+    """Distill the digits teacher with each method at equal budgets and score each one's EMA student at
+    1/2/4 steps at several iterations; write a table (markdown + json) and a plot."""
+
+    out_dir: Path = Path("runs/study")
+    methods: tuple[str, ...] = METHODS
+    snapshots: tuple[int, ...] = (500, 1000, 2500, 5000, 10000)
+    """iterations at which each method's EMA student is scored; the last one is the run's length."""
+    batch_size: int = 64
+    lr: float = 1e-4
+    """learning rate of student and critic (the same for every method)."""
+    student_steps: tuple[int, ...] = presets.STUDENT_STEPS
+    teacher_steps: tuple[int, ...] = (4, presets.TEACHER_STEPS)
+    """teacher rows of the table and dashed levels of the plot."""
+    num_per_class: int = 20
+    num_real: int = 500
+    seed: int = 0
+    """the report seed: noise of every scored sample."""
+    checkpoint_every: int = 500
+    device: Device = "auto"
+    concurrent: bool = False
+    """run the methods as concurrent processes (on one GPU: the small model leaves it mostly idle)."""
+    threads: int = 0
+    """torch threads per process; 0: torch's default."""
+
+    def __post_init__(self):
+        if not self.methods or any(m not in METHODS for m in self.methods) or len(set(self.methods)) != len(self.methods):
+            raise ConfigError("methods", f"must be distinct names among {', '.join(METHODS)}, got {list(self.methods)}")
+        if not self.snapshots or any(s < 1 for s in self.snapshots) or list(self.snapshots) != sorted(set(self.snapshots)):
+            raise ConfigError("snapshots", f"must be increasing iterations >= 1, got {list(self.snapshots)}")
+        for steps in self.student_steps:
+            if steps not in presets.STUDENT_MID_TIMES:
+                raise ConfigError("student_steps", f"the digits presets have mid-times for "
+                                  f"{sorted(presets.STUDENT_MID_TIMES)} steps, got {steps}")
+        for name in ("batch_size", "num_per_class", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
+        if self.num_real < 20:
+            raise ConfigError("num_real", f"must be >= 20, got {self.num_real}")
+        if not self.lr > 0:
+            raise ConfigError("lr", f"must be > 0, got {self.lr}")
+        resolve_device(self.device)
+
+    def distill_config(self, method: str) -> DigitsDistillConfig:
+        """The method's run: the digits defaults with the study's budget and settings, no final report."""
+        optim = replace(presets.OPTIMIZER, lr=self.lr)
+        every = reduce(math.gcd, self.snapshots)
+        return DigitsDistillConfig(
+            method=method, out_dir=Path(self.out_dir) / method, batch_size=self.batch_size,
+            loop=LoopConfig(iterations=self.snapshots[-1], checkpoint_every=min(self.checkpoint_every, every)),
+            student_optim=optim, critic_optim=replace(optim), report=False, sample_every=every,
+            device=self.device, threads=self.threads)
+
+    def eval_config(self) -> EvalConfig:
+        return EvalConfig(num_per_class=self.num_per_class, num_real=self.num_real, seed=self.seed, spec=DEMO_SPEC)
+
+
+class StudyTask(DigitsTask):
+    """The digits task whose periodic samples are the study's snapshots: score the EMA student, don't draw it."""
+
+    def __init__(self, cfg: DigitsDistillConfig, run, study: StudyConfig):
+        super().__init__(cfg, run)
+        self.study = study
+
+    def write_samples(self, ema, iteration: int, run_dir: Path, console) -> None:
+        path = run_dir / "study" / f"{iteration}.json"
+        if iteration not in self.study.snapshots or path.is_file():
+            return
+        gens = {f"{self.cfg.method}@{n}": (lambda n: lambda labels, g: sample_student(ema, labels, g, steps=n))(n)
+                for n in self.study.student_steps}
+        rows = evaluate(gens, self.study.eval_config(), show=False)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps([{**r, "iteration": iteration, "method": self.cfg.method} for r in rows], indent=1))
+        tmp.replace(path)
+        console.print(f"study: {self.cfg.method} at {iteration}: " + ", ".join(
+            f"{r['name']} acc {r['frame_accuracy']:.3f} FD {r['frame_fd']:.2f}" for r in rows))
+
+
+def run_method(study: StudyConfig, method: str) -> None:
+    """Train (or resume) one method's run, scoring its snapshots on the way."""
+    cfg = study.distill_config(method)
+    run = start_run(cfg, device=resolve_device(cfg.device))
+    distill(StudyTask(cfg, run, study), cfg, run)
+
+
+def collect_rows(study: StudyConfig) -> list[dict]:
+    """Every scored snapshot of every method, ordered by method, step count, iteration."""
+    rows = []
+    for method in study.methods:
+        for it in study.snapshots:
+            path = Path(study.out_dir) / method / "study" / f"{it}.json"
+            if path.is_file():
+                rows += [r for r in json.loads(path.read_text()) if int(r["name"].split("@")[1]) in study.student_steps]
+    return sorted(rows, key=lambda r: (study.methods.index(r["method"]), int(r["name"].split("@")[1]), r["iteration"]))
+
+
+def teacher_rows(study: StudyConfig) -> list[dict]:
+    """The teacher at `teacher_steps` on the same evaluation (cached rows where there are some)."""
+    device = resolve_device(study.device)
+    report = DigitsReport(student_steps=(), teacher_steps=study.teacher_steps, num_per_class=study.num_per_class,
+                          num_real=study.num_real, seed=study.seed)
+    return digits_report(load_teacher(device=device), {}, Path(study.out_dir) / "teacher", report, TeacherSampling(),
+                         write_media=False)
+
+
+def run_study(study: StudyConfig) -> dict:
+    """`rcm study`: train every method (one after the other, or concurrently), then the table and the plot."""
+    from rich.console import Console
+
+    out = Path(study.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "study_config.json").write_text(json.dumps(study.__dict__, indent=2, default=str) + "\n")
+    if study.concurrent and len(study.methods) > 1:
+        ctx = multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked child
+        procs = [ctx.Process(target=run_method, args=(study, m), name=f"study-{m}") for m in study.methods]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join()
+        failed = [p.name for p in procs if p.exitcode != 0]
+        if failed:
+            raise RuntimeError(f"{', '.join(failed)} failed (rerun `rcm study` with the same --out-dir to resume)")
+    else:
+        for method in study.methods:
+            run_method(study, method)
+    rows = collect_rows(study)
+    teachers = teacher_rows(study)
+    table = [{**r, "name": f"{r['name']} @ {r['iteration']} its"} for r in rows]
+    print_table(table + teachers, title="convergence study (report seed)", console=Console())
+    (out / "study.md").write_text(markdown_table(table + teachers))
+    (out / "study.json").write_text(json.dumps({"config": study.__dict__, "rows": rows, "teacher": teachers},
+                                               indent=1, default=str) + "\n")
+    plot_study(rows, teachers, out / "study.png")
+    return {"rows": rows, "teacher": teachers, "table": str(out / "study.md"), "plot": str(out / "study.png")}
+
+
+# --------------------------------------------------------------------------------------------
+# the plot (PIL: no plotting dependency)
+
+PALETTE = {"rcm": (200, 30, 30), "dmd2": (30, 90, 200), "scm": (30, 150, 60)}
+DASHES = {1: 0, 2: 6, 4: 2}  # step count -> dash length (0: solid)
+
+
+def _line(draw, points, color, dash: int, width: int = 2) -> None:
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if not dash:
+            draw.line([(x0, y0), (x1, y1)], fill=color, width=width)
+            continue
+        n = max(1, int(math.hypot(x1 - x0, y1 - y0) // dash))
+        for i in range(0, n, 2):
+            a, b = i / n, min(1.0, (i + 1) / n)
+            draw.line([(x0 + a * (x1 - x0), y0 + a * (y1 - y0)), (x0 + b * (x1 - x0), y0 + b * (y1 - y0))],
+                      fill=color, width=width)
+
+
+def plot_study(rows: list[dict], teachers: list[dict], path: Path, panel: tuple[int, int] = (300, 200)) -> None:
+    """A panel per metric (value against iterations, log-spaced x), a line per method@steps, dashed grey
+    levels for the teacher rows; a legend at the bottom."""
+    from PIL import Image, ImageDraw
+
+    cols, pw, ph, margin = 4, panel[0], panel[1], 40
+    grid_rows = math.ceil(len(METRICS) / cols)
+    legend_h = 20 * (1 + len({r["name"] for r in rows}) // 4)
+    img = Image.new("RGB", (cols * pw, grid_rows * ph + legend_h), "white")
+    draw = ImageDraw.Draw(img)
+    iters = sorted({r["iteration"] for r in rows}) or [1]
+    lx0, lx1 = math.log(iters[0]), math.log(iters[-1]) if iters[-1] > iters[0] else math.log(iters[0]) + 1
+    series = {}
+    for r in rows:
+        series.setdefault(r["name"], []).append(r)
+    for k, key in enumerate(METRICS):
+        ox, oy = (k % cols) * pw, (k // cols) * ph
+        values = [r[key] for r in rows + teachers]
+        lo, hi = min(values), max(values)
+        hi = hi if hi > lo else lo + 1.0
+        x = lambda it: ox + margin + (math.log(it) - lx0) / (lx1 - lx0) * (pw - margin - 10)  # noqa: E731
+        y = lambda v: oy + ph - 25 - (v - lo) / (hi - lo) * (ph - 45)  # noqa: E731
+        draw.rectangle([ox + margin, oy + 20, ox + pw - 10, oy + ph - 25], outline=(160, 160, 160))
+        draw.text((ox + margin, oy + 4), key, fill="black")
+        draw.text((ox + 2, oy + 18), f"{hi:.3g}", fill="black")
+        draw.text((ox + 2, oy + ph - 32), f"{lo:.3g}", fill="black")
+        for it in iters:
+            draw.text((x(it) - 8, oy + ph - 20), str(it), fill=(90, 90, 90))
+        for t in teachers:
+            _line(draw, [(ox + margin, y(t[key])), (ox + pw - 10, y(t[key]))], (150, 150, 150), 4, width=1)
+            draw.text((ox + pw - 60, y(t[key]) - 11), t["name"], fill=(120, 120, 120))
+        for name, pts in series.items():
+            method, steps = name.split("@")
+            xy = [(x(p["iteration"]), y(p[key])) for p in sorted(pts, key=lambda p: p["iteration"])]
+            _line(draw, xy, PALETTE.get(method, (0, 0, 0)), DASHES.get(int(steps), 4))
+            for px, py in xy:
+                draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=PALETTE.get(method, (0, 0, 0)))
+    for i, name in enumerate(series):
+        method, steps = name.split("@")
+        lx, ly = 10 + (i % 4) * 160, grid_rows * ph + 4 + 20 * (i // 4)
+        _line(draw, [(lx, ly + 6), (lx + 40, ly + 6)], PALETTE.get(method, (0, 0, 0)), DASHES.get(int(steps), 4))
+        draw.text((lx + 46, ly), name, fill="black")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+

@@ -1,0 +1,117 @@
+"""`rcm distill` (digits): the embedded default as a task of the training engine.
+
+The shipped class-conditional digits teacher, real moving-digit clips as x0, labels as the context, the
+null label as the CFG negative; at the end a report scoring teacher and student frame by frame (per-frame
+accuracy, digit switching, shape and motion consistency, stray ink, frame FD, diversity:
+``rcm.digits.evaluate``, ``rcm.digits.metrics``). ``--device``: clips are made on the CPU, batches move.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar, Literal
+
+import torch
+from torch import Tensor, nn
+
+from rcm import ConfigError
+from rcm.digits import presets
+from rcm.digits.data import ClipBatches
+from rcm.digits.evaluate import DigitsReport, digits_report
+from rcm.digits.model import DEMO_SPEC, TeacherSampling, load_teacher, null_labels, save_model
+from rcm.losses import RCMConfig
+from rcm.optim import OptimizerConfig
+from rcm.sample import Device, resolve_device
+from rcm.train import DistillConfig, LoopConfig, Run, distill, start_run
+
+
+@dataclass
+class DigitsDistillConfig(DistillConfig):
+    """Distill the shipped digits teacher into a 1-4 step student with rCM (or sCM / DMD2 alone).
+
+    With no arguments: rCM (on CUDA when available, else the CPU), writing samples, metrics.json and the
+    per-frame table to --out-dir. Re-running the same command resumes from the last checkpoint."""
+
+    teacher: Path | None = None
+    """the teacher; default the shipped one (rcm/assets/digits_teacher.safetensors)."""
+    batch_size: int = presets.BATCH_SIZE
+    loop: LoopConfig = field(default_factory=lambda: LoopConfig(iterations=presets.ITERATIONS,
+                                                                checkpoint_every=presets.CHECKPOINT_EVERY))
+    loss: RCMConfig = field(default_factory=lambda: presets.LOSS)
+    student_optim: OptimizerConfig = field(default_factory=lambda: presets.OPTIMIZER)
+    critic_optim: OptimizerConfig = field(default_factory=lambda: presets.OPTIMIZER)
+    ema_sigma_rel: float = presets.EMA_SIGMA_REL
+    report: bool = True
+    """sample and score teacher and student at the end."""
+    report_settings: DigitsReport = field(default_factory=DigitsReport)
+    device: Device = "auto"
+    """auto: cuda when available, else cpu (clips are made on the CPU; batches move to the device)."""
+    model: Literal["digits"] = "digits"
+
+    NOT_FINGERPRINTED: ClassVar[tuple[str, ...]] = (*DistillConfig.NOT_FINGERPRINTED, "report", "report_settings",
+                                                    "device")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.teacher is not None and not Path(self.teacher).is_file():
+            raise ConfigError("teacher", f"no file at {self.teacher}")
+        resolve_device(self.device)  # cuda asked for without CUDA: an error naming --device
+
+
+class DigitsTask:
+    """The engine's task for the digits demo (see the module docstring)."""
+
+    dtype = torch.float32
+
+    def __init__(self, cfg: DigitsDistillConfig, run: Run):
+        self.cfg, self.run = cfg, run
+        self.batches = ClipBatches("train", batch_size=cfg.batch_size, seed=run.seed, spec=DEMO_SPEC)
+
+    def describe(self) -> str:
+        return "the digits teacher"
+
+    def build_teacher(self, device: torch.device | str | None = None) -> nn.Module:
+        return load_teacher(self.cfg.teacher, device=self.run.device if device is None else device)
+
+    def new_network(self) -> nn.Module:
+        return load_teacher(self.cfg.teacher, device="cpu")  # its weights are overwritten by the gathered ones
+
+    def next_batch(self) -> tuple[Tensor, Tensor]:
+        clips, labels = next(self.batches)
+        return clips.to(self.run.device, non_blocking=True), labels.to(self.run.device, non_blocking=True)
+
+    def negative_context(self, labels: Tensor) -> Tensor:
+        return null_labels(labels)
+
+    def state_dict(self) -> dict:
+        return {"batches": self.batches.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batches.load_state_dict(state["batches"])
+
+    def write_samples(self, ema: nn.Module, iteration: int, run_dir: Path, console) -> None:
+        """None during the run: the report at the end samples every generator."""
+
+    def export(self, ema: nn.Module, path: Path, metadata: dict) -> None:
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_model(ema, tmp, metadata)
+        os.replace(tmp, path)  # a crash mid-export leaves the previous export (or none), never half a file
+
+    def report(self, teacher: nn.Module, ema: nn.Module, run_dir: Path, console) -> dict:
+        if not self.cfg.report:
+            return {}
+        loss = self.cfg.loss
+        sampling = TeacherSampling(guidance=loss.scm.guidance if loss.scm.guidance > 1 else loss.dmd.guidance)
+        teacher, ema = teacher.to(self.run.device), ema.to(self.run.device)
+        rows = digits_report(teacher, {self.cfg.method: ema}, run_dir, self.cfg.report_settings, sampling,
+                             console=console, teacher_path=self.cfg.teacher)
+        console.print(f"samples → {run_dir}/samples.png, samples.gif, samples.mp4; metrics → {run_dir}/metrics.json")
+        return {"rows": rows}
+
+
+def distill_digits(cfg: DigitsDistillConfig) -> dict:
+    """`rcm distill` / `rcm distill digits`: run (or resume) the demo's distillation, export, report."""
+    run = start_run(cfg, device=resolve_device(cfg.device))
+    return distill(DigitsTask(cfg, run), cfg, run)

@@ -1,0 +1,286 @@
+"""`distill`: the one driver of every application (mesh, seed, state, resume, loop, export, report).
+
+An application builds its task from its config and a ``Run`` (``start_run``), then calls ``distill``;
+the driver imports no application and no command."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from rcm import ConfigError
+from rcm.checkpoint import checkpointer
+from rcm.checkpoint.fingerprint import settings_record
+from rcm.checkpoint.lock import LOCK_NAME as LOCK_FILE, RunFolderLock
+from rcm.losses import RCMConfig
+from rcm.optim import OptimizerConfig
+from rcm.parallel import ParallelConfig
+from rcm.timing import progress_bar, sync
+from rcm.train.loop import LoopConfig, loop_callbacks, resume, run_loop
+from rcm.train.step import Method, Task, TrainState, init_state, is_rank0, method_config
+
+
+@dataclass
+class DistillConfig:
+    """What every distillation run is given; an application's config extends it (with its presets)."""
+
+    method: Method = "rcm"
+    """rcm, or scm / dmd2 alone (for comparison)."""
+    out_dir: Path | None = None
+    """run folder; default runs/<model>-<method>."""
+    resume: bool = True
+    """continue from out_dir's latest checkpoint if there is one."""
+    batch_size: int = 1
+    """samples per data-parallel rank and iteration."""
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    loss: RCMConfig = field(default_factory=RCMConfig)
+    student_optim: OptimizerConfig = field(default_factory=OptimizerConfig)
+    critic_optim: OptimizerConfig = field(default_factory=OptimizerConfig)
+    ema_sigma_rel: float = 0.1
+    """σ_rel of the power-function EMA (the exported student)."""
+    sample_every: int = 0
+    """write EMA-student samples every this many iterations (and at the end); 0: only at the end."""
+    threads: int = 0
+    """torch.set_num_threads; 0 keeps torch's default."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """used when launched by torchrun."""
+
+    # Settings that do not change a run's trajectory (its length, outputs, reporting, layout): a run
+    # resumes across changes of these. Of `loop`, only the seed is part of the fingerprint.
+    NOT_FINGERPRINTED: ClassVar[tuple[str, ...]] = ("out_dir", "resume", "threads", "parallel", "sample_every")
+
+    @property
+    def model(self) -> str:
+        raise NotImplementedError
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ConfigError("batch_size", f"must be >= 1, got {self.batch_size}")
+        if not self.ema_sigma_rel > 0:
+            raise ConfigError("ema_sigma_rel", f"must be > 0, got {self.ema_sigma_rel}")
+        for name in ("sample_every", "threads"):
+            if getattr(self, name) < 0:
+                raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
+        method_config(self.method, self.loss)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) if self.out_dir is not None else Path("runs") / f"{self.model}-{self.method}"
+
+    def fingerprint(self) -> dict:
+        """Everything that changes the trajectory, flat (dotted field names), as a resumed run must match it:
+        files (the teacher) by their content digest, not their spelling; the effective CPU thread count,
+        since a different count changes float sums (and so the trajectory) on the CPU."""
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in self.NOT_FINGERPRINTED}
+        fields["loop"] = {"seed": self.loop.seed}
+        fields["threads"] = torch.get_num_threads()
+        return settings_record(fields)
+
+
+@dataclass
+class Run:
+    """Where a run executes: its mesh (None: one process), device, this rank's seed, the console."""
+
+    mesh: Any
+    device: torch.device
+    seed: int
+    console: Any
+
+    @property
+    def dp_rank(self) -> int:
+        return 0 if self.mesh is None else self.mesh.dp_rank
+
+    @property
+    def dp_size(self) -> int:
+        return 1 if self.mesh is None else self.mesh.dp_size
+
+
+def start_run(cfg: DistillConfig, device: torch.device | str = "cpu") -> Run:
+    """Threads, the process group and mesh under torchrun (WORLD_SIZE > 1: FSDP2 and CP over the ranks,
+    each on its own GPU; rank 0 alone prints), the seed of this rank."""
+    from rich.console import Console
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    mesh = None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from rcm.parallel import init_distributed, rank_seed
+
+        mesh = init_distributed(cfg.parallel)
+        device = torch.device(mesh.device_type, torch.cuda.current_device() if mesh.device_type == "cuda" else 0)
+    seed = cfg.loop.seed if mesh is None else rank_seed(cfg.loop.seed, mesh)
+    device = torch.device(device)
+    torch.manual_seed(seed)
+    console = Console()
+    console.quiet = not is_rank0()
+    return Run(mesh, device, seed, console)
+
+
+def _build_state(task: Task, cfg: DistillConfig, loss: RCMConfig, run: Run) -> TrainState:
+    if run.mesh is None:
+        state = init_state(task.build_teacher(), loss, cfg.student_optim, cfg.critic_optim, run.seed, run.device,
+                           dtype=task.dtype)
+        if cfg.parallel.activation_checkpointing:
+            from rcm.parallel import apply_activation_checkpointing
+
+            for module in (state.student, state.fake_score):  # the networks that backpropagate
+                if module is not None:
+                    apply_activation_checkpointing(module)
+        return state
+    # Built on the meta device and sharded before any weight exists; rank 0 alone reads the teacher and
+    # broadcasts it into every rank's shards (one copy of a 14B teacher in host memory, not one per rank).
+    from rcm.parallel import materialize_train_state, shard_train_state
+
+    state = init_state(task.build_teacher(device="meta"), loss, cfg.student_optim, cfg.critic_optim, run.seed,
+                       run.device, dtype=task.dtype)
+    shard_train_state(state, run.mesh, cfg.parallel)
+    weights = task.build_teacher(device="cpu").state_dict() if is_rank0() else None
+    materialize_train_state(state, weights, run.device)
+    return state
+
+
+class _Progress:
+    """Callback (rank 0): the progress bar, and each iteration's seconds (and peak GPU memory) in its logs."""
+
+    def __init__(self, bar, job, device: torch.device):
+        self.bar, self.job, self.device = bar, job, device
+        self.cuda = device.type == "cuda"
+        self.last, self.steps, self.peak = time.perf_counter(), [], 0.0
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+
+    def __call__(self, state: TrainState, logs: dict) -> None:
+        if not is_rank0():
+            return
+        sync(self.device)
+        now = time.perf_counter()
+        logs["seconds_per_iteration"] = round(now - self.last, 4)
+        self.steps.append((logs["phase"], now - self.last))
+        self.last = now
+        if self.cuda:  # this iteration's peak; the run's peak is kept for the summary
+            peak = torch.cuda.max_memory_allocated(self.device) / 2**30
+            logs["peak_memory_gib"] = round(peak, 3)
+            self.peak = max(self.peak, peak)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        info = "  ".join(f"{k[5:]} {v:.3g}" for k, v in logs.items() if k.startswith("loss_"))
+        self.bar.update(self.job, completed=state.iteration, info=info)
+
+
+RUN_MARKER = ".rcm-run"  # written first into a run folder: the folder's other files are this run's
+
+
+def _refuse_foreign_folder(run_dir: Path, resume: bool) -> None:
+    """A run folder is new, empty, or a run of rcm's (resumed only with --resume): anything else is
+    refused before any write, naming one file that is not a run's."""
+    if str(run_dir).strip() in ("", "."):
+        raise ConfigError("out_dir", "must name a run folder (the current directory is not one)")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError("out_dir", f"{run_dir} is a file, not a folder")
+    entries = sorted(p.name for p in run_dir.iterdir()) if run_dir.is_dir() else []
+    ours = RUN_MARKER in entries or "checkpoints" in entries  # (runs of earlier versions have no marker)
+    others = [e for e in entries if e != LOCK_FILE]
+    if others and not ours:
+        raise ConfigError("out_dir", f"{run_dir} holds files that are not an rcm run's (e.g. {others[0]}); "
+                                     f"give an empty or new folder")
+    if ours and not resume and any(e not in (RUN_MARKER, LOCK_FILE) for e in entries):
+        raise ConfigError("out_dir", f"{run_dir} already holds a run; use another --out-dir or drop --no-resume "
+                                     f"to continue it")
+
+
+def _lock_run_folder(run_dir: Path, resume: bool) -> RunFolderLock | None:
+    """Rank 0 checks and locks the folder (one writer per run folder); every rank learns the outcome."""
+    error, lock = None, None
+    if is_rank0():
+        try:
+            _refuse_foreign_folder(run_dir, resume)
+            lock = RunFolderLock(run_dir).acquire()
+            (run_dir / RUN_MARKER).touch()
+        except ValueError as e:
+            error = e
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        shared = [None if error is None else str(error)]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        if error is None and shared[0] is not None:
+            error = ValueError(shared[0])
+    if error is not None:
+        raise error
+    return lock
+
+
+def distill(task: Task, cfg: DistillConfig, run: Run) -> dict:
+    """Run (or resume) a distillation of ``task``'s teacher, with periodic samples, then export the EMA
+    student and report. Returns a summary dict (on ranks other than 0: the run folder and the rank)."""
+    console, mesh, rank0 = run.console, run.mesh, is_rank0()
+    run_dir = cfg.run_dir
+    lock = _lock_run_folder(run_dir, cfg.resume)  # before any write, before the models are built
+    try:
+        return _distill_locked(task, cfg, run, run_dir)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _distill_locked(task: Task, cfg: DistillConfig, run: Run, run_dir: Path) -> dict:
+    console, mesh, rank0 = run.console, run.mesh, is_rank0()
+    loss = method_config(cfg.method, cfg.loss)
+    state = _build_state(task, cfg, loss, run)
+    if getattr(cfg, "compile", False):  # after activation checkpointing: the compiled call wraps the checkpointed block
+        state.compile = "inductor"
+    record = {"fingerprint": cfg.fingerprint(), "ema_sigma_rel": cfg.ema_sigma_rel}
+    ckpt = checkpointer(run_dir / "checkpoints", mesh, keep=cfg.loop.keep_checkpoints)
+    if cfg.resume and resume(state, task, ckpt, record) is not None:
+        if state.iteration > cfg.loop.iterations:  # exporting would hand out the later weights as the shorter run's
+            raise ConfigError("loop.iterations", f"{run_dir} has already run {state.iteration} iterations, more than "
+                                                 f"{cfg.loop.iterations}; give at least {state.iteration}, or another --out-dir")
+        console.print(f"[bold]resumed[/] {run_dir} at iteration {state.iteration}")
+    if rank0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2, default=str) + "\n")
+    n_params = sum(p.numel() for p in state.student.parameters())
+    console.print(f"[bold]{cfg.method}[/] distillation of {task.describe()} ({n_params / 1e6:,.2f}M parameters, "
+                  f"{task.dtype}, {run.device}) → {run_dir}  ({cfg.loop.iterations} iterations, batch {cfg.batch_size})")
+
+    def samples(state: TrainState, logs: dict) -> None:
+        if cfg.sample_every and state.iteration % cfg.sample_every == 0 and state.iteration < cfg.loop.iterations:
+            task.write_samples(state.ema, state.iteration, run_dir, console)
+            progress.last = time.perf_counter()  # sampling is not part of the next iteration's seconds
+
+    start = time.perf_counter()
+    with progress_bar(console, info=True) as bar:
+        job = bar.add_task(cfg.method, total=cfg.loop.iterations, completed=state.iteration, info="")
+        progress = _Progress(bar, job, run.device)
+        callbacks = [progress, *loop_callbacks(state, task, run_dir, record, cfg.loop, ckpt), samples]
+        run_loop(state, task, loss, cfg.loop, callbacks, cfg.ema_sigma_rel)
+    train_seconds = time.perf_counter() - start
+    task.write_samples(state.ema, state.iteration, run_dir, console)
+
+    # Export: the EMA student alone, as one file (gathered onto rank 0 when sharded).
+    ema, teacher = state.ema, state.teacher
+    if mesh is not None:
+        from rcm.parallel import full_model_state_dict
+
+        full = full_model_state_dict(state.ema)
+        torch.distributed.barrier()
+        if not rank0:
+            return {"run_dir": str(run_dir), "rank": torch.distributed.get_rank()}
+        ema = task.new_network()
+        ema.load_state_dict(full)
+        teacher = task.build_teacher(device="cpu")
+    student_path = run_dir / "student_ema.safetensors"
+    task.export(ema, student_path, {"kind": "student", "method": cfg.method, "iterations": str(state.iteration)})
+    steps = progress.steps
+    summary = {"run_dir": str(run_dir), "student": str(student_path), "train_seconds": train_seconds,
+               "seconds_per_iteration": [round(s, 4) for _, s in steps], "phases": [p for p, _ in steps]}
+    if progress.cuda:
+        summary["peak_memory_gib"] = max(progress.peak, torch.cuda.max_memory_allocated(run.device) / 2**30)
+    console.print(f"student (EMA) → {student_path}   training took {train_seconds:.1f} s"
+                  + (f", {train_seconds / len(steps):.2f} s/iteration" if steps else ""))
+    summary.update(task.report(teacher, ema.eval(), run_dir, console))
+    return summary

@@ -1,0 +1,355 @@
+"""`rcm distill wan2.1-t2v-1.3b | wan2.1-t2v-14b | wan`: Wan2.1 T2V as a task of the training engine.
+
+The teacher DiT file, the latents and umT5 embeddings of an `rcm synth` dataset (or the reference's
+webdataset tars) as x0 and context, the stored negative-prompt embedding as the CFG negative; EMA-student
+samples of fixed prompts during the run; the EMA student exported as one safetensors file for `rcm sample`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar, Literal
+
+import torch
+import tyro
+from torch import Tensor, nn
+
+from rcm import ConfigError
+from rcm.checkpoint import atomic_write_bytes
+from rcm.losses import RCMConfig
+from rcm.optim import OptimizerConfig
+from rcm.parallel import ParallelConfig
+from rcm.sample import SampleSettings
+from rcm.train import DistillConfig, LoopConfig, distill, is_rank0, method_config, start_run
+from rcm.wan import presets
+from rcm.wan.data import LatentBatches, LatentDataset, pad_embeddings, trim_embedding
+from rcm import PathArgumentError
+from rcm.wan.pipeline import decode_videos, resolve_device, sample_wan_latent
+
+WanModel = Literal["wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "wan"]
+_D = presets.DISTILL["wan2.1-t2v-1.3b"]  # the field defaults: the 1.3B recipe
+
+
+@dataclass
+class WanDistillConfig(DistillConfig):
+    """rCM distillation of a Wan2.1 T2V teacher on a latent dataset (`rcm synth`). Defaults: the reference's
+    recipe for this size (docs/method.md §5.1). bf16 compute with fp32 master weights on CUDA, fp32 on the
+    CPU; under torchrun FSDP2 (+ CP, activation checkpointing: --parallel.*). Re-running resumes."""
+
+    model: tyro.conf.Fixed[WanModel] = "wan2.1-t2v-1.3b"
+    """the architecture (wan: read from the teacher file, with the 1.3B recipe)."""
+    teacher: Path | None = None
+    """the teacher DiT: official / diffusers / rCM layout (required)."""
+    data: Path | None = None
+    """the dataset: an `rcm synth` folder, or a folder of the reference's webdataset tars (required)."""
+    max_latent_frames: int = _D["max_latent_frames"]
+    """latent frames trained on (the reference's state_t: 20 for 1.3B, 21 for 14B); shorter data is used whole."""
+    loop: LoopConfig = field(default_factory=lambda: LoopConfig(iterations=_D["iterations"],
+                                                                checkpoint_every=_D["checkpoint_every"]))
+    loss: RCMConfig = field(default_factory=lambda: _D["loss"])
+    student_optim: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=_D["student_lr"]))
+    critic_optim: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=_D["critic_lr"]))
+    sigma_max: float = _D["sigma_max"]
+    """σ_max of the student's few-step sampler (periodic samples; 80 for 1.3B, 200 for 14B)."""
+    sample_every: int = _D["sample_every"]
+    """write EMA-student samples every this many iterations (and at the end); 0: only at the end."""
+    sample_steps: tuple[int, ...] = (1, 2, 4)
+    """student steps of the periodic samples."""
+    num_sample_prompts: int = 2
+    """the dataset's first prompts, sampled each time."""
+    vae_path: Path | None = None
+    """the Wan VAE: decode the periodic samples to MP4 (without it only their latents are written)."""
+    negative_embedding: Path | None = None
+    """the CFG negative-prompt embedding (default: the dataset's; the reference's neg_embed .pt works)."""
+    precision: Literal["auto", "bfloat16", "float32"] = "auto"
+    """network compute dtype: auto = bf16 on CUDA (fp32 master weights), fp32 on the CPU."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto = cuda when available; under torchrun, each rank's GPU."""
+    export_dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    """dtype of the exported EMA student (the released rCM students are bf16)."""
+    compile: bool = False
+    """torch.compile each DiT block (inductor; the JVP pass stays eager): 1.33x faster 1.3B student iterations
+    on an H100 (docs/benchmarks.md). One process only for now."""
+    parallel: ParallelConfig = field(default_factory=lambda: ParallelConfig(activation_checkpointing=True))
+    """used when launched by torchrun (activation checkpointing applies to one process too)."""
+
+    NOT_FINGERPRINTED: ClassVar[tuple[str, ...]] = (
+        *DistillConfig.NOT_FINGERPRINTED, "device", "sample_steps", "num_sample_prompts", "vae_path", "export_dtype",
+        "compile")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.max_latent_frames < 1:
+            raise ConfigError("max_latent_frames", f"must be >= 1, got {self.max_latent_frames}")
+        if not self.sigma_max > 0:
+            raise ConfigError("sigma_max", f"must be > 0, got {self.sigma_max}")
+        if self.num_sample_prompts < 0:
+            raise ConfigError("num_sample_prompts", f"must be >= 0, got {self.num_sample_prompts}")
+        if not self.sample_steps or any(not 1 <= n <= SampleSettings.MAX_STUDENT_STEPS for n in self.sample_steps):
+            raise ConfigError("sample_steps", f"must be student step counts in 1..{SampleSettings.MAX_STUDENT_STEPS}, "
+                                              f"got {self.sample_steps}")
+        for name in ("teacher", "data", "vae_path", "negative_embedding"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).exists():
+                raise PathArgumentError(name, f"no such file or folder: {path}")
+
+
+def distill_preset(model: str) -> WanDistillConfig:
+    """The reference's recipe for a size (docs/method.md §5.1), from ``presets.DISTILL``."""
+    if model not in presets.DISTILL:
+        raise ConfigError("model", f"must be one of {', '.join(presets.DISTILL)}; got {model!r}")
+    d = presets.DISTILL[model]
+    return WanDistillConfig(model=model, loss=d["loss"], max_latent_frames=d["max_latent_frames"],
+                            loop=LoopConfig(iterations=d["iterations"], checkpoint_every=d["checkpoint_every"]),
+                            student_optim=OptimizerConfig(lr=d["student_lr"]),
+                            critic_optim=OptimizerConfig(lr=d["critic_lr"]), sigma_max=d["sigma_max"],
+                            sample_every=d["sample_every"])
+
+
+WAN_DISTILL_PRESETS: dict[str, WanDistillConfig] = {m: distill_preset(m) for m in presets.WAN_MODELS}
+
+
+def _time_dist(d) -> str:
+    if hasattr(d, "p_mean"):
+        return f"LogNormal({d.p_mean:g}, {d.p_std:g})"
+    return f"UniformShift({d.shift:g})"
+
+
+def wan_defaults_table() -> str:
+    """The per-size defaults of `rcm distill wan2.1-*`, rendered from ``WAN_DISTILL_PRESETS`` (so the help
+    text and docs cannot drift from what runs)."""
+    sizes = ("wan2.1-t2v-1.3b", "wan2.1-t2v-14b")
+    p = [WAN_DISTILL_PRESETS[s] for s in sizes]
+    rows = [
+        ("student LR / fake-score LR", lambda c: f"{c.student_optim.lr:g} / {c.critic_optim.lr:g}"),
+        ("Adam betas, weight decay, eps", lambda c: f"({c.student_optim.betas[0]:g}, {c.student_optim.betas[1]:g}), "
+                                                    f"{c.student_optim.weight_decay:g}, {c.student_optim.eps:g}"),
+        ("LR warmup (linear from 1e-6)", lambda c: f"{c.student_optim.warmup} steps"),
+        ("batch per data-parallel rank", lambda c: str(c.batch_size)),
+        ("loss scale sCM / DMD", lambda c: f"{c.loss.scm.loss_scale:g} / {c.loss.dmd.loss_scale:g}"),
+        ("p_G / p_D", lambda c: f"{_time_dist(c.loss.scm.time_dist)} / {_time_dist(c.loss.dmd.time_dist)}"),
+        ("teacher CFG (sCM / DMD)", lambda c: f"{c.loss.scm.guidance:g} / {c.loss.dmd.guidance:g}"),
+        ("tangent warmup", lambda c: str(c.loss.scm.tangent_warmup)),
+        ("student update freq", lambda c: str(c.loss.student_update_freq)),
+        ("max simulation steps (fake)", lambda c: str(c.loss.dmd.max_simulation_steps)),
+        ("latent frames (state_t)", lambda c: str(c.max_latent_frames)),
+        ("sigma_max (sampling)", lambda c: f"{c.sigma_max:g}"),
+        ("EMA", lambda c: f"power, sigma_rel {c.ema_sigma_rel:g}"),
+        ("max_iter, checkpoint every", lambda c: f"{c.loop.iterations:,}, {c.loop.checkpoint_every}"),
+        ("activation checkpointing", lambda c: "on" if c.parallel.activation_checkpointing else "off"),
+        ("FSDP shard / CP (reference)", lambda c: presets.REFERENCE_SHARDING[c.model]),
+        ("grad clip", lambda c: "off"),
+        ("optimizer", lambda c: "AdamW, fp32 master weights"),
+    ]
+    lines = [f"| | {sizes[0]} | {sizes[1]} |", "|---|---|---|"]
+    lines += [f"| {name} | {f(p[0])} | {f(p[1])} |" for name, f in rows]
+    return "\n".join(lines)
+
+
+def read_negative_embedding(path: Path) -> Tensor:
+    """A negative-prompt embedding file -> ``[length, D]`` (trimmed): our ``negative.safetensors``
+    ("embed") or the reference's ``neg_embed_path`` (a ``torch.save``d ``[512, D]`` or ``[1, 512, D]``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise PathArgumentError("negative_embedding", f"no file at {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            embed = load_file(str(path))["embed"]
+        else:
+            embed = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt, or not what we expect
+        raise ConfigError("negative_embedding", f"cannot read {path} ({type(e).__name__}: {e})") from e
+    if isinstance(embed, Tensor) and embed.ndim == 3 and embed.shape[0] == 1:
+        embed = embed[0]
+    if not isinstance(embed, Tensor) or embed.ndim != 2:
+        raise ConfigError("negative_embedding", f"{path} must hold a [text_len, dim] tensor")
+    return trim_embedding(embed)
+
+
+class WanTask:
+    """Wan2.1 T2V: latents and text embeddings of a dataset (``rcm.wan.data.LatentDataset``), the negative
+    prompt's embedding as the CFG negative (the dataset's, or ``negative_embedding``).
+
+    The architecture comes from the teacher file (``config`` overrides). ``dtype``/``device``: where
+    ``build_teacher`` puts the teacher. ``rank``/``world``: this process's data-parallel slot (CP ranks
+    of a group pass the same one). ``max_frames``: latent frames kept (the 1.3B run: 20 of 21)."""
+
+    def __init__(self, teacher_path: Path, data_path: Path, batch_size: int, seed: int, *, device: torch.device,
+                 dtype: torch.dtype = torch.float32, max_frames: int | None = None, config=None,
+                 negative_embedding: Path | None = None, need_negative: bool = True, rank: int = 0, world: int = 1,
+                 cfg: WanDistillConfig | None = None):
+        from rcm.models import read_dit_config
+
+        self.teacher_path, self.device, self.dtype, self.cfg = Path(teacher_path), device, dtype, cfg
+        self.model_name = cfg.model if cfg is not None else "wan"
+        if not self.teacher_path.exists():
+            raise PathArgumentError("teacher", f"no such file or folder: {teacher_path}")
+        try:
+            self.config = config if config is not None else read_dit_config(self.teacher_path)
+        except ValueError as e:
+            raise ConfigError("teacher", str(e)) from e
+        self.dataset = LatentDataset(data_path)
+        c, t, h, w = self.dataset.latent_shape
+        cfg = self.config
+        if c != cfg.in_dim or self.dataset.text_dim != cfg.text_dim:
+            raise ConfigError("data", f"latents with {c} channels and text width {self.dataset.text_dim}, the teacher "
+                             f"takes {cfg.in_dim} channels and text_dim {cfg.text_dim}")
+        frames = t if max_frames is None else min(t, max_frames)
+        if h % cfg.patch_size[1] or w % cfg.patch_size[2] or frames % cfg.patch_size[0]:
+            raise ConfigError("data", f"latent {frames}x{h}x{w} is not divisible by the patch {cfg.patch_size}")
+        self.latent_shape = (c, frames, h, w)
+        negative = read_negative_embedding(negative_embedding) if negative_embedding is not None else self.dataset.negative
+        if negative is None and need_negative:
+            raise ConfigError("data", f"{data_path} stores no negative-prompt embedding (CFG needs one): pass "
+                             f"--negative-embedding, or build the dataset with `rcm synth`")
+        if negative is not None and negative.shape[1] != cfg.text_dim:
+            raise ValueError(f"the negative-prompt embedding has width {negative.shape[1]}, the teacher's text_dim "
+                             f"is {cfg.text_dim}")
+        self.negative = None if negative is None else pad_embeddings([negative], cfg.text_len).to(device)
+        self.batches = LatentBatches(self.dataset, batch_size, cfg.text_len, seed=seed, max_frames=max_frames,
+                                     rank=rank, world=world)
+
+    def build_teacher(self, device: torch.device | str | None = None) -> nn.Module:
+        """The teacher on ``device`` (default the task's); "meta": its structure only (headers checked)."""
+        from rcm.models import load_dit
+
+        try:
+            return load_dit(self.teacher_path, config=self.config, dtype=self.dtype,
+                            device=self.device if device is None else device)
+        except ValueError as e:
+            raise ConfigError("teacher", str(e)) from e
+
+    def next_batch(self) -> tuple[Tensor, Tensor]:
+        x0, context = next(self.batches)
+        return x0.to(self.device), context.to(self.device)
+
+    def negative_context(self, context: Tensor) -> Tensor:
+        if self.negative is None:
+            raise ValueError("no negative-prompt embedding: CFG (guidance > 1) needs one")
+        return self.negative.expand(context.shape[0], -1, -1)
+
+    def fixed_prompts(self, n: int) -> tuple[Tensor, list[str]]:
+        """The first ``n`` samples' contexts ``[n, text_len, D]`` (on the device) and prompts: what the
+        periodic samples show, the same at every point of a run."""
+        samples = [self.dataset[i] for i in range(min(n, len(self.dataset)))]
+        return pad_embeddings([s[1] for s in samples], self.config.text_len).to(self.device), [s[2] for s in samples]
+
+    def state_dict(self) -> dict:
+        return {"batches": self.batches.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batches.load_state_dict(state["batches"])
+
+
+    # ---- the engine's hooks: console line, gathering, periodic samples, export, report
+
+    def describe(self) -> str:
+        return (f"{self.model_name} on {len(self.dataset)} samples of latent {list(self.latent_shape)}")
+
+    def new_network(self) -> nn.Module:
+        from rcm.models.wan import WanDiT
+
+        return WanDiT(self.config)
+
+    def write_samples(self, ema: nn.Module, iteration: int, run_dir: Path, console) -> dict:
+        """EMA-student samples of the fixed prompts at each of the sample steps: latents (always) and MP4s
+        (with a VAE) under run_dir/samples/. Collective under FSDP (every rank samples, rank 0 writes)."""
+        from safetensors.torch import save
+
+        from rcm.media import write_video
+
+        cfg = self.cfg
+        if cfg is None or not cfg.num_sample_prompts:
+            return {}
+        contexts, prompts = self.fixed_prompts(cfg.num_sample_prompts)
+        device = contexts.device
+        start = time.perf_counter()
+        latents = {}
+        for steps in cfg.sample_steps:
+            noise = torch.stack([torch.randn(self.latent_shape, generator=torch.Generator().manual_seed(i))
+                                 for i in range(len(prompts))]).to(device)
+            generator = torch.Generator(device=device).manual_seed(0)
+            latents[steps] = sample_wan_latent(ema, contexts, noise, kind="student", generator=generator,
+                                               num_steps=steps, sigma_max=cfg.sigma_max).cpu()
+        record = {"iteration": iteration, "prompts": prompts, "seconds": 0.0, "files": []}
+        if is_rank0():
+            folder = run_dir / "samples"
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"iter_{iteration:08d}.safetensors"
+            atomic_write_bytes(path, save({f"{n}step": x.contiguous() for n, x in latents.items()},
+                                          metadata={"prompts": json.dumps(prompts), "iteration": str(iteration)}))
+            record["files"].append(path.name)
+            vae = self.load_vae()
+            if vae is not None:
+                for n, x in latents.items():
+                    for i, video in enumerate(decode_videos(vae, x)):
+                        mp4 = write_video(folder / f"iter_{iteration:08d}_{n}step_{i}.mp4", video, fps=presets.FPS)
+                        record["files"].append(mp4.name)
+            record["seconds"] = round(time.perf_counter() - start, 3)
+            with open(folder / "samples.jsonl", "a") as f:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            console.print(f"samples at iteration {iteration} → {folder} ({len(record['files'])} files, "
+                          f"{record['seconds']:.1f} s)")
+        return record
+
+    def load_vae(self):
+        """The VAE of the periodic samples, loaded once (rank 0), or None without --vae-path."""
+        if getattr(self, "_vae_model", None) is None and self.cfg is not None and self.cfg.vae_path is not None:
+            from rcm.models.vae import load_vae
+
+            try:
+                self._vae_model = load_vae(self.cfg.vae_path, dtype=self.dtype, device=self.device)
+            except ValueError as e:
+                raise ConfigError("vae_path", str(e)) from e
+        return getattr(self, "_vae_model", None)
+
+    def export(self, ema: nn.Module, path: Path, metadata: dict) -> None:
+        from rcm.models import save_dit
+
+        dtype = getattr(torch, self.cfg.export_dtype) if self.cfg is not None else torch.bfloat16
+        export = ema.to(device="cpu", dtype=dtype)  # the run is over: no copy needed
+        tmp = path.with_name(f".{path.stem}.tmp.safetensors")
+        save_dit(export, tmp, metadata={**metadata, "teacher": str(self.teacher_path)})
+        os.replace(tmp, path)  # a crash mid-export leaves the previous export (or none), never half a file
+
+    def report(self, teacher: nn.Module, ema: nn.Module, run_dir: Path, console) -> dict:
+        return {}  # the periodic samples (and the final ones) are the report
+
+
+def distill_wan(cfg: WanDistillConfig) -> dict:
+    """Run (or resume) a Wan distillation, with periodic samples, then export the EMA student as one
+    safetensors file that `rcm sample wan --dit-path <file>` loads. Returns a summary dict."""
+    from rcm.models import load_dit
+    from rcm.models.wan import WAN_CONFIGS
+
+    for name in ("teacher", "data"):
+        if getattr(cfg, name) is None:
+            raise ConfigError(name, f"is required for rcm distill {cfg.model}")
+    if cfg.compile and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("compile", "is not yet supported under torchrun (untested with FSDP2); drop it")
+    run = start_run(cfg, resolve_device(cfg.device))  # under torchrun: each rank's own device
+    # Compute dtype: bf16 on CUDA with fp32 master weights (init_state); FSDP2's policy does it when sharded.
+    if run.mesh is not None or cfg.precision == "float32" or (cfg.precision == "auto" and run.device.type != "cuda"):
+        dtype = torch.float32
+    else:
+        dtype = torch.bfloat16
+    named = WAN_CONFIGS[cfg.model] if cfg.model != "wan" else None
+    if named is not None:
+        try:  # headers only: a teacher of another size fails here, listing the mismatches
+            load_dit(cfg.teacher, config=named, device="meta")
+        except ValueError as e:
+            raise ConfigError("teacher", f"not a {cfg.model} checkpoint: {e}") from e
+    loss = method_config(cfg.method, cfg.loss)
+    guided = (loss.scm.loss_scale > 0 and loss.scm.guidance > 1) or (loss.dmd_enabled and loss.dmd.guidance > 1)
+    task = WanTask(cfg.teacher, cfg.data, cfg.batch_size, cfg.loop.seed, device=run.device, dtype=dtype,
+                   max_frames=cfg.max_latent_frames, config=named, negative_embedding=cfg.negative_embedding,
+                   need_negative=guided, rank=run.dp_rank, world=run.dp_size, cfg=cfg)
+    if is_rank0():
+        task.load_vae()  # now: a bad --vae-path fails before training, not at the first samples
+    return distill(task, cfg, run)
