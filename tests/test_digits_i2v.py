@@ -9,6 +9,7 @@ import torch
 import cli
 from rcm.digits.i2v import (
     GIVEN_FRAME_BOUND,
+    I2V_TEACHER_PATH,
     FinetuneI2VConfig,
     finetune_i2v_teacher,
     first_frame_condition,
@@ -107,3 +108,13 @@ def test_two_expert_teacher_distills_one_student_per_expert(tmp_path, tiny_teach
                                                       student.low_noise.state_dict().values()))
     rows = json.loads((run / "i2v_metrics.json").read_text())["rows"]
     assert all(r["given_frame_error"] <= GIVEN_FRAME_BOUND for r in rows)
+def test_the_shipped_i2v_teacher():
+    assert I2V_TEACHER_PATH.stat().st_size < 5_000_000
+    meta = model_metadata(I2V_TEACHER_PATH)
+    assert "first frame" in meta["conditioning"] and json.loads(meta["recipe"])["steps"] == "300"
+    teacher = load_i2v_teacher()
+    given = clips(3, seed=2)
+    out = sample_i2v_student(teacher, given, torch.tensor([1, 2, 3]), torch.Generator().manual_seed(0), steps=1)
+    assert float((out[:, :, 0] - given[:, :, 0]).abs().max()) <= GIVEN_FRAME_BOUND
+
+
