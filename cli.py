@@ -49,13 +49,15 @@ def _commands() -> dict[str, Command | Group]:
     """Imported lazily so `rcm --help` is quick. Each command's code lives under its own name."""
     from rcm.bench import attention, sample as bench_sample, step
     from rcm.checkpoint import export
-    from rcm.digits import classifier, evaluate, sample as digits_sample, study, task as digits_task, teacher
+    from rcm.digits import classifier, evaluate, i2v, sample as digits_sample, study, task as digits_task, teacher
     from rcm.wan import sample as wan_sample, synth, task as wan_task
 
     wan_sizes = {"wan2.1-t2v-1.3b": "Wan2.1 T2V 1.3B", "wan2.1-t2v-14b": "Wan2.1 T2V 14B",
                  "wan": "any Wan2.1 T2V DiT (architecture read from its files)"}
     distill = {"digits": Command(digits_task.DigitsDistillConfig(), digits_task.distill_digits,
-                                 "the digits demo (the default)")}
+                                 "the digits demo (the default)"),
+               "digits-i2v": Command(i2v.DigitsI2VDistillConfig(), i2v.distill_digits_i2v,
+                                     "image-to-video digits: the first frame given (--experts two: two experts)")}
     distill |= {m: Command(wan_task.WAN_DISTILL_PRESETS[m], wan_task.distill_wan,
                            f"{d}, the reference's {'14B' if '14b' in m else '1.3B'} recipe") for m, d in wan_sizes.items()}
     sample = {"digits": Command(digits_sample.DigitsSampleConfig(), digits_sample.sample_digits,
@@ -73,6 +75,7 @@ def _commands() -> dict[str, Command | Group]:
         "eval": Command(evaluate.EvalRunsConfig, evaluate.eval_runs),
         "study": Command(study.StudyConfig, study.run_study),
         "train-teacher": Command(teacher.TrainTeacherConfig, teacher.train_teacher),
+        "train-i2v-teacher": Command(i2v.FinetuneI2VConfig, i2v.finetune_i2v_teacher),
         "train-classifier": Command(classifier.TrainClassifierConfig, classifier.train_classifier),
         "bench": Group({"attention": Command(attention.BenchAttentionConfig, attention.bench_attention),
                         "step": Command(step.BenchStepConfig, step.bench_step),

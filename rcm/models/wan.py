@@ -22,7 +22,8 @@ Variants (presets in ``WAN_CONFIGS``), all this one network:
 * CLIP image tokens (Wan2.1 I2V only, ``image_dim`` set): ``img = LN(W GELU(W LN(clip)))`` and every
   cross-attention adds ``attn(q, k_img(img), v_img(img))`` to its text attention.
 * Per-token timesteps (Wan2.2 TI2V-5B): ``timestep [B, L]`` gives ``e [B, L, dim]``, ``e0 [B, L, 6, dim]``
-  (the conditioning frame's tokens get t = 0).
+  (the conditioning frame's tokens get t = 0); the losses' per-frame map ``[B, 1, T, 1, 1]`` is
+  reduced to it by the patch size (``per_token_timestep``).
 The two-expert Wan2.2 A14B teacher is ``rcm.models.wan_experts.WanExperts`` around two of these.
 
 Module and parameter names equal the official Wan state-dict keys, so an official checkpoint
@@ -190,6 +191,16 @@ def wan_config(name: str, **overrides) -> WanConfig:
 # Network
 
 
+def per_token_timestep(timestep: Tensor, grid: tuple[int, int, int], patch_size: tuple[int, int, int]) -> Tensor:
+    """A per-frame timestep map ``[B, 1, T, 1, 1]`` as one value per patch token ``[B, L]`` in (t, h, w)
+    order (each token takes its patch's first frame: Wan2.2's rule, the given frame's tokens at t = 0);
+    ``[B]`` and ``[B, L]`` pass through unchanged."""
+    if timestep.ndim != 5:
+        return timestep
+    per_frame = timestep[:, 0, ::patch_size[0], 0, 0]  # [B, T']
+    return per_frame.repeat_interleave(grid[1] * grid[2], dim=1)  # [B, T'·H'·W']
+
+
 class WanDiT(nn.Module):
     """Wan DiT: ``forward(x, timestep, context, *, y=None, image_context=None) -> velocity``.
 
@@ -276,9 +287,11 @@ class WanDiT(nn.Module):
         if max(grid) > cfg.rope_max_len:
             raise ValueError(f"x: patch grid {grid} exceeds the RoPE table length {cfg.rope_max_len}")
         tokens = math.prod(grid)
-        if not isinstance(timestep, Tensor) or tuple(timestep.shape) not in ((b,), (b, tokens)):
-            raise ValueError(f"timestep must be a tensor [B]=[{b}] (one c_noise = 1000·rho per sample) or "
-                             f"[B, L]=[{b}, {tokens}] (one per patch token), got "
+        frame_map = isinstance(timestep, Tensor) and tuple(timestep.shape) == (b, 1, t, 1, 1)
+        if not isinstance(timestep, Tensor) or not (frame_map or tuple(timestep.shape) in ((b,), (b, tokens))):
+            raise ValueError(f"timestep must be a tensor [B]=[{b}] (one c_noise = 1000·rho per sample), "
+                             f"[B, L]=[{b}, {tokens}] (one per patch token) or [B, 1, T, 1, 1]=[{b}, 1, {t}, 1, 1] "
+                             f"(one per frame), got "
                              f"{tuple(timestep.shape) if isinstance(timestep, Tensor) else type(timestep).__name__}")
         if not isinstance(context, Tensor) or context.ndim != 3 or not context.is_floating_point():
             raise ValueError(f"context must be a floating tensor [B, text_len, text_dim], got "
@@ -311,8 +324,9 @@ class WanDiT(nn.Module):
 
         x: ``[B, in_dim, T, H, W]`` latent, or ``[B, out_dim, T, H, W]`` with ``y`` (any float dtype;
         cast to the parameter dtype);
-        timestep: ``[B]`` c_noise = 1000·ρ, or ``[B, L]`` one per patch token in (t, h, w) order (any
-        dtype; kept in fp32 unless ``bf16_timestep``);
+        timestep: ``[B]`` c_noise = 1000·ρ, ``[B, L]`` one per patch token in (t, h, w) order, or a
+        per-frame map ``[B, 1, T, 1, 1]`` (frame replacement, docs/method.md §12.1; each token takes its
+        patch's first frame) (any dtype; kept in fp32 unless ``bf16_timestep``);
         context: ``[B, text_len, text_dim]`` text embeddings (zero-padded, no mask);
         y: ``[B, in_dim - out_dim, T, H, W]`` image conditioning (mask ++ conditioned latent),
         concatenated after ``x`` along channels, as official Wan does;
@@ -324,7 +338,7 @@ class WanDiT(nn.Module):
         hp = high_precision(dt)
         x = x.to(dt) if y is None else torch.cat([x.to(dt), y.to(dt)], dim=1)
         tokens = self.patch_embedding(x)
-        e, e0 = self.time_embed(timestep, hp)
+        e, e0 = self.time_embed(per_token_timestep(timestep, grid, self.config.patch_size), hp)
         ctx = self.text_embedding(context.to(dt))
         img = None if image_context is None else self.img_emb(image_context)
         rope = rope_table(grid, self.config.head_dim, device=x.device, dtype=hp)

@@ -10,17 +10,22 @@ parallel wrappers (which look for every ``WanDiT`` inside a module) apply unchan
 
 The dispatch reads the timesteps' values (it is data-dependent control flow): it works under
 ``torch.func.jvp`` / ``grad`` in eager mode; ``torch.compile`` breaks the graph there (the experts'
-blocks still compile).
+blocks still compile). The rule is ``TimeSwitchedNet``'s (docs/method.md §12.3), the one
+implementation; this module adds the weights, their names and the loaders.
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
-from rcm.models.trigflow import RF_TIMESTEP_SCALE
+from rcm.models.trigflow import TimeSwitchedNet
 from rcm.models.wan import WanDiT
 
 __all__ = ["WanExperts"]
+
+
+def _holds_a_dit(module) -> bool:
+    return isinstance(module, nn.Module) and any(isinstance(m, WanDiT) for m in module.modules()) \
+        and hasattr(module, "config")
 
 
 class WanExperts(nn.Module):
@@ -28,10 +33,11 @@ class WanExperts(nn.Module):
     ``low_noise`` elsewhere, per sample (per-token timesteps: the sample's largest, i.e. its noisy
     tokens' time)."""
 
-    def __init__(self, high_noise: WanDiT, low_noise: WanDiT, boundary: float):
+    def __init__(self, high_noise: nn.Module, low_noise: nn.Module, boundary: float):
         super().__init__()
-        if not (isinstance(high_noise, WanDiT) and isinstance(low_noise, WanDiT)):
-            raise ValueError(f"WanExperts: high_noise and low_noise must be WanDiT, got "
+        if not (_holds_a_dit(high_noise) and type(high_noise) is type(low_noise)):
+            raise ValueError(f"WanExperts: high_noise and low_noise must be two WanDiT (or two modules of one type "
+                             f"around a WanDiT, e.g. the digits' class-conditioned DiT), got "
                              f"{type(high_noise).__name__} and {type(low_noise).__name__}")
         if high_noise.config != low_noise.config:
             raise ValueError(f"WanExperts: the experts' configs differ: {high_noise.config} vs {low_noise.config}")
@@ -45,27 +51,18 @@ class WanExperts(nn.Module):
     def config(self):
         return self.high_noise.config
 
+    def switch(self) -> TimeSwitchedNet:
+        """The dispatch rule itself (docs/method.md §12.3): the one implementation, shared with the
+        losses' and samplers' two-expert networks."""
+        return TimeSwitchedNet(self.high_noise, self.low_noise, self.boundary)
+
     def uses_high_noise(self, timestep: Tensor) -> Tensor:
-        """Per sample: True where the high-noise expert applies (``timestep`` [B] or [B, L], 1000·σ)."""
-        t = timestep if timestep.ndim == 1 else timestep.amax(dim=1)
-        return t >= self.boundary * RF_TIMESTEP_SCALE
+        """Per sample: True where the high-noise expert applies (``timestep`` [B], [B, L] or [B, 1, T, 1, 1],
+        1000·σ; the sample's largest)."""
+        return self.switch().uses_high(timestep)
 
     def forward(self, x: Tensor, timestep: Tensor, context: Tensor, **conditioning: Tensor | None) -> Tensor:
-        if not isinstance(timestep, Tensor) or timestep.ndim not in (1, 2) or timestep.shape[0] != x.shape[0]:
-            raise ValueError(f"timestep must be a tensor [B] or [B, L] with B = {x.shape[0]}, got "
+        if not isinstance(timestep, Tensor) or timestep.ndim not in (1, 2, 5) or timestep.shape[0] != x.shape[0]:
+            raise ValueError(f"timestep must be a tensor [B], [B, L] or [B, 1, T, 1, 1] with B = {x.shape[0]}, got "
                              f"{tuple(timestep.shape) if isinstance(timestep, Tensor) else type(timestep).__name__}")
-        high = self.uses_high_noise(timestep)
-        if bool(high.all()):
-            return self.high_noise(x, timestep, context, **conditioning)
-        if not bool(high.any()):
-            return self.low_noise(x, timestep, context, **conditioning)
-        rows_high, rows_low = high.nonzero()[:, 0], (~high).nonzero()[:, 0]
-
-        def rows(index: Tensor):
-            pick = {k: None if v is None else v.index_select(0, index) for k, v in conditioning.items()}
-            return x.index_select(0, index), timestep.index_select(0, index), context.index_select(0, index), pick
-
-        x_h, t_h, c_h, cond_h = rows(rows_high)
-        x_l, t_l, c_l, cond_l = rows(rows_low)
-        out = torch.cat([self.high_noise(x_h, t_h, c_h, **cond_h), self.low_noise(x_l, t_l, c_l, **cond_l)])
-        return out.index_select(0, torch.argsort(torch.cat([rows_high, rows_low])))  # back in batch order
+        return self.switch()(x, timestep, context, **conditioning)

@@ -34,7 +34,7 @@ from .wan_layouts import (
 from .weights import corrupt_file_error, load_state_dict_strict, open_state_dict
 from rcm.checkpoint.atomic import atomic_write_with
 
-__all__ = ["DitFiles", "dit_weight_files", "load_dit", "load_wan_experts", "read_dit_config", "save_dit",
+__all__ = ["DitFiles", "dit_weight_files", "expert_folders", "load_dit", "load_wan_experts", "read_dit_config", "save_dit",
            "save_wan_experts"]
 
 # ----------------------------------------------------------------------------------------------------
@@ -244,6 +244,16 @@ def _default_boundary(config) -> float:
     return WAN_EXPERT_BOUNDARIES[name]
 
 
+def expert_folders(path: str | Path) -> tuple[Path, Path] | None:
+    """(high-noise, low-noise) expert folders of a two-expert release at ``path`` (official
+    ``high_noise_model/`` + ``low_noise_model/`` or diffusers ``transformer/`` + ``transformer_2/``), else None."""
+    path = Path(path)
+    for high, low in _EXPERT_FOLDERS.values():
+        if (path / high).is_dir() and (path / low).is_dir():
+            return path / high, path / low
+    return None
+
+
 def load_wan_experts(
     path: str | Path,
     *,
@@ -262,13 +272,12 @@ def load_wan_experts(
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"no Wan expert folder at {path}")
-    layout = next((lay for lay, (high, low) in _EXPERT_FOLDERS.items()
-                   if (path / high).is_dir() and (path / low).is_dir()), None)
-    if layout is None:
+    folders = expert_folders(path)
+    if folders is None:
         raise FileNotFoundError(f"{path}: expected the expert folders high_noise_model/ + low_noise_model/ "
                                 f"(official) or transformer/ + transformer_2/ (diffusers)")
-    high_dir, low_dir = (path / f for f in _EXPERT_FOLDERS[layout])
-    if boundary is None and layout == "diffusers" and (path / "model_index.json").is_file():
+    high_dir, low_dir = folders
+    if boundary is None and high_dir.name == "transformer" and (path / "model_index.json").is_file():
         boundary = json.loads((path / "model_index.json").read_text()).get("boundary_ratio")
     if boundary is None:
         meta = _DitCheckpoint(high_dir).metadata

@@ -66,7 +66,8 @@ class Task(Protocol):
         """A fresh plain (CPU) network of the teacher's architecture, to gather a sharded one into."""
 
     def next_batch(self) -> tuple[Tensor, Any]:
-        """(x0 [B, C, T, H, W], context) for one iteration."""
+        """(x0 [B, C, T, H, W], context) for one iteration; an image-to-video task returns
+        (x0, context, condition), its ``FrameCondition`` for every loss of the step (docs/method.md §12)."""
 
     def negative_context(self, context: Any) -> Any:
         """The CFG negative (null label / negative prompt) matching `context`."""
@@ -208,7 +209,8 @@ def train_step(state: TrainState, task: Task, loss: RCMConfig, ema_gamma: float,
     """Run iteration `state.iteration` and advance it. Returns the logged scalars."""
     k = state.iteration
     kind = rcm_phase(k, loss)  # "student" or "critic"
-    x0, context = task.next_batch()
+    x0, context, *condition = task.next_batch()  # an image-to-video task adds its FrameCondition
+    condition = condition[0] if condition else None
     negative = task.negative_context(context)
     logs: dict[str, Any] = {"iteration": k, "phase": kind}
     finite = True
@@ -218,7 +220,8 @@ def train_step(state: TrainState, task: Task, loss: RCMConfig, ema_gamma: float,
         optimizer.zero_grad(set_to_none=True)
         # gathered_first_term: the sCM JVP pass runs on pre-gathered FSDP parameters (a no-op unsharded).
         terms = gathered_first_term(student_losses(student, teacher, fake_score, x0, context, negative, iteration=k,
-                                                   config=loss, generator=state.generator, jvp=jvp),
+                                                   config=loss, generator=state.generator, jvp=jvp,
+                                                   condition=condition),
                                     state.student)
         for name, per_sample, diagnostics in terms:
             total = per_sample.sum()
@@ -235,7 +238,7 @@ def train_step(state: TrainState, task: Task, loss: RCMConfig, ema_gamma: float,
         module, optimizer, scheduler = state.fake_score, state.critic_optimizer, state.critic_scheduler
         optimizer.zero_grad(set_to_none=True)
         per_sample, diagnostics = critic_loss(student, fake_score, x0, context, iteration=k, config=loss,
-                                              generator=state.generator)
+                                              generator=state.generator, condition=condition)
         total = per_sample.sum()
         logs["loss_critic"] = total.item()
         logs.update({f"critic_{key}": _scalar(v) for key, v in diagnostics.items()})
