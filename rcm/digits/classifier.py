@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from rcm.digits.data import NUM_CLASSES, ClipBatches, ClipSpec, DigitClips
 from rcm.timing import progress_bar
+from rcm.checkpoint.atomic import atomic_write_with
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 CLASSIFIER_PATH = ASSETS / "digits_classifier.safetensors"
@@ -51,25 +52,35 @@ class DigitClassifier(nn.Module):
         return self.head(self.features(x))
 
 
-def save_classifier(model: DigitClassifier, path: str | Path, metadata: dict | None = None) -> None:
+def save_small_model(model: nn.Module, path: str | Path, metadata: dict | None = None) -> None:
+    """A small evaluator network as safetensors, its constructor arguments (``model.config``) in the metadata."""
     from safetensors.torch import save_file
 
     meta = {"config": json.dumps(model.config), **{k: str(v) for k, v in (metadata or {}).items()}}
+    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(path), metadata=meta)
+    atomic_write_with(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+
+
+def load_small_model(cls: type, path: str | Path) -> nn.Module:
+    """A network saved by ``save_small_model`` (strict), in eval mode, frozen."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), "pt") as f:
+        config = json.loads(f.metadata()["config"])
+    model = cls(**config)
+    model.load_state_dict(load_file(str(path)), strict=True)
+    return model.eval().requires_grad_(False)
+
+
+def save_classifier(model: DigitClassifier, path: str | Path, metadata: dict | None = None) -> None:
+    save_small_model(model, path, metadata)
 
 
 def load_classifier(path: str | Path | None = None) -> DigitClassifier:
     """The shipped classifier (or one saved by ``train_classifier``), in eval mode."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    path = Path(path) if path is not None else CLASSIFIER_PATH
-    with safe_open(str(path), "pt") as f:
-        config = json.loads(f.metadata()["config"])
-    model = DigitClassifier(**config)
-    model.load_state_dict(load_file(str(path)), strict=True)
-    return model.eval().requires_grad_(False)
+    return load_small_model(DigitClassifier, Path(path) if path is not None else CLASSIFIER_PATH)
 
 
 @dataclass

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rcm.digits.data import DIGIT_SIZE, NUM_CLASSES, ClipSpec, DigitClips, bounce, digit_images, render_clips, to_unit
+from rcm.digits.classifier import load_small_model, save_small_model
 from rcm.digits.corruptions import blur
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -88,24 +89,12 @@ class FrameClassifier(nn.Module):
 
 
 def save_frame_classifier(model: FrameClassifier, path: str | Path, metadata: dict | None = None) -> None:
-    from safetensors.torch import save_file
-
-    meta = {"config": json.dumps(model.config), **{k: str(v) for k, v in (metadata or {}).items()}}
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(path), metadata=meta)
+    save_small_model(model, path, metadata)
 
 
 def load_frame_classifier(path: str | Path | None = None) -> FrameClassifier:
     """The shipped frame classifier (or one saved by ``train_frame_classifier``), in eval mode."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    path = Path(path) if path is not None else FRAME_CLASSIFIER_PATH
-    with safe_open(str(path), "pt") as f:
-        config = json.loads(f.metadata()["config"])
-    model = FrameClassifier(**config)
-    model.load_state_dict(load_file(str(path)), strict=True)
-    return model.eval().requires_grad_(False)
+    return load_small_model(FrameClassifier, Path(path) if path is not None else FRAME_CLASSIFIER_PATH)
 
 
 @dataclass
