@@ -17,13 +17,14 @@ from __future__ import annotations
 import json
 import math
 import multiprocessing
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import reduce
 from pathlib import Path
 
 import torch
 
 from rcm import ConfigError
+from rcm.losses import RCMConfig
 from rcm.digits import presets
 from rcm.digits.evaluate import (COLUMNS, DigitsReport, EvalConfig, digits_report, evaluate, markdown_table,
                                  print_table)
@@ -43,7 +44,7 @@ class StudyConfig:
 
     out_dir: Path = Path("runs/study")
     methods: tuple[str, ...] = METHODS
-    snapshots: tuple[int, ...] = (500, 1000, 2500, 5000, 10000)
+    snapshots: tuple[int, ...] = (500, 1000, 2000, 3000, 5000, 7500, 10000)
     """iterations at which each method's EMA student is scored; the last one is the run's length."""
     batch_size: int = 64
     lr: float = 1e-4
@@ -61,6 +62,10 @@ class StudyConfig:
     """run the methods as concurrent processes (on one GPU: the small model leaves it mostly idle)."""
     threads: int = 0
     """torch threads per process; 0: torch's default."""
+    loss: RCMConfig = field(default_factory=lambda: presets.LOSS)
+    """loss settings shared by every method (each method then drops the term it lacks: sCM has no DMD term,
+    DMD2 no sCM term); e.g. --loss.dmd.loss-scale, --loss.student-update-freq."""
+    ema_sigma_rel: float = presets.EMA_SIGMA_REL
 
     def __post_init__(self):
         if not self.methods or any(m not in METHODS for m in self.methods) or len(set(self.methods)) != len(self.methods):
@@ -79,6 +84,7 @@ class StudyConfig:
         if not self.lr > 0:
             raise ConfigError("lr", f"must be > 0, got {self.lr}")
         resolve_device(self.device)
+        self.distill_config(self.methods[0])  # the shared run settings (loss, EMA) are checked now, not after a run
 
     def distill_config(self, method: str) -> DigitsDistillConfig:
         """The method's run: the digits defaults with the study's budget and settings, no final report."""
@@ -88,7 +94,7 @@ class StudyConfig:
             method=method, out_dir=Path(self.out_dir) / method, batch_size=self.batch_size,
             loop=LoopConfig(iterations=self.snapshots[-1], checkpoint_every=min(self.checkpoint_every, every)),
             student_optim=optim, critic_optim=replace(optim), report=False, sample_every=every,
-            device=self.device, threads=self.threads)
+            device=self.device, threads=self.threads, loss=self.loss, ema_sigma_rel=self.ema_sigma_rel)
 
     def eval_config(self) -> EvalConfig:
         return EvalConfig(num_per_class=self.num_per_class, num_real=self.num_real, seed=self.seed, spec=DEMO_SPEC)
