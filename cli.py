@@ -4,8 +4,9 @@
     rcm distill wan2.1-t2v-1.3b | wan2.1-t2v-14b | wan
                                 distill a Wan2.1 teacher on an `rcm synth` dataset (the reference's recipe)
     rcm sample [digits]         sample the digits teacher or a distilled digits student
-    rcm sample wan2.1-t2v-1.3b | wan2.1-t2v-14b | wan
-                                text to video with a Wan2.1 teacher or distilled student
+    rcm sample wan2.1-t2v-1.3b | wan2.1-t2v-14b | wan2.1-i2v-14b | wan2.2-ti2v-5b | wan2.2-t2v-a14b
+               | wan2.2-i2v-a14b | wan
+                                text (or image, --image) to video with a Wan teacher or distilled student
     rcm synth                   write a Wan latent dataset (teacher samples, videos or existing latents)
     rcm export                  one network of a training checkpoint (any world size) as a safetensors file
     rcm eval                    per-frame quality / consistency / diversity table of the teacher and finished runs
@@ -62,7 +63,13 @@ def _commands() -> dict[str, Command | Group]:
                            f"{d}, the reference's {'14B' if '14b' in m else '1.3B'} recipe") for m, d in wan_sizes.items()}
     sample = {"digits": Command(digits_sample.DigitsSampleConfig(), digits_sample.sample_digits,
                                 "the digits demo (the default)")}
-    sample |= {m: Command(wan_sample.WanSampleConfig(model=m), wan_sample.sample_wan, d) for m, d in wan_sizes.items()}
+    wan_sample_models = {**wan_sizes, "wan": "any Wan DiT or two-expert folder (architecture read from its files)",
+                         "wan2.1-i2v-14b": "Wan2.1 I2V 14B (--image, --image-encoder-path)",
+                         "wan2.2-ti2v-5b": "Wan2.2 TI2V 5B (text, or --image)",
+                         "wan2.2-t2v-a14b": "Wan2.2 T2V A14B (two experts)",
+                         "wan2.2-i2v-a14b": "Wan2.2 I2V A14B (two experts, --image)"}
+    sample |= {m: Command(wan_sample.WanSampleConfig(model=m), wan_sample.sample_wan, d)
+               for m, d in wan_sample_models.items()}
     return {
         "distill": Group(distill, default="digits", description=(
             "Distill a teacher into a 1-4 step student with rCM (or sCM / DMD2 alone). With no model name: the\n"

@@ -40,7 +40,7 @@ from rcm.timing import progress_bar
 from rcm.wan import presets
 from rcm.wan.data import INDEX_NAME, LATENT_FORMAT, NEGATIVE_NAME, LatentDataset, encode_shard, trim_embedding
 from rcm.models.text_encoder import TEXT_LEN, WAN_NEGATIVE_PROMPT
-from rcm.wan.pipeline import resolve_device
+from rcm.wan.pipeline import fit_frames, resolve_device
 
 
 
@@ -215,14 +215,7 @@ def read_video(path: Path, num_frames: int, height: int, width: int) -> Tensor:
         raise ConfigError("videos", f"{path.name} has {frames.shape[0] if frames.ndim == 4 else 0} frames; "
                              f"--num-frames is {num_frames}")
     video = torch.from_numpy(np.ascontiguousarray(frames[:num_frames, :, :, :3])).float().permute(0, 3, 1, 2)
-    h, w = video.shape[-2:]
-    scale = max(height / h, width / w)  # crop the excess after scaling the short side to fit
-    ch, cw = min(h, round(height / scale)), min(w, round(width / scale))
-    top, left = (h - ch) // 2, (w - cw) // 2
-    video = video[:, :, top : top + ch, left : left + cw]
-    video = torch.nn.functional.interpolate(video, size=(height, width), mode="bilinear", antialias=True,
-                                            align_corners=False)
-    return (video / 127.5 - 1).clamp(-1, 1).permute(1, 0, 2, 3)
+    return (fit_frames(video, height, width) / 127.5 - 1).clamp(-1, 1).permute(1, 0, 2, 3)
 
 
 def _text_encoder_width(path: Path) -> int | None:
