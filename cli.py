@@ -16,6 +16,7 @@
     rcm bench attention         attention kernels side by side
     rcm bench step              one rCM training iteration of a Wan DiT, phase by phase, eager vs compiled
     rcm bench sample            few-step student vs 50-step teacher sampling of a Wan DiT
+    rcm bench i2v               Wan2.2 TI2V-5B / A14B-shaped I2V sampling and a 5B rCM iteration, eager vs compiled
 
 User errors (bad paths, values, files) print one line and exit with status 2; `--debug` shows the traceback.
 """
@@ -48,7 +49,7 @@ class Group:
 
 def _commands() -> dict[str, Command | Group]:
     """Imported lazily so `rcm --help` is quick. Each command's code lives under its own name."""
-    from rcm.bench import attention, sample as bench_sample, step
+    from rcm.bench import attention, i2v as bench_i2v, sample as bench_sample, step
     from rcm.checkpoint import export
     from rcm.digits import classifier, evaluate, i2v, sample as digits_sample, study, task as digits_task, teacher
     from rcm.wan import sample as wan_sample, synth, task as wan_task
@@ -86,7 +87,8 @@ def _commands() -> dict[str, Command | Group]:
         "train-classifier": Command(classifier.TrainClassifierConfig, classifier.train_classifier),
         "bench": Group({"attention": Command(attention.BenchAttentionConfig, attention.bench_attention),
                         "step": Command(step.BenchStepConfig, step.bench_step),
-                        "sample": Command(bench_sample.BenchSampleConfig, bench_sample.bench_sample)}),
+                        "sample": Command(bench_sample.BenchSampleConfig, bench_sample.bench_sample),
+                        "i2v": Command(bench_i2v.BenchI2VConfig, bench_i2v.bench_i2v)}),
     }
 
 
