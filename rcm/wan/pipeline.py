@@ -22,7 +22,7 @@ from rcm.media import to_uint8
 from rcm.sample import resolve_device  # re-exported: the Wan commands import it from here
 from rcm.wan import presets
 
-__all__ = ["PathArgumentError", "decode_videos", "fit_frames", "read_image", "resolve_device", "sample_wan_latent",
+__all__ = ["PathArgumentError", "decode_videos", "fit_frames", "image_mode", "read_image", "resolve_device", "sample_wan_latent",
            "video_size"]
 
 
@@ -34,6 +34,15 @@ def video_size(resolution: str, aspect_ratio: str) -> tuple[int, int]:
     if aspect_ratio not in sizes[resolution]:
         raise ConfigError("aspect_ratio", f"must be one of {', '.join(sizes[resolution])}, got {aspect_ratio!r}")
     return sizes[resolution][aspect_ratio]
+
+
+def image_mode(config, vae_config) -> str | None:
+    """How a DiT takes an image: "channels" (``y``: Wan2.1 I2V-14B, Wan2.2 I2V-A14B, in_dim > out_dim),
+    "frame" (frame replacement: Wan2.2 TI2V-5B, told apart from a T2V DiT by its Wan2.2 VAE, the
+    residual one it was trained with) or None (text-to-video only)."""
+    if config.cond_dim:
+        return "channels"
+    return "frame" if vae_config.residual else None
 
 
 def fit_frames(frames: Tensor, height: int, width: int) -> Tensor:

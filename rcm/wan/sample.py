@@ -40,7 +40,7 @@ from rcm.models.text_encoder import WAN_NEGATIVE_PROMPT
 from rcm.sample import SampleResult, SampleSettings, existing_path, numbered
 from rcm.timing import progress_bar, sync
 from rcm.wan import presets
-from rcm.wan.pipeline import decode_videos, read_image, resolve_device, sample_wan_latent, video_size
+from rcm.wan.pipeline import decode_videos, image_mode, read_image, resolve_device, sample_wan_latent, video_size
 
 WanSampleModel = Literal["wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "wan2.1-i2v-14b", "wan2.2-ti2v-5b", "wan2.2-t2v-a14b",
                          "wan2.2-i2v-a14b", "wan"]
@@ -115,15 +115,6 @@ def _check_vae(config, vae_config, height: int, width: int) -> None:
     sf = vae_config.spatial_factor
     if height % (sf * config.patch_size[1]) or width % (sf * config.patch_size[2]):
         raise ConfigError("vae_path", f"its {sf}x spatial factor does not divide {height}x{width} into whole patches")
-
-
-def image_mode(config, vae_config) -> Literal["channels", "frame"] | None:
-    """How a DiT takes an image: "channels" (``y``: Wan2.1 I2V-14B, Wan2.2 I2V-A14B, in_dim > out_dim),
-    "frame" (frame replacement: Wan2.2 TI2V-5B, told apart from a T2V DiT by its Wan2.2 VAE, the
-    residual one it was trained with) or None (text-to-video only)."""
-    if config.cond_dim:
-        return "channels"
-    return "frame" if vae_config.residual else None
 
 
 def _check_image_args(cfg: WanSampleConfig, config, vae_config) -> Literal["channels", "frame"] | None:
