@@ -80,6 +80,8 @@ class BenchI2VConfig:
             raise ConfigError("parts", f"must name each part at most once, got {self.parts}")
         if not self.modes or len(set(self.modes)) != len(self.modes):
             raise ConfigError("modes", f"must name eager and/or compiled once each, got {self.modes}")
+        # eager first: compiling is in place (the compiled mode reuses the eager mode's networks)
+        self.modes = tuple(m for m in ("eager", "compiled") if m in self.modes)
         if self.num_frames < 1 or (self.num_frames - 1) % 4:
             raise ConfigError("num_frames", f"must be 1 + 4k (1, 5, ..., 81), got {self.num_frames}")
         if not 1 <= self.student_steps <= 4:
@@ -117,8 +119,9 @@ def _condition(shape: WanShape, family: str, device, dtype, generator):
     return FrameCondition(inputs={"y": torch.cat([mask, latent], dim=1).to(dtype)})
 
 
-def bench_sample_part(cfg: BenchI2VConfig, family: str, device, dtype, console) -> dict:
-    """4-step student sampling of one family, every mode: seconds, per step, peak memory, checks."""
+def bench_sample_part(cfg: BenchI2VConfig, family: str, device, dtype, console, done=lambda r: None) -> dict:
+    """4-step student sampling of one family, every mode: seconds, per step, peak memory, checks.
+    ``done(result)`` after each mode (the caller writes what was measured so far)."""
     from rcm.parallel import compile_blocks
     from rcm.samplers import consistency_times
     from rcm.wan import presets
@@ -177,6 +180,7 @@ def bench_sample_part(cfg: BenchI2VConfig, family: str, device, dtype, console) 
         else:
             entry["experts_per_step"] = list(calls)
         result["modes"][mode] = entry
+        done(result)
     del net
     return result
 
@@ -224,8 +228,9 @@ def _train_state(teacher, loss, cfg: BenchI2VConfig, mode: str, device, dtype):
                       torch.Generator(device).manual_seed(cfg.seed), compile=backend)
 
 
-def bench_step_part(cfg: BenchI2VConfig, device, dtype, console) -> dict:
-    """One rCM student and one critic iteration of the TI2V-5B shape with the first frame given."""
+def bench_step_part(cfg: BenchI2VConfig, device, dtype, console, done=lambda r: None) -> dict:
+    """One rCM student and one critic iteration of the TI2V-5B shape with the first frame given;
+    ``done(result)`` after each mode."""
     from rcm.bench.step import _iteration_with, _time_iteration
     from rcm.losses import RCM_PRESETS
     from rcm.parallel import apply_activation_checkpointing
@@ -258,6 +263,7 @@ def bench_step_part(cfg: BenchI2VConfig, device, dtype, console) -> dict:
             entry[kind] = {"seconds": wall, "phases": phases, "tflops": model_flops / wall / 1e12}
         entry["peak_gib"] = _peak_gib(device)
         result["modes"][mode] = entry
+        done(result)
         del state
     del teacher
     _free(device)
@@ -272,19 +278,33 @@ def bench_i2v(cfg: BenchI2VConfig) -> dict:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     results: dict = {"config": cfg.config, "device": _device_name(device), "torch": torch.__version__,
                      "dtype": str(dtype), "num_frames": cfg.num_frames, "parts": {}}
+
+    def write():
+        if cfg.out is not None:  # after every mode: a later failure or time-out keeps what was measured
+            Path(cfg.out).write_text(json.dumps(results, indent=2) + "\n")
+
     for part in cfg.parts:
         _free(device)
+
+        def done(result, part=part):
+            results["parts"][part] = result
+            write()
+            mode, entry = list(result["modes"].items())[-1]  # a line per mode: the log keeps it if killed later
+            brief = {k: v for k, v in entry.items() if k in ("seconds", "peak_gib", "warmup_seconds")}
+            brief |= {k: v["seconds"] for k, v in entry.items() if isinstance(v, dict) and "seconds" in v}
+            console.print(f"{part} {mode}: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                                                         for k, v in brief.items()))
+
         try:
             if part == "step-ti2v":
-                results["parts"][part] = bench_step_part(cfg, device, dtype, console)
+                bench_step_part(cfg, device, dtype, console, done)
             else:
-                results["parts"][part] = bench_sample_part(cfg, part.split("-")[1], device, dtype, console)
+                bench_sample_part(cfg, part.split("-")[1], device, dtype, console, done)
         except Exception as e:  # e.g. out of memory: report it, keep the other parts' figures
             console.print(f"[red]{part} failed:[/] {type(e).__name__}: {' '.join(str(e).split())[:500]}")
             results.setdefault("errors", {})[part] = f"{type(e).__name__}: {e}"
         _free(device)
-        if cfg.out is not None:  # after every part: a later failure or time-out keeps what was measured
-            Path(cfg.out).write_text(json.dumps(results, indent=2) + "\n")
+        write()
     _print_table(console, results)
     if not results["parts"]:
         raise RuntimeError(f"every part failed: {results['errors']}")

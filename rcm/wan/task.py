@@ -48,9 +48,10 @@ class WanDistillConfig(DistillConfig):
     model: tyro.conf.Fixed[WanModel] = "wan2.1-t2v-1.3b"
     """the architecture (wan: read from the teacher file, with the 1.3B recipe)."""
     teacher: Path | None = None
-    """the teacher DiT: official / diffusers / rCM layout (required)."""
+    """the teacher DiT: official / diffusers / rCM layout, or a two-expert folder (Wan2.2 A14B) (required)."""
     data: Path | None = None
-    """the dataset: an `rcm synth` folder, or a folder of the reference's webdataset tars (required)."""
+    """the dataset: an `rcm synth` folder (`--images`: image to video), or a folder of the reference's
+    webdataset tars (required)."""
     max_latent_frames: int = _D["max_latent_frames"]
     """latent frames trained on (the reference's state_t: 20 for 1.3B, 21 for 14B); shorter data is used whole."""
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(iterations=_D["iterations"],
@@ -282,7 +283,9 @@ class WanTask:
     # ---- the engine's hooks: console line, gathering, periodic samples, export, report
 
     def describe(self) -> str:
-        return (f"{self.model_name} on {len(self.dataset)} samples of latent {list(self.latent_shape)}")
+        kind = {None: "", "frame": ", first frame given", "channels": ", image to video"}[self.i2v]
+        return (f"{self.model_name}{' (two experts)' if self.experts else ''} on {len(self.dataset)} samples of "
+                f"latent {list(self.latent_shape)}{kind}")
 
     def new_network(self) -> nn.Module:
         from rcm.models import WanExperts
