@@ -152,3 +152,35 @@ def test_teacher_and_dataset_must_agree(i2v, tmp_path, capsys, teacher, dataset,
         cli.main(distill_args(files, teacher, data[dataset], tmp_path / "bad"))
     err = capsys.readouterr().err
     assert e.value.code == 2 and "--data" in err and message in err, err
+
+
+def test_synth_videos_first_frame_is_the_given_image(i2v, tmp_path, capsys):
+    """`rcm synth --videos --first-frame`: each video's first frame (as read and fitted) conditions it, the
+    way the teacher takes it; --first-frame needs the teacher; a T2V dataset keeps its settings hash."""
+    from rcm.media import write_video
+    from rcm.wan.synth import read_video
+
+    files, _ = i2v
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(2):
+        write_video(videos / f"v{i}.mp4", (torch.rand(FRAMES, 40, 40, 3, generator=g) * 255).to(torch.uint8), fps=8)
+    (files / "video_prompts.txt").write_text("one\ntwo\n")
+    base = ["synth", "--videos", str(videos), "--prompts", str(files / "video_prompts.txt"), "--vae-path",
+            str(files / "vae"), "--text-encoder-path", str(files / "umt5"), "--num-frames", str(FRAMES),
+            "--height", str(SIZE), "--width", str(SIZE), "--device", "cpu", "--threads", "1"]
+    cli.main([*base, "--teacher", str(files / "experts"), "--first-frame", "--out-dir", str(tmp_path / "d")])
+    index = json.loads((tmp_path / "d" / "index.json").read_text())
+    assert index["i2v"] == "channels" and index["settings"]["i2v"] == "channels"
+    y = shard(tmp_path / "d" / index["shards"][0])["y"]
+    config, vae = load_wan_model(files / "experts", device="meta").config, load_vae(files / "vae")
+    for i in range(2):
+        first = read_video(videos / f"v{i}.mp4", FRAMES, SIZE, SIZE)[None, :, 0]
+        assert torch.equal(y[i : i + 1], wan_image_condition(config, vae, first, FRAMES).inputs["y"])
+    with pytest.raises(SystemExit):
+        cli.main([*base, "--first-frame", "--out-dir", str(tmp_path / "e")])
+    assert "--teacher: is required with --first-frame" in capsys.readouterr().err
+    cli.main([*base, "--out-dir", str(tmp_path / "t2v")])  # text to video: no i2v in the settings (old hashes hold)
+    t2v = json.loads((tmp_path / "t2v" / "index.json").read_text())
+    assert t2v["i2v"] is None and "i2v" not in t2v["settings"] and "first_frame" not in t2v["settings"]

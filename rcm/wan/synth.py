@@ -64,7 +64,9 @@ class SynthConfig:
     """image to video: a folder of first frames, the i-th by name for the i-th prompt (needs --vae-path; an I2V
     or TI2V teacher); each is scaled to cover the video size and centre-cropped."""
     image_encoder_path: Path | None = None
-    """the CLIP image encoder, for a Wan2.1 I2V teacher with --images."""
+    """the CLIP image encoder, for a Wan2.1 I2V teacher with --images or --first-frame."""
+    first_frame: bool = False
+    """with --videos: image to video, each video's first frame its given image, as --teacher takes it."""
     text_encoder_path: Path | None = None
     """umT5 (official .pth, transformers folder or pipeline root)."""
     tokenizer_path: Path | None = None
@@ -301,14 +303,14 @@ def synth(cfg: SynthConfig) -> dict:
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()
                 if k not in ("out_dir", "device", "threads", "batch_size", "teacher", "text_encoder_path",
                              "tokenizer_path", "vae_path", "prompts", "videos", "latents", "images",
-                             "image_encoder_path")}
+                             "image_encoder_path", "first_frame")}  # (the i2v mode is recorded when set)
     settings.update(source=source, text_len=text_len)
     i2v = None  # the image mode of an image-to-video dataset
     if source == "prompts":
-        from rcm.wan.synth_i2v import check_image_teacher, images_sha256, list_images, teacher_files
+        from rcm.wan.synth_i2v import images_sha256, list_images, synth_image_mode, teacher_files
 
         prompts = read_prompts(Path(cfg.prompts))
-        i2v = check_image_teacher(config, cfg.vae_path, cfg.image_encoder_path, cfg.images)
+        i2v = synth_image_mode(cfg, config, source)
         images = list_images(cfg.images, len(prompts)) if i2v else [None] * len(prompts)
         items = [(p, cfg.seed + i, im) for i, (p, im) in enumerate(
             x for x in zip(prompts, images) for _ in range(cfg.samples_per_prompt))]
@@ -319,8 +321,11 @@ def synth(cfg: SynthConfig) -> dict:
         if not i2v and config.in_dim != 16:
             raise ConfigError("teacher", f"has in_dim {config.in_dim}; Wan2.1 latents have 16 channels")
     elif source == "videos":
+        from rcm.wan.synth_i2v import synth_image_mode
+
         items = _list_videos(cfg)
         settings["videos"] = [(v.name, p) for v, p in items]
+        settings.update({"i2v": i2v} if (i2v := synth_image_mode(cfg, config, source)) else {})
     else:
         src = LatentDataset(cfg.latents)
         items = list(range(len(src)))
@@ -392,12 +397,6 @@ def synth(cfg: SynthConfig) -> dict:
 
         with console.status("loading the teacher"):
             model = load_wan_model(cfg.teacher, config=config, dtype=dtype, device=device).eval().requires_grad_(False)
-            if i2v:
-                from rcm.wan.synth_i2v import load_conditioner
-
-                conditioner = load_conditioner(config, cfg.vae_path, cfg.image_encoder_path, cfg.num_frames,
-                                               dtype=dtype, device=device, latent_dtype=getattr(torch, cfg.latent_dtype),
-                                               embed_dtype=getattr(torch, cfg.embed_dtype))
     elif pending and source == "videos":
         from rcm.models.vae import load_vae
 
@@ -406,8 +405,12 @@ def synth(cfg: SynthConfig) -> dict:
                 model = load_vae(cfg.vae_path, dtype=dtype, device=device)
             except ValueError as e:
                 raise ConfigError("vae_path", str(e)) from e
-            if config is not None and model.config.z_dim != config.in_dim:
-                raise ConfigError("vae_path", f"{model.config.z_dim} latent channels, the teacher takes {config.in_dim}")
+            if config is not None and model.config.z_dim != config.out_dim:
+                raise ConfigError("vae_path", f"{model.config.z_dim} latent channels, the teacher generates {config.out_dim}")
+    if pending and i2v:
+        from rcm.wan.synth_i2v import load_conditioner
+
+        conditioner = load_conditioner(cfg, config, dtype=dtype, device=device)
     neg_context = None
     if source == "prompts" and cfg.guidance > 1 and pending:
         from rcm.wan.data import pad_embeddings
@@ -448,6 +451,8 @@ def synth(cfg: SynthConfig) -> dict:
                 for path, prompt in shards[s]:
                     video = read_video(path, cfg.num_frames, cfg.height, cfg.width)
                     lat.append(model.encode(video[None].to(device))[0].cpu())
+                    if conditioner is not None:  # its first frame is the given image
+                        stored.append(conditioner(video[None, :, 0].to(device))[1])
                     texts.append(prompt)
                     bar.advance(job)
                 emb = embeds[s]

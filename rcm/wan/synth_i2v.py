@@ -1,4 +1,5 @@
-"""`rcm synth --images DIR`: image-to-video teacher samples (docs/i2v.md).
+"""`rcm synth --images DIR` (image-to-video teacher samples) and `rcm synth --videos DIR --first-frame`
+(videos whose first frame is their given image), docs/i2v.md.
 
 Each prompt gets an image (the i-th image of ``--images`` by name for the i-th prompt, every one of its
 ``--samples-per-prompt`` samples); the image is fitted to the video size (``rcm.wan.pipeline.fit_frames``)
@@ -6,6 +7,8 @@ and turned into the teacher's ``FrameCondition`` (``rcm.models.wan_image.wan_ima
 teacher samples with it, and the shard stores, with the latent, what training needs to rebuild it
 (``rcm.wan.data``): the image itself (uint8), and for DiTs that take it as channels ``y`` and, Wan2.1
 I2V, the CLIP tokens. Under frame replacement (TI2V) the sample's first latent frame is the image's.
+With ``--videos --first-frame`` each video's first frame is its image, conditioned the way ``--teacher``
+takes it (the teacher is read for that only).
 """
 
 from __future__ import annotations
@@ -50,28 +53,42 @@ def teacher_files(path: Path) -> list[Path]:
     return [f for p in (folders or (path,)) for f in dit_weight_files(p).files]
 
 
-def check_image_teacher(config, vae_path: Path | None, image_encoder_path: Path | None, images: Path | None):
-    """The I2V arguments of `rcm synth --prompts` against the teacher and the VAE (headers only): the
-    image mode ("frame", "channels") when ``images`` are given, else None (text to video)."""
+def synth_image_mode(cfg, config, source: str) -> str | None:
+    """The image mode of the dataset `rcm synth` makes ("frame", "channels"; None: text to video)."""
+    if source == "videos" and cfg.first_frame:
+        if config is None:
+            raise ConfigError("teacher", "is required with --first-frame (how the teacher takes the image)")
+        return check_image_teacher(config, cfg.vae_path, cfg.image_encoder_path, Path(cfg.videos), "first_frame")
+    if cfg.first_frame:
+        raise ConfigError("first_frame", "applies to --videos")
+    if source != "prompts":
+        return None
+    return check_image_teacher(config, cfg.vae_path, cfg.image_encoder_path, cfg.images)
+
+
+def check_image_teacher(config, vae_path: Path | None, image_encoder_path: Path | None, images: Path | None,
+                        field: str = "images"):
+    """The I2V arguments of `rcm synth` against the teacher and the VAE (headers only): the image mode
+    ("frame", "channels") when ``images`` are given, else None (text to video); errors name ``field``."""
     from rcm.models.vae import read_vae_config
     from rcm.wan.pipeline import image_mode
 
     if images is None:
         if config.cond_dim:
-            raise ConfigError("images", f"is required: the teacher is image-to-video ({config.cond_dim} image channels)")
+            raise ConfigError(field, f"is required: the teacher is image-to-video ({config.cond_dim} image channels)")
         if image_encoder_path is not None:
             raise ConfigError("image_encoder_path", "applies only with --images")
         return None
     if vae_path is None:
-        raise ConfigError("vae_path", "is required to encode the --images")
+        raise ConfigError("vae_path", "is required to encode the images")
     try:
         vae_config = read_vae_config(vae_path)
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError("vae_path", str(e)) from e
     mode = image_mode(config, vae_config)
     if mode is None:
-        raise ConfigError("images", "the teacher is text-to-video (no image channels, and a Wan2.1 VAE): --images "
-                                    "needs an I2V teacher (Wan2.1 I2V-14B, Wan2.2 I2V-A14B) or Wan2.2 TI2V-5B")
+        raise ConfigError(field, "the teacher is text-to-video (no image channels, and a Wan2.1 VAE): image to "
+                                 "video needs an I2V teacher (Wan2.1 I2V-14B, Wan2.2 I2V-A14B) or Wan2.2 TI2V-5B")
     if (config.image_dim is not None) != (image_encoder_path is not None):
         raise ConfigError("image_encoder_path", "is required: the teacher (Wan2.1 I2V) takes CLIP image tokens"
                           if config.image_dim is not None else "only a teacher with CLIP image cross-attention takes it")
@@ -103,10 +120,11 @@ class ImageConditioner:
         return condition, stored
 
 
-def load_conditioner(config, vae_path: Path, image_encoder_path: Path | None, num_frames: int, *, dtype, device,
-                     latent_dtype, embed_dtype) -> ImageConditioner:
+def load_conditioner(cfg, config, *, dtype, device) -> ImageConditioner:
+    """The VAE (and CLIP encoder) of `rcm synth` ``cfg``, as the conditioner of ``config``'s DiT."""
     from rcm.models.vae import load_vae
 
+    vae_path, image_encoder_path = cfg.vae_path, cfg.image_encoder_path
     try:
         vae = load_vae(vae_path, dtype=dtype, device=device)
     except ValueError as e:
@@ -119,4 +137,5 @@ def load_conditioner(config, vae_path: Path, image_encoder_path: Path | None, nu
             encoder = load_image_encoder(image_encoder_path, device=device)
         except (ValueError, FileNotFoundError) as e:
             raise ConfigError("image_encoder_path", str(e)) from e
-    return ImageConditioner(config, vae, encoder, num_frames, latent_dtype, embed_dtype)
+    return ImageConditioner(config, vae, encoder, cfg.num_frames, getattr(torch, cfg.latent_dtype),
+                            getattr(torch, cfg.embed_dtype))
