@@ -4,8 +4,9 @@
     rcm distill wan2.1-t2v-1.3b | wan2.1-t2v-14b | wan
                                 distill a Wan2.1 teacher on an `rcm synth` dataset (the reference's recipe)
     rcm sample [digits]         sample the digits teacher or a distilled digits student
-    rcm sample wan2.1-t2v-1.3b | wan2.1-t2v-14b | wan
-                                text to video with a Wan2.1 teacher or distilled student
+    rcm sample wan2.1-t2v-1.3b | wan2.1-t2v-14b | wan2.1-i2v-14b | wan2.2-ti2v-5b | wan2.2-t2v-a14b
+               | wan2.2-i2v-a14b | wan
+                                text (or image, --image) to video with a Wan teacher or distilled student
     rcm synth                   write a Wan latent dataset (teacher samples, videos or existing latents)
     rcm export                  one network of a training checkpoint (any world size) as a safetensors file
     rcm eval                    per-frame quality / consistency / diversity table of the teacher and finished runs
@@ -15,6 +16,7 @@
     rcm bench attention         attention kernels side by side
     rcm bench step              one rCM training iteration of a Wan DiT, phase by phase, eager vs compiled
     rcm bench sample            few-step student vs 50-step teacher sampling of a Wan DiT
+    rcm bench i2v               Wan2.2 TI2V-5B / A14B-shaped I2V sampling and a 5B rCM iteration, eager vs compiled
 
 User errors (bad paths, values, files) print one line and exit with status 2; `--debug` shows the traceback.
 """
@@ -47,7 +49,7 @@ class Group:
 
 def _commands() -> dict[str, Command | Group]:
     """Imported lazily so `rcm --help` is quick. Each command's code lives under its own name."""
-    from rcm.bench import attention, sample as bench_sample, step
+    from rcm.bench import attention, i2v as bench_i2v, sample as bench_sample, step
     from rcm.checkpoint import export
     from rcm.digits import classifier, evaluate, i2v, sample as digits_sample, study, task as digits_task, teacher
     from rcm.wan import sample as wan_sample, synth, task as wan_task
@@ -62,7 +64,13 @@ def _commands() -> dict[str, Command | Group]:
                            f"{d}, the reference's {'14B' if '14b' in m else '1.3B'} recipe") for m, d in wan_sizes.items()}
     sample = {"digits": Command(digits_sample.DigitsSampleConfig(), digits_sample.sample_digits,
                                 "the digits demo (the default)")}
-    sample |= {m: Command(wan_sample.WanSampleConfig(model=m), wan_sample.sample_wan, d) for m, d in wan_sizes.items()}
+    wan_sample_models = {**wan_sizes, "wan": "any Wan DiT or two-expert folder (architecture read from its files)",
+                         "wan2.1-i2v-14b": "Wan2.1 I2V 14B (--image, --image-encoder-path)",
+                         "wan2.2-ti2v-5b": "Wan2.2 TI2V 5B (text, or --image)",
+                         "wan2.2-t2v-a14b": "Wan2.2 T2V A14B (two experts)",
+                         "wan2.2-i2v-a14b": "Wan2.2 I2V A14B (two experts, --image)"}
+    sample |= {m: Command(wan_sample.WanSampleConfig(model=m), wan_sample.sample_wan, d)
+               for m, d in wan_sample_models.items()}
     return {
         "distill": Group(distill, default="digits", description=(
             "Distill a teacher into a 1-4 step student with rCM (or sCM / DMD2 alone). With no model name: the\n"
@@ -79,7 +87,8 @@ def _commands() -> dict[str, Command | Group]:
         "train-classifier": Command(classifier.TrainClassifierConfig, classifier.train_classifier),
         "bench": Group({"attention": Command(attention.BenchAttentionConfig, attention.bench_attention),
                         "step": Command(step.BenchStepConfig, step.bench_step),
-                        "sample": Command(bench_sample.BenchSampleConfig, bench_sample.bench_sample)}),
+                        "sample": Command(bench_sample.BenchSampleConfig, bench_sample.bench_sample),
+                        "i2v": Command(bench_i2v.BenchI2VConfig, bench_i2v.bench_i2v)}),
     }
 
 

@@ -73,12 +73,12 @@ def _distill(out, teacher, *extra):
     cli.main(["distill", "digits-i2v", "--teacher", str(teacher), "--out-dir", str(out), "--batch-size", "2",
               "--loop.iterations", "4", "--loop.checkpoint-every", "2", "--loop.log-every", "1", "--threads", "1",
               "--loss.scm.tangent-warmup", "2", "--loss.student-update-freq", "2",
-              "--i2v-report.num-clips", "10", "--i2v-report.teacher-steps", "4",
-              "--i2v-report.student-steps", "1", "2", *extra])
+              "--i2v-report.num-clips", "20", "--i2v-report.teacher-steps", "4",
+              "--i2v-report.student-steps", "1", "2", "--i2v-report.num-real", "100", *extra])
 
 
 def test_distill_i2v_end_to_end_reports_the_given_frame_and_the_student_against_its_teacher(tmp_path, tiny_teacher):
-    """A tiny I2V teacher, rCM for 4 iterations, then the report on 10 held-out first frames."""
+    """A tiny I2V teacher, rCM for 4 iterations, then the report on 20 held-out first frames."""
     _distill(tmp_path / "run", tiny_teacher)
     run = tmp_path / "run"
     metrics = json.loads((run / "i2v_metrics.json").read_text())
@@ -90,6 +90,11 @@ def test_distill_i2v_end_to_end_reports_the_given_frame_and_the_student_against_
     assert rows["data"]["accuracy"] >= 0.9  # the classifier reads the real clips (a random tiny teacher keeps no digit)
     assert rows["teacher@4"]["motion"] > 0.05  # it generates frames, not copies of the given one
     assert all(r["vs_teacher"] >= 0 for n, r in rows.items() if n.startswith("rcm@"))
+    for row in rows.values():  # the per-frame metrics of rcm/digits/metrics.py, for every generator
+        assert 0 <= row["frame_accuracy"] <= 1 and 0 <= row["switching_share"] <= 1
+        assert row["frame_fd"] >= 0 and row["frame_diversity"] >= 0 and row["given_frame_within_bound"]
+    assert rows["data"]["frame_accuracy"] >= 0.9 and rows["data"]["frame_fd"] < rows["teacher@4"]["frame_fd"]
+    assert metrics["given_frame_bound"] == GIVEN_FRAME_BOUND
     assert (run / "i2v_samples.png").is_file()
     student = load_i2v_student(run / "student_ema.safetensors")
     assert student.config == load_i2v_teacher(tiny_teacher).config
@@ -108,6 +113,18 @@ def test_two_expert_teacher_distills_one_student_per_expert(tmp_path, tiny_teach
                                                       student.low_noise.state_dict().values()))
     rows = json.loads((run / "i2v_metrics.json").read_text())["rows"]
     assert all(r["given_frame_error"] <= GIVEN_FRAME_BOUND for r in rows)
+def test_report_of_the_shipped_i2v_teacher_and_its_student_on_a_tiny_budget(tmp_path):
+    """The shipped I2V teacher distilled for 4 iterations: the report's per-frame metrics show the teacher
+    keeping the digit frame by frame (it was fine-tuned to), the given frame within its bound everywhere."""
+    _distill(tmp_path / "shipped", I2V_TEACHER_PATH)
+    rows = {r["name"]: r for r in json.loads((tmp_path / "shipped" / "i2v_metrics.json").read_text())["rows"]}
+    assert list(rows) == ["data", "teacher@4", "rcm@1", "rcm@2"]
+    assert all(r["given_frame_error"] <= GIVEN_FRAME_BOUND for r in rows.values())
+    assert rows["teacher@4"]["frame_accuracy"] >= 0.8 and rows["teacher@4"]["frame_diversity"] > 0.3
+    for name in ("rcm@1", "rcm@2"):
+        assert {"frame_accuracy", "switching_share", "frame_fd", "frame_diversity", "vs_teacher"} <= set(rows[name])
+
+
 def test_the_shipped_i2v_teacher():
     assert I2V_TEACHER_PATH.stat().st_size < 5_000_000
     meta = model_metadata(I2V_TEACHER_PATH)

@@ -29,17 +29,20 @@ WAN_FRAME_RATE_DIVISOR = 4  # the VAE's causal temporal factor: frames = 1 + 4 (
 
 @dataclass(frozen=True)
 class WanShape:
-    """A Wan2.1 video size and its latent / token counts."""
+    """A Wan video size and its latent / token counts (``spatial_factor``: the VAE's, 8 for Wan2.1's, 16
+    for Wan2.2's; the latent has the DiT's ``out_dim`` channels, the generated ones)."""
 
     config: WanConfig
     num_frames: int
     height: int
     width: int
     batch_size: int = 1
+    spatial_factor: int = 8
 
     @property
     def latent(self) -> tuple[int, int, int, int, int]:
-        return (self.batch_size, self.config.in_dim, 1 + (self.num_frames - 1) // 4, self.height // 8, self.width // 8)
+        s = self.spatial_factor
+        return (self.batch_size, self.config.out_dim, 1 + (self.num_frames - 1) // 4, self.height // s, self.width // s)
 
     @property
     def tokens(self) -> int:
@@ -106,6 +109,19 @@ def random_dit(config: WanConfig, seed: int = 0, device: torch.device | str = "c
         net.head.head.weight.normal_(0, 0.02, generator=generator)
     return net.cpu()
 
+
+def random_dit_on(config: WanConfig, device: torch.device | str, dtype: torch.dtype, seed: int = 0) -> WanDiT:
+    """``random_dit`` built where it runs, for sizes whose fp32 CPU copy would not fit (two 14B experts):
+    on the meta device, cast (free), materialized empty on ``device`` in ``dtype`` and filled by the
+    official init (``init_weights`` completes a meta-built model) plus a random head."""
+    generator = torch.Generator(device).manual_seed(seed)
+    with torch.device("meta"):
+        net = WanDiT(config).to(dtype)
+    net.to_empty(device=device)
+    with torch.no_grad():
+        net.init_weights(generator)
+        net.head.head.weight.normal_(0, 0.02, generator=generator)
+    return net
 
 
 def gpu_settings(device: torch.device) -> None:

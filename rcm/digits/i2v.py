@@ -13,7 +13,8 @@ timestep map. The losses, samplers and training engine are the text-to-video one
   per expert, each initialised from its expert; docs/method.md §12.3).
 * **The report** (``i2v_report``): the given frame's reproduction error (bound ``GIVEN_FRAME_BOUND``), the
   digit kept (the clip classifier's accuracy for the clip's label), the motion's continuity from the given
-  frame, and each student against its teacher from the same noise and image.
+  frame, each student against its teacher from the same noise and image, and the per-frame metrics of
+  ``rcm.digits.metrics`` (frame accuracy, switching share, frame FD, diversity, ...) of every row.
 """
 
 from __future__ import annotations
@@ -184,6 +185,16 @@ class I2VReport:
     student_steps: tuple[int, ...] = (1, 2, 4)
     sigma_max: float = 80.0
     seed: int = 0
+    num_real: int = 1000
+    """held-out real clips of the per-frame metrics' reference (``rcm.digits.metrics.real_reference``)."""
+    real_seed: int = 1234
+
+    def __post_init__(self):
+        if self.num_clips < 20:  # class-balanced: two clips of each digit at least
+            raise ConfigError("num_clips", f"must be >= 20 (the per-frame diversity compares two clips of a digit), "
+                                           f"got {self.num_clips}")
+        if self.num_real < 20:
+            raise ConfigError("num_real", f"must be >= 20, got {self.num_real}")
 
 
 def i2v_metrics(out: Tensor, given: Tensor, labels: Tensor, classifier: nn.Module) -> dict:
@@ -208,12 +219,15 @@ def i2v_report(teacher: nn.Module, students: dict[str, nn.Module], out_dir: Path
     from rich.console import Console
     from rich.table import Table
 
+    from rcm.digits.metrics import frame_metrics, real_reference
+
     console = console or Console()
     out_dir.mkdir(parents=True, exist_ok=True)
     data = DigitClips("test", n=report.num_clips, seed=report.seed, spec=DEMO_SPEC)
     clips = torch.stack([data[i][0] for i in range(len(data))])
     labels = torch.tensor([int(data[i][1]) for i in range(len(data))])
     classifier = load_classifier()
+    reference = real_reference(report.num_real, report.real_seed, DEMO_SPEC)
     seed = lambda: torch.Generator().manual_seed(report.seed)  # noqa: E731  same noise for every generator
     cfg = TeacherSampling(**{**sampling.__dict__, "steps": report.teacher_steps})
     start = time.perf_counter()
@@ -224,12 +238,14 @@ def i2v_report(teacher: nn.Module, students: dict[str, nn.Module], out_dir: Path
     teacher_clips = samples[f"teacher@{report.teacher_steps}"]
     rows = []
     for name, out in samples.items():
-        row = {"name": name, **i2v_metrics(out, clips, labels, classifier)}
+        row = {"name": name, **i2v_metrics(out, clips, labels, classifier), **frame_metrics(out, labels, reference)}
+        row["given_frame_within_bound"] = row["given_frame_error"] <= GIVEN_FRAME_BOUND
         if name not in ("data", f"teacher@{report.teacher_steps}"):
             row["vs_teacher"] = float((out - teacher_clips)[:, :, GIVEN_FRAMES:].pow(2).mean())
         rows.append(row)
     table = Table(title=f"image-to-video digits: {len(clips)} held-out first frames")
-    columns = ["name", "given_frame_error", "accuracy", "continuity", "motion", "vs_teacher"]
+    columns = ["name", "given_frame_error", "accuracy", "continuity", "motion", "vs_teacher", "frame_accuracy",
+               "switching_share", "frame_fd", "frame_diversity"]
     for c in columns:
         table.add_column(c)
     for row in rows:

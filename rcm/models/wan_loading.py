@@ -34,8 +34,8 @@ from .wan_layouts import (
 from .weights import corrupt_file_error, load_state_dict_strict, open_state_dict
 from rcm.checkpoint.atomic import atomic_write_with
 
-__all__ = ["DitFiles", "dit_weight_files", "expert_folders", "load_dit", "load_wan_experts", "read_dit_config", "save_dit",
-           "save_wan_experts"]
+__all__ = ["DitFiles", "dit_metadata", "dit_weight_files", "expert_folders", "load_dit", "load_wan_experts",
+           "load_wan_model", "read_dit_config", "save_dit", "save_wan_experts"]
 
 # ----------------------------------------------------------------------------------------------------
 # DiT files
@@ -128,9 +128,17 @@ class _DitCheckpoint:
 
 
 def read_dit_config(path: str | Path, *, ema: bool | None = None):
-    """The ``WanConfig`` that ``load_dit(path)`` would build (metadata, config.json or shapes); reads
-    headers only."""
-    return _DitCheckpoint(path, ema).config()
+    """The ``WanConfig`` that ``load_dit(path)`` would build (metadata, config.json or shapes); of a
+    two-expert folder, its experts' (``load_wan_model``). Reads headers only."""
+    folders = expert_folders(path)
+    return _DitCheckpoint(path if folders is None else folders[0], ema).config()
+
+
+def dit_metadata(path: str | Path) -> dict[str, str]:
+    """The safetensors metadata of a DiT's files (of a two-expert folder: the high-noise expert's);
+    headers only, {} for ``.pth`` files."""
+    folders = expert_folders(path)
+    return dict(open_state_dict(dit_weight_files(path if folders is None else folders[0]).files).metadata)
 
 
 def load_dit(
@@ -248,6 +256,8 @@ def expert_folders(path: str | Path) -> tuple[Path, Path] | None:
     """(high-noise, low-noise) expert folders of a two-expert release at ``path`` (official
     ``high_noise_model/`` + ``low_noise_model/`` or diffusers ``transformer/`` + ``transformer_2/``), else None."""
     path = Path(path)
+    if not path.is_dir():
+        return None
     for high, low in _EXPERT_FOLDERS.values():
         if (path / high).is_dir() and (path / low).is_dir():
             return path / high, path / low
@@ -287,14 +297,34 @@ def load_wan_experts(
     return WanExperts(high, low, boundary if boundary is not None else _default_boundary(high.config))
 
 
-def save_wan_experts(experts: WanExperts, path: str | Path, *, layout: str = "official") -> list[Path]:
+def load_wan_model(
+    path: str | Path,
+    *,
+    boundary: float | None = None,
+    config=None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
+) -> WanDiT | WanExperts:
+    """What a DiT path holds: a two-expert folder as ``WanExperts`` (``load_wan_experts``), anything else
+    as one ``WanDiT`` (``load_dit``; ``boundary`` must then be None). Both strict and meta-device."""
+    if expert_folders(path) is not None:
+        return load_wan_experts(path, boundary=boundary, config=config, dtype=dtype, device=device)
+    if boundary is not None:
+        raise ValueError(f"boundary given, but {path} holds one DiT, not two experts (high_noise_model/ + "
+                         f"low_noise_model/ or transformer/ + transformer_2/)")
+    return load_dit(path, config=config, dtype=dtype, device=device)
+
+
+def save_wan_experts(experts: WanExperts, path: str | Path, *, layout: str = "official",
+                     metadata: Mapping[str, str] | None = None) -> list[Path]:
     """Writes both experts in the official (``high_noise_model/``, ``low_noise_model/``) or diffusers
     (``transformer/``, ``transformer_2/``, ``model_index.json`` with ``boundary_ratio``) layout; the
-    boundary also travels as safetensors metadata. Returns the files written."""
+    boundary also travels as safetensors metadata (with ``metadata``, e.g. ``kind=student``). Returns the
+    files written."""
     if layout not in _EXPERT_FOLDERS:
         raise ValueError(f"save_wan_experts: layout must be 'official' or 'diffusers', got {layout!r}")
     path = Path(path)
-    meta = {_BOUNDARY_KEY: repr(experts.boundary)}
+    meta = {**dict(metadata or {}), _BOUNDARY_KEY: repr(experts.boundary)}
     high, low = _EXPERT_FOLDERS[layout]
     written = [*save_dit(experts.high_noise, path / high, layout=layout, metadata=meta),
                *save_dit(experts.low_noise, path / low, layout=layout, metadata=meta)]

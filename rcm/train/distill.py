@@ -274,7 +274,9 @@ def _distill_locked(task: Task, cfg: DistillConfig, run: Run, run_dir: Path) -> 
         ema.load_state_dict(full)
         teacher = task.build_teacher(device="cpu")
     student_path = run_dir / "student_ema.safetensors"
-    task.export(ema, student_path, {"kind": "student", "method": cfg.method, "iterations": str(state.iteration)})
+    # a task may write elsewhere (a two-expert student: a folder of two DiTs) and says where
+    student_path = task.export(ema, student_path, {"kind": "student", "method": cfg.method,
+                                                   "iterations": str(state.iteration)}) or student_path
     steps = progress.steps
     summary = {"run_dir": str(run_dir), "student": str(student_path), "train_seconds": train_seconds,
                "seconds_per_iteration": [round(s, 4) for _, s in steps], "phases": [p for p, _ in steps]}

@@ -79,8 +79,9 @@ class Task(Protocol):
     def write_samples(self, ema: nn.Module, iteration: int, run_dir: Path, console) -> None:
         """Periodic samples of the EMA student (collective under FSDP: every rank calls it)."""
 
-    def export(self, ema: nn.Module, path: Path, metadata: dict) -> None:
-        """Write the final EMA student (a plain module) as one file, atomically."""
+    def export(self, ema: nn.Module, path: Path, metadata: dict) -> Path | None:
+        """Write the final EMA student (a plain module) as one file, atomically; returns where it went
+        when not at ``path`` (None: at ``path``)."""
 
     def report(self, teacher: nn.Module, ema: nn.Module, run_dir: Path, console) -> dict:
         """Score the finished run (rank 0, plain modules); what it returns joins the run's summary."""

@@ -6,6 +6,11 @@ A dataset folder holds
                                  [sum of prompt lengths, text_dim] (each prompt's umT5 rows, trimmed at
                                  its length), "lengths" [N] int64; metadata "prompts" (a JSON list)
     negative.safetensors         "embed" [length, text_dim]: the CFG negative prompt, encoded once
+An image-to-video dataset (index "i2v": "frame" or "channels", docs/i2v.md) adds per sample, in each
+shard: "images" [N, 3, H, W] uint8 (the first frames given) and, for DiTs that take the image as
+channels, "y" [N, cond_dim, T, h, w] (mask ++ the latent of "image, then black frames") and, for Wan2.1
+I2V, "image_context" [N, image_len, image_dim] (CLIP tokens). Frame replacement (TI2V) needs nothing
+more: a latent's first frame is its image's latent.
 The reference's webdataset tars (members <key>.latent.pt, <key>.embed.pt [512, 4096] zero-padded,
 <key>.prompt.txt) are read directly too: a folder of .tar files, or .tar shards listed in index.json.
 """
@@ -20,6 +25,8 @@ from rcm import PathArgumentError
 
 
 LATENT_FORMAT = "rcm-wan-latents-v1"
+CONDITIONING_KEYS = ("y", "image_context", "images")  # an I2V shard's per-sample conditioning tensors
+TRAINING_INPUTS = ("y", "image_context")  # what a training batch passes to the DiT (FrameCondition.inputs)
 INDEX_NAME = "index.json"
 NEGATIVE_NAME = "negative.safetensors"
 
@@ -47,8 +54,9 @@ def pad_embeddings(embeds: list[torch.Tensor], text_len: int) -> torch.Tensor:
 
 
 def encode_shard(latents: torch.Tensor, embeds: list[torch.Tensor], prompts: list[str],
-                 extra_metadata: dict | None = None) -> bytes:
-    """One shard's safetensors bytes (see the layout above); written with an atomic rename by the caller."""
+                 extra_metadata: dict | None = None, conditioning: dict[str, torch.Tensor] | None = None) -> bytes:
+    """One shard's safetensors bytes (see the layout above; ``conditioning``: an I2V shard's tensors, one
+    row per sample); written with an atomic rename by the caller."""
     import json
 
     from safetensors.torch import save
@@ -59,6 +67,11 @@ def encode_shard(latents: torch.Tensor, embeds: list[torch.Tensor], prompts: lis
     tensors = {"latents": latents.contiguous().cpu(),
                "embeds": torch.cat([e.cpu() for e in embeds]).contiguous(),
                "lengths": torch.tensor([e.shape[0] for e in embeds], dtype=torch.int64)}
+    for key, value in (conditioning or {}).items():
+        if key not in CONDITIONING_KEYS or len(value) != len(prompts):
+            raise ValueError(f"conditioning {key!r}: expected one of {CONDITIONING_KEYS} with {len(prompts)} rows, "
+                             f"got {tuple(value.shape)}")
+        tensors[key] = value.contiguous().cpu()
     meta = {"format": LATENT_FORMAT, "prompts": json.dumps(prompts, ensure_ascii=False),
             **{k: str(v) for k, v in (extra_metadata or {}).items()}}
     return save(tensors, metadata=meta)
@@ -95,6 +108,7 @@ class _SafetensorsShard:
         self.offsets = torch.cat([torch.zeros(1, dtype=torch.int64), self.lengths.cumsum(0)])
         self.latent_shape = tuple(header["latents"].shape[1:])
         self.text_dim = header["embeds"].shape[1]
+        self.conditioning_keys = tuple(k for k in CONDITIONING_KEYS if k in header)
         self._handle = None
         if len(self.prompts) != header["latents"].shape[0] or len(self.lengths) != len(self.prompts):
             raise ValueError(f"{path}: {header['latents'].shape[0]} latents, {len(self.lengths)} lengths and "
@@ -111,6 +125,11 @@ class _SafetensorsShard:
         latent = self._handle.get_slice("latents")[j : j + 1][0]
         a, b = int(self.offsets[j]), int(self.offsets[j + 1])
         return latent, self._handle.get_slice("embeds")[a:b], self.prompts[j]
+
+    def conditioning(self, j: int) -> dict[str, torch.Tensor]:
+        """Sample ``j``'s I2V tensors (``CONDITIONING_KEYS`` present in the shard; {} for T2V)."""
+        self[j]  # opens the file
+        return {k: self._handle.get_slice(k)[j : j + 1][0] for k in self.conditioning_keys}
 
 
 class _TarShard:
@@ -142,6 +161,9 @@ class _TarShard:
 
     def __len__(self) -> int:
         return len(self.keys)
+
+    def conditioning(self, j: int) -> dict[str, torch.Tensor]:
+        return {}  # the reference's tars are text-to-video
 
     def _read(self, member) -> bytes:
         import tarfile
@@ -209,6 +231,9 @@ class LatentDataset:
         if len(shapes) > 1 or len(dims) > 1:
             raise ValueError(f"{path}: shards disagree on the latent shape {sorted(shapes)} or text width {sorted(dims)}")
         self.latent_shape, self.text_dim = shapes.pop(), dims.pop()
+        self.i2v: str | None = self.index.get("i2v")  # "frame", "channels" or None (text to video)
+        if self.i2v == "channels" and any("y" not in s.conditioning_keys for s in self.shards):
+            raise ValueError(f"{path}: an image-to-video (channels) dataset whose shards lack the 'y' conditioning")
         self.starts = [0]
         for s in self.shards:
             self.starts.append(self.starts[-1] + len(s))
@@ -230,10 +255,18 @@ class LatentDataset:
         s = bisect.bisect_right(self.starts, i) - 1
         return self.shards[s][i - self.starts[s]]
 
+    def conditioning(self, i: int) -> dict[str, torch.Tensor]:
+        """Sample ``i``'s image-to-video tensors ({} in a text-to-video dataset)."""
+        import bisect
+
+        s = bisect.bisect_right(self.starts, i) - 1
+        return self.shards[s].conditioning(i - self.starts[s])
+
 
 class LatentBatches:
     """Infinite, seeded, resumable batches ``(x0 [B, C, T', h, w] float32, context [B, text_len, D]
-    float32)`` from a ``LatentDataset``.
+    float32)`` from a ``LatentDataset``; of an image-to-video dataset ``(x0, context, inputs)``, ``inputs``
+    its ``TRAINING_INPUTS`` stacked ({} under frame replacement: x0's first frame is the image's).
 
     Samples come in epochs; epoch ``e`` is a permutation drawn from ``seed + e``. Data-parallel rank
     ``r`` of ``world`` takes samples ``r, r + world, ...`` of each global batch of ``world · B`` (ranks
@@ -275,12 +308,20 @@ class LatentBatches:
     def __iter__(self):
         return self
 
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        samples = [self.dataset[i] for i in self.indices()]
+    def __next__(self) -> tuple[torch.Tensor, ...]:
+        indices = self.indices()
+        samples = [self.dataset[i] for i in indices]
         x0 = torch.stack([s[0] for s in samples]).float()
         if self.max_frames is not None:
             x0 = x0[:, :, : self.max_frames]
-        return x0, pad_embeddings([s[1] for s in samples], self.text_len)
+        context = pad_embeddings([s[1] for s in samples], self.text_len)
+        if self.dataset.i2v is None:
+            return x0, context
+        rows = [self.dataset.conditioning(i) for i in indices]
+        inputs = {k: torch.stack([r[k] for r in rows]).float() for k in TRAINING_INPUTS if k in rows[0]}
+        if "y" in inputs:
+            inputs["y"] = inputs["y"][:, :, : x0.shape[2]]  # the latent frames kept
+        return x0, context, inputs
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "offset": self.offset, "seed": self.seed, "size": len(self.dataset)}

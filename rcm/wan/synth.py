@@ -5,6 +5,7 @@
     torchrun --nproc-per-node 8 cli.py synth ...       # the same, shards spread over 8 GPUs
     rcm synth --videos clips/ --vae-path Wan2.1_VAE.pth --text-encoder-path ... --out-dir data/clips
     rcm synth --latents reference_tars/ --text-encoder-path ... --out-dir data/ref   # re-shard existing latents
+    rcm synth --prompts p.txt --images firsts/ --teacher I2V_DIT --vae-path VAE ... # image to video (docs/i2v.md)
 
 Sources (exactly one): a prompt list (``.txt``, one prompt a line, or ``.jsonl`` with a "prompt" key),
 sampled by the teacher with the flow sampler and CFG against Wan's negative prompt; a folder of videos
@@ -40,7 +41,7 @@ from rcm.timing import progress_bar
 from rcm.wan import presets
 from rcm.wan.data import INDEX_NAME, LATENT_FORMAT, NEGATIVE_NAME, LatentDataset, encode_shard, trim_embedding
 from rcm.models.text_encoder import TEXT_LEN, WAN_NEGATIVE_PROMPT
-from rcm.wan.pipeline import resolve_device
+from rcm.wan.pipeline import fit_frames, resolve_device
 
 
 
@@ -58,13 +59,20 @@ class SynthConfig:
     latents: Path | None = None
     """existing latents to re-shard: a folder of the reference's webdataset tars or an rcm synth dataset."""
     teacher: Path | None = None
-    """the teacher DiT (any layout `rcm sample` reads) that samples the --prompts."""
+    """the teacher DiT (any layout `rcm sample` reads, or a two-expert folder) that samples the --prompts."""
+    images: Path | None = None
+    """image to video: a folder of first frames, the i-th by name for the i-th prompt (needs --vae-path; an I2V
+    or TI2V teacher); each is scaled to cover the video size and centre-cropped."""
+    image_encoder_path: Path | None = None
+    """the CLIP image encoder, for a Wan2.1 I2V teacher with --images or --first-frame."""
+    first_frame: bool = False
+    """with --videos: image to video, each video's first frame its given image, as --teacher takes it."""
     text_encoder_path: Path | None = None
     """umT5 (official .pth, transformers folder or pipeline root)."""
     tokenizer_path: Path | None = None
     """umT5 tokenizer folder; default found next to the text encoder."""
     vae_path: Path | None = None
-    """the Wan VAE, for --videos."""
+    """the Wan VAE, for --videos and --images (and the latent size of a Wan2.2-VAE teacher)."""
     negative_prompt: str = WAN_NEGATIVE_PROMPT
     """the CFG negative prompt (Wan's default), sampled against and stored for training."""
     num_frames: int = presets.NUM_FRAMES
@@ -146,7 +154,9 @@ def _check(cfg: SynthConfig) -> str:
         raise ValueError("no source: give --prompts (with --teacher), --videos (with --vae-path) or --latents")
     if source == "latents" and cfg.prompts is not None:
         raise ConfigError("prompts", "does not apply to --latents (the prompts come with the latents)")
-    for name in ("prompts", "teacher", "text_encoder_path", "tokenizer_path", "vae_path"):
+    if source != "prompts" and cfg.images is not None:
+        raise ConfigError("images", "applies to --prompts with an image-to-video --teacher")
+    for name in ("prompts", "teacher", "text_encoder_path", "tokenizer_path", "vae_path", "image_encoder_path"):
         path = getattr(cfg, name)
         if path is not None and not Path(path).exists():
             raise PathArgumentError(name, f"no such file or folder: {path}")
@@ -215,14 +225,7 @@ def read_video(path: Path, num_frames: int, height: int, width: int) -> Tensor:
         raise ConfigError("videos", f"{path.name} has {frames.shape[0] if frames.ndim == 4 else 0} frames; "
                              f"--num-frames is {num_frames}")
     video = torch.from_numpy(np.ascontiguousarray(frames[:num_frames, :, :, :3])).float().permute(0, 3, 1, 2)
-    h, w = video.shape[-2:]
-    scale = max(height / h, width / w)  # crop the excess after scaling the short side to fit
-    ch, cw = min(h, round(height / scale)), min(w, round(width / scale))
-    top, left = (h - ch) // 2, (w - cw) // 2
-    video = video[:, :, top : top + ch, left : left + cw]
-    video = torch.nn.functional.interpolate(video, size=(height, width), mode="bilinear", antialias=True,
-                                            align_corners=False)
-    return (video / 127.5 - 1).clamp(-1, 1).permute(1, 0, 2, 3)
+    return (fit_frames(video, height, width) / 127.5 - 1).clamp(-1, 1).permute(1, 0, 2, 3)
 
 
 def _text_encoder_width(path: Path) -> int | None:
@@ -290,7 +293,7 @@ def synth(cfg: SynthConfig) -> dict:
     # -- what to make: items in sample order, and the settings that define them --
     config = None
     if cfg.teacher is not None:
-        from rcm.models import dit_weight_files, read_dit_config
+        from rcm.models import read_dit_config
 
         try:
             config = read_dit_config(cfg.teacher)
@@ -299,18 +302,30 @@ def synth(cfg: SynthConfig) -> dict:
     text_len = config.text_len if config is not None else cfg.text_len
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()
                 if k not in ("out_dir", "device", "threads", "batch_size", "teacher", "text_encoder_path",
-                             "tokenizer_path", "vae_path", "prompts", "videos", "latents")}
+                             "tokenizer_path", "vae_path", "prompts", "videos", "latents", "images",
+                             "image_encoder_path", "first_frame")}  # (the i2v mode is recorded when set)
     settings.update(source=source, text_len=text_len)
+    i2v = None  # the image mode of an image-to-video dataset
     if source == "prompts":
+        from rcm.wan.synth_i2v import images_sha256, list_images, synth_image_mode, teacher_files
+
         prompts = read_prompts(Path(cfg.prompts))
-        items = [(p, cfg.seed + i) for i, p in enumerate(x for x in prompts for _ in range(cfg.samples_per_prompt))]
-        settings["teacher_sha256"] = _file_sha256(dit_weight_files(cfg.teacher).files)
+        i2v = synth_image_mode(cfg, config, source)
+        images = list_images(cfg.images, len(prompts)) if i2v else [None] * len(prompts)
+        items = [(p, cfg.seed + i, im) for i, (p, im) in enumerate(
+            x for x in zip(prompts, images) for _ in range(cfg.samples_per_prompt))]
+        settings["teacher_sha256"] = _file_sha256(teacher_files(Path(cfg.teacher)))
         settings["prompts_sha256"] = hashlib.sha256("\n".join(prompts).encode()).hexdigest()
-        if config.in_dim != 16:
+        if i2v:
+            settings.update(i2v=i2v, images_sha256=images_sha256(images))
+        if not i2v and config.in_dim != 16:
             raise ConfigError("teacher", f"has in_dim {config.in_dim}; Wan2.1 latents have 16 channels")
     elif source == "videos":
+        from rcm.wan.synth_i2v import synth_image_mode
+
         items = _list_videos(cfg)
         settings["videos"] = [(v.name, p) for v, p in items]
+        settings.update({"i2v": i2v} if (i2v := synth_image_mode(cfg, config, source)) else {})
     else:
         src = LatentDataset(cfg.latents)
         items = list(range(len(src)))
@@ -365,7 +380,7 @@ def synth(cfg: SynthConfig) -> dict:
                 negative = encode([cfg.negative_prompt])[0]
                 if source != "latents":
                     for s in pending:
-                        texts = [it[0] if source == "prompts" else it[1] for it in shards[s]]
+                        texts = [it[0] if source == "prompts" else it[1] for it in shards[s]]  # (prompt, ...) / (video, prompt)
                         embeds[s] = [e for i in range(0, len(texts), 8) for e in encode(texts[i : i + 8])]
                 encoder.offload()
                 del encoder
@@ -376,12 +391,12 @@ def synth(cfg: SynthConfig) -> dict:
 
     # -- 2. latents, shard by shard --
     store = getattr(torch, cfg.latent_dtype)
-    model = None
+    model = conditioner = None
     if pending and source == "prompts":
-        from rcm.models import load_dit
+        from rcm.models import load_wan_model
 
         with console.status("loading the teacher"):
-            model = load_dit(cfg.teacher, config=config, dtype=dtype, device=device).eval().requires_grad_(False)
+            model = load_wan_model(cfg.teacher, config=config, dtype=dtype, device=device).eval().requires_grad_(False)
     elif pending and source == "videos":
         from rcm.models.vae import load_vae
 
@@ -390,8 +405,12 @@ def synth(cfg: SynthConfig) -> dict:
                 model = load_vae(cfg.vae_path, dtype=dtype, device=device)
             except ValueError as e:
                 raise ConfigError("vae_path", str(e)) from e
-            if config is not None and model.config.z_dim != config.in_dim:
-                raise ConfigError("vae_path", f"{model.config.z_dim} latent channels, the teacher takes {config.in_dim}")
+            if config is not None and model.config.z_dim != config.out_dim:
+                raise ConfigError("vae_path", f"{model.config.z_dim} latent channels, the teacher generates {config.out_dim}")
+    if pending and i2v:
+        from rcm.wan.synth_i2v import load_conditioner
+
+        conditioner = load_conditioner(cfg, config, dtype=dtype, device=device)
     neg_context = None
     if source == "prompts" and cfg.guidance > 1 and pending:
         from rcm.wan.data import pad_embeddings
@@ -403,29 +422,37 @@ def synth(cfg: SynthConfig) -> dict:
         job = bar.add_task(f"{source} (rank {rank})" if world > 1 else source,
                            total=sum(len(shards[s]) for s in pending))
         for s in pending:
-            lat, emb, texts = [], [], []
+            lat, emb, texts, stored = [], [], [], []
             if source == "prompts":
                 from rcm.wan.data import pad_embeddings
-                from rcm.wan.pipeline import sample_wan_latent
+                from rcm.wan.pipeline import read_image, sample_wan_latent
 
-                shape = (16, 1 + (cfg.num_frames - 1) // 4, cfg.height // 8, cfg.width // 8)
+                factor = 8 if conditioner is None else conditioner.vae.config.spatial_factor
+                shape = (config.out_dim, 1 + (cfg.num_frames - 1) // 4, cfg.height // factor, cfg.width // factor)
                 for i in range(0, len(shards[s]), cfg.batch_size):
                     part = shards[s][i : i + cfg.batch_size]
                     noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed))
-                                         for _, seed in part]).to(device)
+                                         for _, seed, _ in part]).to(device)
+                    condition = None
+                    if conditioner is not None:
+                        images = torch.cat([read_image(im, cfg.height, cfg.width, field="images") for _, _, im in part])
+                        condition, rows = conditioner(images.to(device))
+                        stored.append(rows)
                     context = pad_embeddings(embeds[s][i : i + len(part)], text_len).to(device=device, dtype=dtype)
                     neg = None if neg_context is None else neg_context.expand(len(part), -1, -1)
                     x = sample_wan_latent(model, context, noise, kind="teacher",
                                           generator=torch.Generator().manual_seed(part[0][1]), sampler=cfg.sampler,
                                           steps=cfg.steps, guidance=cfg.guidance, shift=cfg.shift,
-                                          sigma_max=cfg.sigma_max, negative_context=neg)
+                                          sigma_max=cfg.sigma_max, negative_context=neg, condition=condition)
                     lat += list(x.cpu())
                     bar.advance(job, len(part))
-                texts, emb = [p for p, _ in shards[s]], embeds[s]
+                texts, emb = [p for p, _, _ in shards[s]], embeds[s]
             elif source == "videos":
                 for path, prompt in shards[s]:
                     video = read_video(path, cfg.num_frames, cfg.height, cfg.width)
                     lat.append(model.encode(video[None].to(device))[0].cpu())
+                    if conditioner is not None:  # its first frame is the given image
+                        stored.append(conditioner(video[None, :, 0].to(device))[1])
                     texts.append(prompt)
                     bar.advance(job)
                 emb = embeds[s]
@@ -440,7 +467,8 @@ def synth(cfg: SynthConfig) -> dict:
                     raise ConfigError("latents", f"an embedding is longer than the teacher's text_len {text_len}")
             latents = torch.stack(lat).to(store)
             latent_shape = list(latents.shape[1:])
-            data = encode_shard(latents, emb, texts, {"settings_hash": settings_hash, "shard": s})
+            extra = {k: torch.cat([r[k] for r in stored]) for k in stored[0]} if stored else None
+            data = encode_shard(latents, emb, texts, {"settings_hash": settings_hash, "shard": s}, extra)
             atomic_write_bytes(out / _shard_name(s), data)
             summary["written"].append(str(out / _shard_name(s)))
     seconds = time.perf_counter() - start
@@ -462,7 +490,7 @@ def synth(cfg: SynthConfig) -> dict:
         first = _open_shard(out / _shard_name(0))  # headers only: the shape and width
         index = {"format": LATENT_FORMAT, "num_samples": len(items), "shard_size": cfg.shard_size,
                  "shards": [_shard_name(s) for s in range(num_shards)], "latent_shape": list(first.latent_shape),
-                 "text_dim": first.text_dim, "text_len": text_len, "source": source,
+                 "text_dim": first.text_dim, "text_len": text_len, "source": source, "i2v": i2v,
                  "settings_hash": settings_hash, "settings": settings}
         atomic_write_bytes(index_path, (json.dumps(index, indent=1, ensure_ascii=False, default=str) + "\n").encode())
         console.print(f"{len(summary['written'])} shards written in {seconds:.1f} s; dataset index → {index_path}")

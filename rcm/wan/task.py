@@ -1,8 +1,12 @@
-"""`rcm distill wan2.1-t2v-1.3b | wan2.1-t2v-14b | wan`: Wan2.1 T2V as a task of the training engine.
+"""`rcm distill wan2.1-t2v-1.3b | wan2.1-t2v-14b | wan`: Wan as a task of the training engine.
 
 The teacher DiT file, the latents and umT5 embeddings of an `rcm synth` dataset (or the reference's
 webdataset tars) as x0 and context, the stored negative-prompt embedding as the CFG negative; EMA-student
 samples of fixed prompts during the run; the EMA student exported as one safetensors file for `rcm sample`.
+Image to video (docs/i2v.md): an `rcm synth --images` dataset gives each batch its ``FrameCondition``
+(frame replacement from the latents' first frame, or the stored ``y`` / CLIP tokens). A two-expert teacher
+folder (Wan2.2 A14B) gives a two-expert student and fake score (one per expert, docs/method.md §12.3),
+exported as a folder of two DiTs.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from rcm.parallel import ParallelConfig
 from rcm.sample import SampleSettings
 from rcm.train import DistillConfig, LoopConfig, distill, is_rank0, method_config, start_run
 from rcm.wan import presets
+from rcm.models.trigflow import FrameCondition
 from rcm.wan.data import LatentBatches, LatentDataset, pad_embeddings, trim_embedding
 from rcm import PathArgumentError
 from rcm.wan.pipeline import decode_videos, resolve_device, sample_wan_latent
@@ -43,9 +48,10 @@ class WanDistillConfig(DistillConfig):
     model: tyro.conf.Fixed[WanModel] = "wan2.1-t2v-1.3b"
     """the architecture (wan: read from the teacher file, with the 1.3B recipe)."""
     teacher: Path | None = None
-    """the teacher DiT: official / diffusers / rCM layout (required)."""
+    """the teacher DiT: official / diffusers / rCM layout, or a two-expert folder (Wan2.2 A14B) (required)."""
     data: Path | None = None
-    """the dataset: an `rcm synth` folder, or a folder of the reference's webdataset tars (required)."""
+    """the dataset: an `rcm synth` folder (`--images`: image to video), or a folder of the reference's
+    webdataset tars (required)."""
     max_latent_frames: int = _D["max_latent_frames"]
     """latent frames trained on (the reference's state_t: 20 for 1.3B, 21 for 14B); shorter data is used whole."""
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(iterations=_D["iterations"],
@@ -185,6 +191,7 @@ class WanTask:
                  negative_embedding: Path | None = None, need_negative: bool = True, rank: int = 0, world: int = 1,
                  cfg: WanDistillConfig | None = None):
         from rcm.models import read_dit_config
+        from rcm.models.wan_loading import expert_folders
 
         self.teacher_path, self.device, self.dtype, self.cfg = Path(teacher_path), device, dtype, cfg
         self.model_name = cfg.model if cfg is not None else "wan"
@@ -194,12 +201,15 @@ class WanTask:
             self.config = config if config is not None else read_dit_config(self.teacher_path)
         except ValueError as e:
             raise ConfigError("teacher", str(e)) from e
+        self.experts = expert_folders(self.teacher_path) is not None
         self.dataset = LatentDataset(data_path)
         c, t, h, w = self.dataset.latent_shape
         cfg = self.config
-        if c != cfg.in_dim or self.dataset.text_dim != cfg.text_dim:
+        if c != cfg.out_dim or self.dataset.text_dim != cfg.text_dim:
             raise ConfigError("data", f"latents with {c} channels and text width {self.dataset.text_dim}, the teacher "
-                             f"takes {cfg.in_dim} channels and text_dim {cfg.text_dim}")
+                             f"generates {cfg.out_dim} channels and takes text_dim {cfg.text_dim}")
+        self.i2v = self.dataset.i2v
+        _check_i2v_data(cfg, self.dataset)
         frames = t if max_frames is None else min(t, max_frames)
         if h % cfg.patch_size[1] or w % cfg.patch_size[2] or frames % cfg.patch_size[0]:
             raise ConfigError("data", f"latent {frames}x{h}x{w} is not divisible by the patch {cfg.patch_size}")
@@ -216,29 +226,52 @@ class WanTask:
                                      rank=rank, world=world)
 
     def build_teacher(self, device: torch.device | str | None = None) -> nn.Module:
-        """The teacher on ``device`` (default the task's); "meta": its structure only (headers checked)."""
-        from rcm.models import load_dit
+        """The teacher on ``device`` (default the task's): one DiT, or ``WanExperts``; "meta": its
+        structure only (headers checked)."""
+        from rcm.models import load_wan_model
 
         try:
-            return load_dit(self.teacher_path, config=self.config, dtype=self.dtype,
-                            device=self.device if device is None else device)
+            return load_wan_model(self.teacher_path, config=self.config, dtype=self.dtype,
+                                  device=self.device if device is None else device)
         except ValueError as e:
             raise ConfigError("teacher", str(e)) from e
 
-    def next_batch(self) -> tuple[Tensor, Tensor]:
-        x0, context = next(self.batches)
-        return x0.to(self.device), context.to(self.device)
+    def next_batch(self) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, FrameCondition]:
+        x0, context, *inputs = next(self.batches)
+        x0, context = x0.to(self.device), context.to(self.device)
+        if self.i2v is None:
+            return x0, context
+        return x0, context, self.condition(x0, inputs[0])
+
+    def condition(self, x0: Tensor, inputs: dict[str, Tensor]) -> FrameCondition:
+        """The batch's image conditioning: frame replacement by x0's own first latent frame (the image's:
+        the causal VAE encodes frame 0 alone), or the stored ``y`` (+ CLIP tokens) as network inputs."""
+        from rcm.models.wan_image import first_latent_frame_condition
+
+        if self.i2v == "frame":
+            return first_latent_frame_condition(x0)
+        return FrameCondition(inputs={k: v.to(self.device) for k, v in inputs.items()})
 
     def negative_context(self, context: Tensor) -> Tensor:
         if self.negative is None:
             raise ValueError("no negative-prompt embedding: CFG (guidance > 1) needs one")
         return self.negative.expand(context.shape[0], -1, -1)
 
-    def fixed_prompts(self, n: int) -> tuple[Tensor, list[str]]:
-        """The first ``n`` samples' contexts ``[n, text_len, D]`` (on the device) and prompts: what the
-        periodic samples show, the same at every point of a run."""
-        samples = [self.dataset[i] for i in range(min(n, len(self.dataset)))]
-        return pad_embeddings([s[1] for s in samples], self.config.text_len).to(self.device), [s[2] for s in samples]
+    def fixed_prompts(self, n: int) -> tuple[Tensor, list[str], FrameCondition | None]:
+        """The first ``n`` samples' contexts ``[n, text_len, D]`` (on the device), prompts and image
+        conditioning (None for T2V): what the periodic samples show, the same at every point of a run."""
+        count = min(n, len(self.dataset))
+        samples = [self.dataset[i] for i in range(count)]
+        contexts = pad_embeddings([s[1] for s in samples], self.config.text_len).to(self.device)
+        condition = None
+        if self.i2v is not None:
+            frames = self.latent_shape[1]
+            x0 = torch.stack([s[0] for s in samples]).float()[:, :, :frames].to(self.device)
+            rows = [self.dataset.conditioning(i) for i in range(count)]
+            inputs = {k: torch.stack([r[k] for r in rows]).float()[:, :, :frames] if k == "y" else
+                      torch.stack([r[k] for r in rows]).float() for k in ("y", "image_context") if k in rows[0]}
+            condition = self.condition(x0, inputs)
+        return contexts, [s[2] for s in samples], condition
 
     def state_dict(self) -> dict:
         return {"batches": self.batches.state_dict()}
@@ -250,11 +283,16 @@ class WanTask:
     # ---- the engine's hooks: console line, gathering, periodic samples, export, report
 
     def describe(self) -> str:
-        return (f"{self.model_name} on {len(self.dataset)} samples of latent {list(self.latent_shape)}")
+        kind = {None: "", "frame": ", first frame given", "channels": ", image to video"}[self.i2v]
+        return (f"{self.model_name}{' (two experts)' if self.experts else ''} on {len(self.dataset)} samples of "
+                f"latent {list(self.latent_shape)}{kind}")
 
     def new_network(self) -> nn.Module:
+        from rcm.models import WanExperts
         from rcm.models.wan import WanDiT
 
+        if self.experts:
+            return WanExperts(WanDiT(self.config), WanDiT(self.config), self.build_teacher(device="meta").boundary)
         return WanDiT(self.config)
 
     def write_samples(self, ema: nn.Module, iteration: int, run_dir: Path, console) -> dict:
@@ -267,7 +305,7 @@ class WanTask:
         cfg = self.cfg
         if cfg is None or not cfg.num_sample_prompts:
             return {}
-        contexts, prompts = self.fixed_prompts(cfg.num_sample_prompts)
+        contexts, prompts, condition = self.fixed_prompts(cfg.num_sample_prompts)
         device = contexts.device
         start = time.perf_counter()
         latents = {}
@@ -276,7 +314,7 @@ class WanTask:
                                  for i in range(len(prompts))]).to(device)
             generator = torch.Generator(device=device).manual_seed(0)
             latents[steps] = sample_wan_latent(ema, contexts, noise, kind="student", generator=generator,
-                                               num_steps=steps, sigma_max=cfg.sigma_max).cpu()
+                                               num_steps=steps, sigma_max=cfg.sigma_max, condition=condition).cpu()
         record = {"iteration": iteration, "prompts": prompts, "seconds": 0.0, "files": []}
         if is_rank0():
             folder = run_dir / "samples"
@@ -309,17 +347,44 @@ class WanTask:
                 raise ConfigError("vae_path", str(e)) from e
         return getattr(self, "_vae_model", None)
 
-    def export(self, ema: nn.Module, path: Path, metadata: dict) -> None:
-        from rcm.models import save_dit
+    def export(self, ema: nn.Module, path: Path, metadata: dict) -> Path:
+        """One safetensors file; a two-expert student as a folder ``<stem>/`` (official layout:
+        ``high_noise_model/`` + ``low_noise_model/``, the boundary recorded) that `rcm sample` loads."""
+        import shutil
+
+        from rcm.models import WanExperts, save_dit, save_wan_experts
 
         dtype = getattr(torch, self.cfg.export_dtype) if self.cfg is not None else torch.bfloat16
         export = ema.to(device="cpu", dtype=dtype)  # the run is over: no copy needed
+        metadata = {**metadata, "teacher": str(self.teacher_path)}
+        if isinstance(export, WanExperts):
+            folder, tmp = path.with_suffix(""), path.with_name(f".{path.stem}.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            save_wan_experts(export, tmp, metadata=metadata)
+            shutil.rmtree(folder, ignore_errors=True)  # a crash between these leaves the complete .tmp folder
+            os.replace(tmp, folder)
+            return folder
         tmp = path.with_name(f".{path.stem}.tmp.safetensors")
-        save_dit(export, tmp, metadata={**metadata, "teacher": str(self.teacher_path)})
+        save_dit(export, tmp, metadata=metadata)
         os.replace(tmp, path)  # a crash mid-export leaves the previous export (or none), never half a file
+        return path
 
     def report(self, teacher: nn.Module, ema: nn.Module, run_dir: Path, console) -> dict:
         return {}  # the periodic samples (and the final ones) are the report
+
+
+def _check_i2v_data(config, dataset: LatentDataset) -> None:
+    """The dataset's image conditioning against the teacher's (docs/i2v.md)."""
+    mode, keys = dataset.i2v, set(dataset.shards[0].conditioning_keys) if dataset.i2v else set()
+    if config.cond_dim and mode != "channels":
+        raise ConfigError("data", f"the teacher is image-to-video ({config.cond_dim} image channels): the dataset must "
+                                  f"hold each sample's image conditioning (`rcm synth --images`), it is "
+                                  f"{'text-to-video' if mode is None else mode + ' (frame replacement)'}")
+    if mode == "channels" and not config.cond_dim:
+        raise ConfigError("data", "an image-to-video dataset for image channels (y), the teacher takes none")
+    if mode == "channels" and (config.image_dim is not None) != ("image_context" in keys):
+        raise ConfigError("data", "the teacher takes CLIP image tokens, the dataset has none" if config.image_dim
+                          else "the dataset has CLIP image tokens, the teacher takes none")
 
 
 def distill_wan(cfg: WanDistillConfig) -> dict:

@@ -25,7 +25,7 @@ from rcm.models.vae.layouts import (
     vae_state_dict_to_diffusers,
     vae_state_dict_to_official,
 )
-from rcm.models.vae.loading import default_vae_config, load_vae, save_vae
+from rcm.models.vae.loading import default_vae_config, load_vae, read_vae_config, save_vae
 from rcm.models.vae.model import WanVAE
 
 __all__ = [
@@ -39,6 +39,7 @@ __all__ = [
     "detect_vae_layout",
     "load_state_dict_strict",
     "load_vae",
+    "read_vae_config",
     "read_state_dict",
     "save_vae",
     "vae_key_table",

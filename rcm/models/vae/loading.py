@@ -8,12 +8,12 @@ from pathlib import Path
 
 import torch
 
-from ..weights import load_state_dict_strict, read_state_dict
+from ..weights import load_state_dict_strict, open_state_dict, read_state_dict
 from .config import WanVAEConfig
 from .layouts import _FROM, _TO, LAYOUTS, detect_vae_layout, vae_key_table
 from .model import WanVAE
 
-__all__ = ["default_vae_config", "load_vae", "save_vae"]
+__all__ = ["default_vae_config", "load_vae", "read_vae_config", "save_vae"]
 
 
 
@@ -44,6 +44,17 @@ def default_vae_config(sd, layout: str) -> WanVAEConfig:
     if first is not None and first.ndim == 5 and first.shape[1] == WanVAEConfig.wan22().image_channels:
         return WanVAEConfig.wan22()
     return WanVAEConfig()
+
+
+def read_vae_config(path: str | Path) -> WanVAEConfig:
+    """The ``WanVAEConfig`` that ``load_vae(path)`` would build, from headers only (a folder's config.json,
+    else the file's keys: ``default_vae_config``); the Wan2.1 / Wan2.2 question answered before loading."""
+    path = Path(path)
+    if path.is_dir():
+        folder, _ = _diffusers_folder(path)
+        return WanVAEConfig.from_diffusers(json.loads((folder / "config.json").read_text()))
+    sd = open_state_dict(path)
+    return default_vae_config(sd, detect_vae_layout(sd.keys()))
 
 
 def load_vae(
