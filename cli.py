@@ -95,8 +95,7 @@ def _commands() -> dict[str, Command | Group]:
 def _user_errors() -> tuple[type[BaseException], ...]:
     from rcm.checkpoint import CheckpointError
 
-    return (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError, PermissionError,
-            CheckpointError)
+    return (ValueError, OSError, CheckpointError)  # OSError: a path the user named (full disk, no permission ...)
 
 
 def _run_failures() -> tuple[type[BaseException], ...]:
@@ -224,13 +223,48 @@ def _end_distributed() -> None:
         dist.destroy_process_group()
 
 
+# What a raw OSError of the system (``[Errno 17] File exists: 'x'``) means, as a sentence naming the path.
+_OS_ERRORS = {
+    FileExistsError: "cannot create {path}: a file or folder of that name is in the way",
+    FileNotFoundError: "no such file or folder: {path}",
+    NotADirectoryError: "cannot use {path}: a part of that path is a file, not a folder",
+    IsADirectoryError: "{path} is a folder; a file is needed there",
+    PermissionError: "permission denied: {path}",
+}
+
+
+def _shown_path(name) -> str:
+    """A path as the user named it: a temporary (``.out.mp4.tmp-…``) is shown as the output it stands for."""
+    import re
+    from pathlib import Path
+
+    path = Path(str(name))
+    original = re.fullmatch(r"\.(.+)\.tmp[-.\w]*", path.name)
+    return str(path.with_name(original.group(1)) if original else path)
+
+
 def _user_error_line(e: BaseException) -> str:
-    """A user error's one line: a ConfigError raised while running names the flag of its field."""
+    """A user error's one line: a ConfigError raised while running names the flag of its field; a system
+    error (an OSError with a file name) becomes a sentence naming the path, never ``[Errno N]``."""
     from rcm import ConfigError
 
     if isinstance(e, ConfigError):
         return f"{_flag(e.field)}: {' '.join(e.message.split())}"
+    if isinstance(e, OSError) and e.filename is not None:
+        path = _shown_path(e.filename)
+        template = next((t for cls, t in _OS_ERRORS.items() if isinstance(e, cls)), None)
+        return template.format(path=path) if template else f"{path}: {e.strerror or type(e).__name__}"
     return " ".join(str(e).split()) or type(e).__name__
+
+
+def _out_of_memory_line(e: BaseException) -> str | None:
+    """An out-of-memory error that no config check caught (a size nobody estimated), as one line."""
+    from rcm import is_out_of_memory
+
+    if not (isinstance(e, MemoryError) or is_out_of_memory(e)):
+        return None
+    return (f"out of memory ({' '.join(str(e).split())[:160]}); lower the sizes given (--batch-size, "
+            f"--num-samples, the resolution or frames)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -268,6 +302,12 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"rcm: error: {' '.join(str(e).split())}", file=sys.stderr)
         raise SystemExit(1)
+    except (RuntimeError, MemoryError) as e:
+        line = _out_of_memory_line(e)
+        if debug or line is None:
+            raise
+        print(f"rcm: error: {line}", file=sys.stderr)
+        raise SystemExit(2)
     except KeyboardInterrupt:
         print("rcm: interrupted", file=sys.stderr)
         raise SystemExit(130)

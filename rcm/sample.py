@@ -15,7 +15,6 @@ Unset values (None) take the application's own defaults (its ``presets``).
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Literal
 
 import torch
 
-from rcm import ConfigError, PathArgumentError
+from rcm import MAX_SAMPLING_STEPS, ConfigError, PathArgumentError, check_count, check_number, check_seed
 
 __all__ = ["SampleResult", "SampleSettings", "existing_path", "numbered", "resolve_device", "result_json"]
 
@@ -54,14 +53,14 @@ class SampleSettings:
     """noise seed; sample i uses seed + i."""
     num_samples: int | None = None
     """how many samples (digits: default one per class or len(labels); Wan: default 1, out_0.mp4, ...)."""
-    num_steps: int = 4
-    """student sampling steps, 1..4."""
+    num_steps: int | None = None
+    """student sampling steps, 1..4 (default 4); an error with a teacher."""
     sigma_max: float | None = None
     """starting noise level σ_max; default the application's (student 80, teacher 5000)."""
-    sampler: Literal["unipc", "euler"] = "unipc"
-    """teacher sampler (flow UniPC, order 2, or Euler)."""
+    sampler: Literal["unipc", "euler"] | None = None
+    """teacher sampler (flow UniPC, order 2, or Euler; default unipc); an error with a student."""
     steps: int | None = None
-    """teacher sampling steps (default 50)."""
+    """teacher sampling steps (default 50); an error with a student (its steps are --num-steps)."""
     guidance: float | None = None
     """teacher CFG weight (> 1 guides); default the application's (Wan 5, digits 2)."""
     shift: float | None = None
@@ -70,26 +69,40 @@ class SampleSettings:
     """frames per second of a written video (default Wan 16, digits 8)."""
 
     MAX_STUDENT_STEPS = 4  # the reference's mid-times (1.5, 1.4, 1.0) cover 1..4 steps
+    DEFAULT_STUDENT_STEPS = 4
+    TEACHER_ONLY = ("steps", "sampler", "guidance", "shift")  # a student has none of these
 
     def check(self, kind: str) -> None:
-        """The settings that apply to ``kind`` (student / teacher), as ConfigErrors naming the field."""
-        if self.seed < 0:
-            raise ConfigError("seed", f"must be >= 0, got {self.seed}")
-        if self.num_samples is not None and self.num_samples < 1:
-            raise ConfigError("num_samples", f"must be >= 1, got {self.num_samples}")
-        if self.sigma_max is not None and not (math.isfinite(self.sigma_max) and self.sigma_max > 0):
-            raise ConfigError("sigma_max", f"must be a finite number > 0, got {self.sigma_max}")
-        if kind == "student" and not 1 <= self.num_steps <= self.MAX_STUDENT_STEPS:
-            raise ConfigError("num_steps", f"must be in 1..{self.MAX_STUDENT_STEPS}, got {self.num_steps}")
+        """The settings that apply to ``kind`` (student / teacher), as ConfigErrors naming the field; a flag
+        given that does not apply to ``kind`` is an error, never ignored. Then fills the defaults of
+        ``num_steps`` (a student's) and ``sampler`` (a teacher's)."""
+        check_seed("seed", self.seed)
+        if self.num_samples is not None:
+            check_count("num_samples", self.num_samples, 1, 2**31 - 1)
+        if self.sigma_max is not None:
+            check_number("sigma_max", self.sigma_max, 0, low_open=True)
+        if self.fps is not None:
+            check_count("fps", self.fps, 1, 1000)
         if kind == "teacher":
-            if self.steps is not None and self.steps < 1:
-                raise ConfigError("steps", f"must be >= 1, got {self.steps}")
-            if self.guidance is not None and not (math.isfinite(self.guidance) and self.guidance >= 0):
-                raise ConfigError("guidance", f"must be a finite number >= 0, got {self.guidance}")
-            if self.shift is not None and not (math.isfinite(self.shift) and self.shift > 0):
-                raise ConfigError("shift", f"must be a finite number > 0, got {self.shift}")
-        if self.fps is not None and self.fps < 1:
-            raise ConfigError("fps", f"must be >= 1, got {self.fps}")
+            if self.num_steps is not None:
+                raise ConfigError("num_steps", f"is a student's step count; this checkpoint is a teacher (its steps "
+                                               f"are --steps), got --num-steps {self.num_steps}")
+            if self.steps is not None:
+                check_count("steps", self.steps, 1, MAX_SAMPLING_STEPS)
+            if self.guidance is not None:
+                check_number("guidance", self.guidance, 0)
+            if self.shift is not None:
+                check_number("shift", self.shift, 0, low_open=True)
+            self.sampler = self.sampler or "unipc"
+            return
+        for name in self.TEACHER_ONLY:
+            if getattr(self, name) is not None:
+                raise ConfigError(name, f"applies to a teacher; this checkpoint is a student (its steps are "
+                                        f"--num-steps), got --{name} {getattr(self, name)}")
+        if self.num_steps is None:
+            self.num_steps = self.DEFAULT_STUDENT_STEPS
+        if not 1 <= self.num_steps <= self.MAX_STUDENT_STEPS:
+            raise ConfigError("num_steps", f"must be in 1..{self.MAX_STUDENT_STEPS}, got {self.num_steps}")
 
     def save_path_or(self, default: str, suffixes: tuple[str, ...], family: str) -> Path:
         path = Path(self.save_path) if self.save_path is not None else Path(default)

@@ -389,13 +389,22 @@ class BenchAttentionConfig:
     include: tuple[BenchRow, ...] = DEFAULT_INCLUDE
     out_json: Optional[str] = None
 
+    def __post_init__(self):
+        self.parsed_shapes()  # before any kernel is compiled or timed
+
     def parsed_shapes(self) -> list[tuple[int, int, int, int]]:
+        from rcm import ConfigError, check_memory
+
         shapes = []
         for entry in self.shapes:
             parts = entry.split(",")
             if len(parts) != 4 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
-                raise ValueError(f"--shapes: {entry!r} is not B,H,L,D with four positive integers")
-            shapes.append(tuple(int(p) for p in parts))
+                raise ConfigError("shapes", f"{entry!r} is not B,H,L,D with four positive integers")
+            shape = tuple(int(p) for p in parts)
+            # q, k, v, the output and its gradient: five tensors of the shape, in fp32 at most
+            check_memory("shapes", 5 * 4 * math.prod(shape), f"attention at {entry}",
+                         "cuda" if torch.cuda.is_available() else "cpu")
+            shapes.append(shape)
         return shapes
 
 

@@ -18,7 +18,7 @@ from typing import Literal
 
 import torch
 
-from rcm import ConfigError
+from rcm import ConfigError, check_count, check_memory
 
 from rcm.models.wan import WAN_CONFIGS, WanConfig, WanDiT
 
@@ -56,7 +56,7 @@ def wan_shape(model: str, resolution: str, num_frames: int, height: int | None =
 
     config = WAN_CONFIGS[model]
     if (height is None) != (width is None):
-        raise ValueError("give both --height and --width, or neither")
+        raise ConfigError("height" if height is None else "width", "give both --height and --width, or neither")
     if height is None:
         height, width = video_size(resolution, "16:9")
     if num_frames < 1 or (num_frames - 1) % 4:
@@ -65,9 +65,16 @@ def wan_shape(model: str, resolution: str, num_frames: int, height: int | None =
     for name, size in (("height", height), ("width", width)):
         if size < step or size % step:
             raise ConfigError(name, f"must be a positive multiple of {step}, got {size}")
-    if batch_size < 1:
-        raise ConfigError("batch_size", f"must be >= 1, got {batch_size}")
+    check_count("batch_size", batch_size, 1, 2**31 - 1)
+    check_count("num_frames", num_frames, 1, 2**20)
     return WanShape(config, num_frames, height, width, batch_size)
+
+
+def check_shape_fits(shape: WanShape, device) -> None:
+    """The benchmark's first big tensor, the fp32 latent batch, must fit on ``device`` (checked at the start,
+    naming the flag to lower: a batch of 10^12 or a 10^6-pixel height fails here, not in an allocation)."""
+    check_memory("batch_size" if shape.batch_size > 1 else "height", 4 * math.prod(shape.latent),
+                 f"the latent batch {list(shape.latent)}", str(device))
 
 
 def forward_flops(shape: WanShape) -> dict[str, float]:

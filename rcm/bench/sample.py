@@ -11,9 +11,9 @@ from typing import Literal
 
 import torch
 
-from rcm import ConfigError
+from rcm import MAX_SAMPLING_STEPS, ConfigError, check_count, check_number, check_seed
 
-from rcm.bench.common import Mode, WanModel, console as _console, device_name as _device_name, gpu_settings as _gpu_settings, random_dit, wan_shape
+from rcm.bench.common import Mode, WanModel, console as _console, device_name as _device_name, gpu_settings as _gpu_settings, random_dit, wan_shape, check_shape_fits
 from rcm.timing import sync as _sync
 from rcm.wan import presets
 from rcm.wan.pipeline import resolve_device
@@ -49,6 +49,11 @@ class BenchSampleConfig:
             raise ConfigError("teacher_steps", f"must be >= 1, got {self.teacher_steps}")
         if not self.modes or len(set(self.modes)) != len(self.modes):
             raise ConfigError("modes", f"must name eager and/or compiled once each, got {self.modes}")
+        check_count("teacher_steps", self.teacher_steps, 1, MAX_SAMPLING_STEPS)
+        check_number("guidance", self.guidance, 0)
+        check_seed("seed", self.seed)
+        check_shape_fits(wan_shape(self.model, self.resolution, self.num_frames, self.height, self.width),
+                         resolve_device(self.device))
 
 
 def bench_sample(cfg: BenchSampleConfig) -> dict:

@@ -20,12 +20,13 @@ from typing import Literal
 
 import torch
 
-from rcm import ConfigError
+from rcm import ConfigError, PathArgumentError, check_count, check_seed
 import torch.distributed as dist
 
 from rcm.bench.common import (
     Mode, WanModel, WanShape, console as _console, device_name as _device_name, free as _free,
     gpu_settings as _gpu_settings, peak_gib as _peak_gib, phase_flops, random_dit, reset_peak as _reset_peak, wan_shape,
+    check_shape_fits,
 )  # fmt: skip
 from rcm.models.wan import WanDiT
 from rcm.parallel import ParallelConfig
@@ -68,6 +69,25 @@ class BenchStepConfig:
             raise ConfigError("rollout_steps", f"must be in 1..4 (max_simulation_steps), got {self.rollout_steps}")
         if not self.modes or len(set(self.modes)) != len(self.modes):
             raise ConfigError("modes", f"must name eager and/or compiled once each, got {self.modes}")
+        check_count("repeats", self.repeats, 1, 10**6)
+        check_seed("seed", self.seed)
+        shape = wan_shape(self.model, self.resolution, self.num_frames, self.height, self.width, self.batch_size)
+        check_shape_fits(shape, resolve_device(self.device))
+        if self.compare is not None:
+            read_comparison(self.compare)  # before minutes of benchmarking, not after
+
+
+def read_comparison(path: Path) -> dict:
+    """The results JSON of an earlier `rcm bench step` (``--compare``); anything else is an error naming it."""
+    try:
+        ref = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise PathArgumentError("compare", f"no file at {path}") from e
+    except (OSError, ValueError) as e:  # a folder, unreadable, not UTF-8, not JSON
+        raise ConfigError("compare", f"{path} is not a readable JSON file ({type(e).__name__})") from e
+    if not isinstance(ref, dict) or not isinstance(ref.get("modes"), dict):
+        raise ConfigError("compare", f"{path} is not the results JSON of `rcm bench step --json-path` (no 'modes')")
+    return ref
 
 
 class _RandomTask:
@@ -215,7 +235,7 @@ def bench_step(cfg: BenchStepConfig) -> dict:
     _summarize(results, flops)
     _print_step(console, results)
     if cfg.compare is not None:
-        _print_comparison(console, results, json.loads(Path(cfg.compare).read_text()))
+        _print_comparison(console, results, read_comparison(cfg.compare))
     if cfg.json_path is not None and (mesh is None or dist.get_rank() == 0):
         Path(cfg.json_path).write_text(json.dumps(results, indent=2) + "\n")
     return results

@@ -31,6 +31,14 @@ class ExportConfig:
     dtype: Literal["bfloat16", "float32", "keep"] = "bfloat16"
     """dtype of the written weights (keep: as stored)."""
 
+    def __post_init__(self):  # before a checkpoint of many GB is read
+        if not Path(self.checkpoint).exists():
+            raise PathArgumentError("checkpoint", f"no such file or folder: {self.checkpoint}")
+        if Path(self.out).suffix != ".safetensors":
+            raise ConfigError("out", f"must be a .safetensors file, got {self.out}")
+        if Path(self.out).is_dir():
+            raise ConfigError("out", f"{self.out} is a folder; give the file to write")
+
 
 def _newest(folder: Path) -> Path:
     """The checkpoint `latest` names in a run's checkpoints/ folder, else the newest complete one."""

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from rcm import ConfigError, check_count, check_memory, check_number, check_seed, out_of_memory_as
 from rcm.digits.data import NUM_CLASSES, ClipBatches, ClipSpec, DigitClips
 from rcm.timing import progress_bar
 from rcm.checkpoint.atomic import atomic_write_with
@@ -100,11 +101,16 @@ class TrainClassifierConfig:
     log_every: int = 100
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "width", "feature_dim", "num_test", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not (self.lr > 0 and math.isfinite(self.lr)) or not self.weight_decay >= 0:
-            raise ValueError(f"need lr > 0 and weight_decay >= 0, got lr={self.lr}, weight_decay={self.weight_decay}")
+        check_count("steps", self.steps, 1)
+        for name in ("batch_size", "width", "feature_dim", "num_test", "log_every"):
+            check_count(name, getattr(self, name), 1, 2**31 - 1)
+        for name, n in (("batch_size", self.batch_size), ("num_test", self.num_test)):
+            check_memory(name, self.spec.batch_bytes(n), f"{n:,} clips")
+        check_number("lr", self.lr, 0, low_open=True)
+        check_number("weight_decay", self.weight_decay, 0)
+        check_seed("seed", self.seed)
+        if Path(self.out).suffix != ".safetensors":
+            raise ConfigError("out", f"must be a .safetensors file, got {self.out}")
 
 
 @torch.no_grad()
@@ -121,7 +127,7 @@ def train_classifier(cfg: TrainClassifierConfig) -> tuple[DigitClassifier, float
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.1)
     batches = ClipBatches("train", cfg.batch_size, cfg.seed, cfg.spec)
     t0 = time.perf_counter()
-    with progress_bar() as progress:
+    with progress_bar() as progress, out_of_memory_as("batch_size", "lower --batch-size or --width"):
         task = progress.add_task("classifier", total=cfg.steps)
         for step in range(cfg.steps):
             x, y = next(batches)

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from rcm import ConfigError, check_count
+
 NUM_CLASSES = 10
 DIGIT_SIZE = 8
 TEST_FRACTION = 0.2
@@ -42,12 +44,14 @@ class ClipSpec:
     max_speed: float = 1.5
 
     def __post_init__(self):
-        if self.size < DIGIT_SIZE:
-            raise ValueError(f"canvas size {self.size} is smaller than a digit ({DIGIT_SIZE})")
-        if self.frames < 1:
-            raise ValueError(f"frames must be >= 1, got {self.frames}")
-        if not 0 <= self.min_speed <= self.max_speed:
-            raise ValueError(f"need 0 <= min_speed <= max_speed, got {self.min_speed}, {self.max_speed}")
+        check_count("size", self.size, DIGIT_SIZE, 2**16)  # the canvas holds a digit
+        check_count("frames", self.frames, 1, 2**16)
+        if not (0 <= self.min_speed <= self.max_speed and math.isfinite(self.max_speed)):
+            raise ConfigError("min_speed", f"need 0 <= min_speed <= max_speed, got {self.min_speed}, {self.max_speed}")
+
+    def batch_bytes(self, n: int) -> int:
+        """Bytes of ``n`` float32 clips: the first big tensor of anything that draws a batch."""
+        return 4 * n * math.prod(self.shape)
 
     @property
     def shape(self) -> tuple[int, int, int, int]:

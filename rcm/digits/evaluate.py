@@ -17,6 +17,7 @@ the user cache (``$XDG_CACHE_HOME/rcm`` or ``~/.cache/rcm``) or the shipped read
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -26,7 +27,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from rcm import ConfigError, PathArgumentError
+from rcm import (MAX_SAMPLING_STEPS, ConfigError, PathArgumentError, check_count, check_memory, check_number,
+                 check_seed)
 import torch.nn as nn
 
 from rcm.digits import presets
@@ -204,11 +206,19 @@ class DigitsReport:
     seed: int = 0
 
     def __post_init__(self):  # checked when the command starts, not after training
-        for name in ("num_per_class", "num_real"):
-            if getattr(self, name) < (1 if name == "num_per_class" else 20):
-                raise ConfigError(name, f"must be >= {1 if name == 'num_per_class' else 20}, got {getattr(self, name)}")
-        if any(n < 1 for n in (*self.student_steps, *self.teacher_steps)):
-            raise ConfigError("student_steps", f"step counts must be >= 1, got {self.student_steps} / {self.teacher_steps}")
+        check_count("num_per_class", self.num_per_class, 1)
+        check_count("num_real", self.num_real, 20)
+        for name, n in (("num_per_class", self.num_per_class * NUM_CLASSES), ("num_real", self.num_real)):
+            check_memory(name, DEMO_SPEC.batch_bytes(n), f"{n:,} scored clips")  # each generator's, held at once
+        for name in ("student_steps", "teacher_steps"):
+            if not getattr(self, name):
+                raise ConfigError(name, "must name at least one step count")
+            for n in getattr(self, name):
+                check_count(name, n, 1, MAX_SAMPLING_STEPS)
+        check_number("sigma_max", self.sigma_max, 0, low_open=True)
+        if self.mid_times is not None and any(not (math.isfinite(t) and 0 < t < math.pi / 2) for t in self.mid_times):
+            raise ConfigError("mid_times", f"must be TrigFlow times in (0, π/2), got {list(self.mid_times)}")
+        check_seed("seed", self.seed)
         for steps in self.student_steps:
             if self.mid_times is None and steps not in presets.STUDENT_MID_TIMES:
                 raise ConfigError("student_steps", f"the digits presets have mid-times for "
@@ -367,9 +377,26 @@ class EvalRunsConfig:
         for run in self.runs:
             if not (Path(run) / "student_ema.safetensors").is_file():
                 raise PathArgumentError("runs", f"{run} has no student_ema.safetensors (run `rcm distill` first)")
+            run_method(run)  # a damaged config.json is named now, not after the teacher was sampled
         if self.teacher is not None and not Path(self.teacher).is_file():
             raise PathArgumentError("teacher", f"no file at {self.teacher}")
+        check_number("guidance", self.guidance, 0)
         resolve_device(self.device)
+
+
+def run_method(run: Path) -> str:
+    """The method a finished run used (its ``config.json``; the folder's name if it has none); a file that is
+    not a JSON object with a string ``method`` is an error naming it."""
+    path = Path(run) / "config.json"
+    if not path.is_file():
+        return Path(run).name
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise ConfigError("runs", f"{path} is not readable JSON ({type(e).__name__}: {' '.join(str(e).split())[:80]})") from e
+    if not isinstance(meta, dict) or not isinstance(meta.get("method", ""), str):
+        raise ConfigError("runs", f"{path} is not an rcm run's config (a JSON object with a string 'method')")
+    return meta.get("method") or Path(run).name
 
 
 def eval_runs(cfg: EvalRunsConfig) -> list[dict]:
@@ -377,8 +404,7 @@ def eval_runs(cfg: EvalRunsConfig) -> list[dict]:
     device = resolve_device(cfg.device)
     students = {}
     for run in cfg.runs:
-        meta = json.loads((Path(run) / "config.json").read_text()) if (Path(run) / "config.json").is_file() else {}
-        students[meta.get("method", Path(run).name)] = load_model(Path(run) / "student_ema.safetensors", device=device)
+        students[run_method(run)] = load_model(Path(run) / "student_ema.safetensors", device=device)
     return digits_report(load_teacher(cfg.teacher, device=device), students, Path(cfg.out_dir), cfg.report_settings,
                          TeacherSampling(guidance=cfg.guidance), teacher_path=cfg.teacher,
                          reuse_teacher_rows=cfg.reuse_teacher_rows)

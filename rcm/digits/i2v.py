@@ -30,7 +30,7 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
-from rcm import ConfigError
+from rcm import MAX_SAMPLING_STEPS, ConfigError, PathArgumentError, check_count, check_memory, check_number, check_seed, check_threads
 from rcm.digits.classifier import classifier_accuracy, load_classifier
 from rcm.digits.data import ClipBatches, DigitClips, clip_grid
 from rcm.digits.model import (
@@ -99,13 +99,17 @@ class FinetuneI2VConfig:
     """torch.set_num_threads; 0 keeps torch's default."""
 
     def __post_init__(self):
-        for name in ("steps", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ConfigError("lr", f"must be > 0, got {self.lr}")
-        if not 0 <= self.label_dropout < 1:
-            raise ConfigError("label_dropout", f"must be in [0, 1), got {self.label_dropout}")
+        check_count("steps", self.steps, 1)
+        check_count("batch_size", self.batch_size, 1, 2**31 - 1)
+        check_memory("batch_size", DEMO_SPEC.batch_bytes(self.batch_size), f"a batch of {self.batch_size:,} clips")
+        check_number("lr", self.lr, 0, low_open=True)
+        check_number("label_dropout", self.label_dropout, 0, 1, high_open=True)
+        check_seed("seed", self.seed)
+        check_threads("threads", self.threads)
+        if self.teacher is not None and not Path(self.teacher).is_file():
+            raise PathArgumentError("teacher", f"no file at {self.teacher}")
+        if Path(self.out).suffix != ".safetensors":
+            raise ConfigError("out", f"must be a .safetensors file, got {self.out}")
 
 
 def finetune_i2v_teacher(cfg: FinetuneI2VConfig, log=print) -> nn.Module:
@@ -195,6 +199,15 @@ class I2VReport:
                                            f"got {self.num_clips}")
         if self.num_real < 20:
             raise ConfigError("num_real", f"must be >= 20, got {self.num_real}")
+
+    def __post_init__(self):  # checked when the command starts, not after training
+        check_count("num_clips", self.num_clips, 1, 2**31 - 1)
+        check_memory("num_clips", DEMO_SPEC.batch_bytes(self.num_clips), f"{self.num_clips:,} scored clips")
+        check_count("teacher_steps", self.teacher_steps, 1, MAX_SAMPLING_STEPS)
+        if not self.student_steps or any(not 1 <= n <= 4 for n in self.student_steps):
+            raise ConfigError("student_steps", f"must be step counts in 1..4, got {list(self.student_steps)}")
+        check_number("sigma_max", self.sigma_max, 0, low_open=True)
+        check_seed("seed", self.seed)
 
 
 def i2v_metrics(out: Tensor, given: Tensor, labels: Tensor, classifier: nn.Module) -> dict:

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import torch
 
-from rcm import ConfigError
+from rcm import ConfigError, check_memory
 from rcm.digits import presets
 from rcm.digits.data import NUM_CLASSES, clip_grid, to_unit
+from rcm.digits.model import DEMO_SPEC
 from rcm.media import tile_clips, write_image, write_video
 from rcm.sample import Device, SampleResult, SampleSettings, existing_path, resolve_device
 from rcm.timing import progress_bar
@@ -81,12 +82,14 @@ def sample_digits(cfg: DigitsSampleConfig, console=None) -> SampleResult:
     kind = _digits_kind(cfg, meta, path)
     cfg.check(kind)
     device = resolve_device(cfg.device)
+    n = len(cfg.labels) or cfg.num_samples or NUM_CLASSES
+    for where in {"cpu", str(device)}:  # the noise is drawn on the CPU
+        check_memory("num_samples", DEMO_SPEC.batch_bytes(n), f"{n:,} clips", where)
     try:
         model = digits_model.load_model(path, device=device)
     except (ValueError, RuntimeError) as e:  # keys or shapes that do not match the recorded architecture
         raise ConfigError("checkpoint", str(e)) from e
 
-    n = len(cfg.labels) or cfg.num_samples or NUM_CLASSES
     labels = torch.tensor(cfg.labels, dtype=torch.long) if cfg.labels else torch.arange(n) % NUM_CLASSES
     generator = torch.Generator().manual_seed(cfg.seed)
     steps = presets.TEACHER_STEPS if cfg.steps is None else cfg.steps

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from rcm import ConfigError
+from rcm import MAX_SAMPLING_STEPS, ConfigError, check_count, check_memory, check_number, check_seed, check_threads
 from rcm.losses import RCMConfig
 from rcm.digits import presets
 from rcm.digits.evaluate import (COLUMNS, DigitsReport, EvalConfig, digits_report, evaluate, markdown_table,
@@ -76,14 +76,21 @@ class StudyConfig:
             if steps not in presets.STUDENT_MID_TIMES:
                 raise ConfigError("student_steps", f"the digits presets have mid-times for "
                                   f"{sorted(presets.STUDENT_MID_TIMES)} steps, got {steps}")
+        check_count("snapshots", self.snapshots[-1], 1)
         for name in ("batch_size", "num_per_class", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
-        if self.num_real < 20:
-            raise ConfigError("num_real", f"must be >= 20, got {self.num_real}")
-        if not self.lr > 0:
-            raise ConfigError("lr", f"must be > 0, got {self.lr}")
-        resolve_device(self.device)
+            check_count(name, getattr(self, name), 1, 2**31 - 1)
+        check_count("num_real", self.num_real, 20)
+        for n in self.teacher_steps:
+            check_count("teacher_steps", n, 1, MAX_SAMPLING_STEPS)
+        check_number("lr", self.lr, 0, low_open=True)
+        check_seed("seed", self.seed)
+        check_threads("threads", self.threads)
+        device = resolve_device(self.device)
+        for where in {"cpu", str(device)}:  # clips are made on the CPU, then moved
+            check_memory("batch_size", DEMO_SPEC.batch_bytes(self.batch_size), f"a batch of {self.batch_size:,} clips",
+                         where)
+        for name, n in (("num_per_class", self.num_per_class * 10), ("num_real", self.num_real)):
+            check_memory(name, DEMO_SPEC.batch_bytes(n), f"{n:,} scored clips")
         self.distill_config(self.methods[0])  # the shared run settings (loss, EMA) are checked now, not after a run
 
     def distill_config(self, method: str) -> DigitsDistillConfig:

@@ -8,7 +8,6 @@ accuracy, digit switching, shape and motion consistency, stray ink, frame FD, di
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -16,7 +15,7 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
-from rcm import ConfigError
+from rcm import ConfigError, check_memory
 from rcm.digits import presets
 from rcm.digits.data import ClipBatches
 from rcm.digits.evaluate import DigitsReport, digits_report
@@ -57,7 +56,10 @@ class DigitsDistillConfig(DistillConfig):
         super().__post_init__()
         if self.teacher is not None and not Path(self.teacher).is_file():
             raise ConfigError("teacher", f"no file at {self.teacher}")
-        resolve_device(self.device)  # cuda asked for without CUDA: an error naming --device
+        device = resolve_device(self.device)  # cuda asked for without CUDA: an error naming --device
+        for where in {"cpu", str(device)}:  # clips are made on the CPU, then moved
+            check_memory("batch_size", DEMO_SPEC.batch_bytes(self.batch_size), f"a batch of {self.batch_size:,} clips",
+                         where)
 
 
 class DigitsTask:
@@ -95,9 +97,7 @@ class DigitsTask:
         """None during the run: the report at the end samples every generator."""
 
     def export(self, ema: nn.Module, path: Path, metadata: dict) -> None:
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_model(ema, tmp, metadata)
-        os.replace(tmp, path)  # a crash mid-export leaves the previous export (or none), never half a file
+        save_model(ema, path, metadata)  # atomic: a crash mid-export leaves the previous export (or none)
 
     def report(self, teacher: nn.Module, ema: nn.Module, run_dir: Path, console) -> dict:
         if not self.cfg.report:

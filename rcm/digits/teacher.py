@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from rcm import ConfigError, check_count, check_memory, check_number, check_seed, check_threads, out_of_memory_as
 from rcm.digits.data import ClipBatches, ClipSpec
 from rcm.sample import Device, resolve_device
 from rcm.timing import progress_bar
@@ -54,14 +55,31 @@ class TrainTeacherConfig:
     """auto: cuda when available, else cpu (clips are made on the CPU; batches move to the device)."""
     spec: ClipSpec = field(default_factory=lambda: DEMO_SPEC)
 
-    def __post_init__(self):
+    def __post_init__(self):  # every setting, before a folder is made or a network built
         if self.model not in DEMO_MODELS:
-            raise ValueError(f"unknown demo model {self.model!r}; valid names: {', '.join(DEMO_MODELS)}")
-        if self.steps < 0 or self.batch_size < 1 or self.checkpoint_every < 1 or self.log_every < 1:
-            raise ValueError(f"need steps >= 0, batch_size, checkpoint_every, log_every >= 1; got {self}")
-        if not 0 <= self.label_dropout < 1 or not 0 <= self.ema_decay < 1:
-            raise ValueError("label_dropout and ema_decay must lie in [0, 1)")
-        resolve_device(self.device)
+            raise ConfigError("model", f"unknown demo model {self.model!r}; valid names: {', '.join(DEMO_MODELS)}")
+        check_count("steps", self.steps, 0)
+        check_count("warmup", self.warmup, 0)
+        for name in ("batch_size", "checkpoint_every", "keep_checkpoints", "log_every"):
+            check_count(name, getattr(self, name), 1, 2**31 - 1)
+        check_number("lr", self.lr, 0, low_open=True)
+        check_number("min_lr_ratio", self.min_lr_ratio, 0, 1)
+        check_number("weight_decay", self.weight_decay, 0)
+        if len(self.betas) != 2 or not all(math.isfinite(b) and 0 <= b < 1 for b in self.betas):
+            raise ConfigError("betas", f"must be two numbers in [0, 1), got {self.betas}")
+        check_number("grad_clip", self.grad_clip, 0, low_open=True)
+        check_number("ema_decay", self.ema_decay, 0, 1, high_open=True)
+        check_number("label_dropout", self.label_dropout, 0, 1, high_open=True)
+        check_number("rho_mean", self.rho_mean)
+        check_number("rho_std", self.rho_std, 0, low_open=True)
+        check_seed("seed", self.seed)
+        check_threads("threads", self.threads)
+        if self.export is not None and Path(self.export).suffix != ".safetensors":
+            raise ConfigError("export", f"must be a .safetensors file, got {self.export}")
+        device = resolve_device(self.device)
+        for where in {"cpu", str(device)}:  # clips are made on the CPU, then moved
+            check_memory("batch_size", self.spec.batch_bytes(self.batch_size), f"a batch of {self.batch_size:,} clips",
+                         where)
 
 
 def rectified_flow_loss(model: nn.Module, x0: Tensor, labels: Tensor, generator: torch.Generator,
@@ -127,9 +145,12 @@ def train_teacher(cfg: TrainTeacherConfig, console=None, stop_after: int | None 
     found = load_latest(out_dir / "checkpoints") if cfg.resume else None
     if found is not None:
         saved, path = found
-        if saved["config"] != resume_keys:
-            raise ValueError(f"{path} was written with different settings; use another out_dir or resume=False.\n"
-                             f"  saved: {saved['config']}\n  now:   {resume_keys}")
+        if saved["config"] != resume_keys:  # only the differing flags, briefly (never the whole config)
+            from rcm.checkpoint.fingerprint import flatten, mismatch_message
+
+            raise ConfigError("out_dir", f"{out_dir} holds a teacher run with different settings: "
+                                         f"{mismatch_message(flatten(saved['config']), flatten(resume_keys))}; "
+                                         f"use another --out-dir or --no-resume")
         model.load_state_dict(saved["model"])
         ema.load_state_dict(saved["ema"])
         opt.load_state_dict(saved["optimizer"])
@@ -148,7 +169,8 @@ def train_teacher(cfg: TrainTeacherConfig, console=None, stop_after: int | None 
     n_params = sum(p.numel() for p in model.parameters())
     console.log(f"teacher {cfg.model}: {n_params / 1e6:.2f}M parameters, {cfg.steps} steps of batch {cfg.batch_size}")
     start, start_cpu, start_step = time.perf_counter(), time.process_time(), step
-    with progress_bar(console) as progress, open(out_dir / "log.jsonl", "a") as log:
+    with progress_bar(console) as progress, open(out_dir / "log.jsonl", "a") as log, \
+            out_of_memory_as("batch_size", "lower --batch-size"):
         task = progress.add_task("teacher", total=cfg.steps, completed=step)
         while step < cfg.steps:
             x0, labels = (t.to(device, non_blocking=True) for t in next(batches))

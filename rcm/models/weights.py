@@ -225,7 +225,11 @@ def load_state_dict_strict(
         for k in expected
         if k in state_dict and tuple(state_dict[k].shape) != expected[k]
     )
-    if missing or unexpected or mismatched:
+    floating = {k for k, v in model.state_dict().items() if v.is_floating_point()}
+    # an integer (or bool) tensor where the model holds floats would be assigned as is and fail far later
+    wrong_dtype = sorted(f"{k}: {state_dict[k].dtype}" for k in floating
+                         if k in state_dict and not state_dict[k].is_floating_point())
+    if missing or unexpected or mismatched or wrong_dtype:
 
         def listing(title, items, note=""):
             if not items:
@@ -243,6 +247,7 @@ def load_state_dict_strict(
             sorted(f"{rename_for_report(k)}: {list(a)} vs {list(b)}" for k, a, b in mismatched),
             note=", file vs model",
         )
+        lines += listing("not floating point", wrong_dtype, note=", the model's weights are")
         if mismatched:
             lines.append("  (shape mismatches usually mean another architecture: check the config)")
         raise ValueError("\n".join(lines))

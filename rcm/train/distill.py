@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from rcm import ConfigError
+from rcm import ConfigError, check_count, check_threads, out_of_memory_as
 from rcm.checkpoint import checkpointer
 from rcm.checkpoint.fingerprint import settings_record
 from rcm.checkpoint.lock import LOCK_NAME as LOCK_FILE, RunFolderLock
@@ -61,13 +62,11 @@ class DistillConfig:
         raise NotImplementedError
 
     def __post_init__(self):
-        if self.batch_size < 1:
-            raise ConfigError("batch_size", f"must be >= 1, got {self.batch_size}")
-        if not self.ema_sigma_rel > 0:
+        check_count("batch_size", self.batch_size, 1, 2**31 - 1)  # an application checks it against memory
+        if not (self.ema_sigma_rel > 0 and math.isfinite(self.ema_sigma_rel)):
             raise ConfigError("ema_sigma_rel", f"must be > 0, got {self.ema_sigma_rel}")
-        for name in ("sample_every", "threads"):
-            if getattr(self, name) < 0:
-                raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
+        check_count("sample_every", self.sample_every, 0)
+        check_threads("threads", self.threads)
         method_config(self.method, self.loss)
 
     @property
@@ -230,7 +229,9 @@ def distill(task: Task, cfg: DistillConfig, run: Run) -> dict:
 def _distill_locked(task: Task, cfg: DistillConfig, run: Run, run_dir: Path) -> dict:
     console, mesh, rank0 = run.console, run.mesh, is_rank0()
     loss = method_config(cfg.method, cfg.loss)
-    state = _build_state(task, cfg, loss, run)
+    too_big = "lower --batch-size (or the sizes of the data)"  # the sizes that were not estimated up front
+    with out_of_memory_as("batch_size", too_big):
+        state = _build_state(task, cfg, loss, run)
     if getattr(cfg, "compile", False):  # after activation checkpointing: the compiled call wraps the checkpointed block
         state.compile = "inductor"
     record = {"fingerprint": cfg.fingerprint(), "ema_sigma_rel": cfg.ema_sigma_rel}
@@ -257,7 +258,8 @@ def _distill_locked(task: Task, cfg: DistillConfig, run: Run, run_dir: Path) -> 
         job = bar.add_task(cfg.method, total=cfg.loop.iterations, completed=state.iteration, info="")
         progress = _Progress(bar, job, run.device)
         callbacks = [progress, *loop_callbacks(state, task, run_dir, record, cfg.loop, ckpt), samples]
-        run_loop(state, task, loss, cfg.loop, callbacks, cfg.ema_sigma_rel)
+        with out_of_memory_as("batch_size", too_big):
+            run_loop(state, task, loss, cfg.loop, callbacks, cfg.ema_sigma_rel)
     train_seconds = time.perf_counter() - start
     task.write_samples(state.ema, state.iteration, run_dir, console)
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from rcm import ConfigError
+from rcm import MAX_ITERATIONS, check_count, check_seed
 from rcm.checkpoint.fingerprint import mismatch_message
 from rcm.checkpoint import Checkpointer, atomic_write_bytes, checkpointer
 from rcm.losses import RCMConfig, power_ema_gamma
@@ -30,8 +30,8 @@ class LoopConfig:
     def __post_init__(self):
         for name, low in (("iterations", 0), ("checkpoint_every", 1), ("keep_checkpoints", 1), ("log_every", 1),
                           ("max_nonfinite_steps", 1)):
-            if getattr(self, name) < low:
-                raise ConfigError(name, f"must be >= {low}, got {getattr(self, name)}")
+            check_count(name, getattr(self, name), low, MAX_ITERATIONS)
+        check_seed("seed", self.seed)
 
 
 # A callback sees the state after each iteration and that iteration's logs (it may add to them); a

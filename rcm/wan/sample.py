@@ -34,7 +34,7 @@ import torch
 import tyro
 from rich.console import Console
 
-from rcm import ConfigError
+from rcm import ConfigError, check_memory
 from rcm.media import write_video
 from rcm.models.text_encoder import WAN_NEGATIVE_PROMPT
 from rcm.sample import SampleResult, SampleSettings, existing_path, numbered
@@ -171,6 +171,11 @@ def sample_wan(cfg: WanSampleConfig, console=None) -> SampleResult:
     kind = _wan_kind(cfg, dit_path)
     cfg.check(kind)
     device = resolve_device(cfg.device)
+    # sizes against memory before minutes of loading: a decoded video (fp32 RGB) on the device, every
+    # sample's latent (16 channels, 4x8x8 smaller) kept on the CPU until the DiT is freed
+    video = 4 * 3 * cfg.num_frames * height * width
+    check_memory("height", video, f"a decoded video of {cfg.num_frames} frames {height}x{width}", str(device))
+    check_memory("num_samples", (cfg.num_samples or 1) * video // 48, f"{cfg.num_samples or 1:,} latents")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     try:
         config = WAN_CONFIGS[cfg.model] if cfg.model != "wan" else read_dit_config(dit_path)

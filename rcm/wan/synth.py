@@ -35,7 +35,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from rcm import ConfigError, PathArgumentError
+from rcm import MAX_SAMPLING_STEPS, ConfigError, PathArgumentError, check_count, check_memory, check_seed, check_threads
 from rcm.checkpoint import atomic_write_bytes
 from rcm.timing import progress_bar
 from rcm.wan import presets
@@ -124,7 +124,7 @@ def read_prompts(path: Path) -> list[str]:
     """Prompts of a .txt (one per non-empty line) or .jsonl (a "prompt" key per line) file."""
     if not path.is_file():
         raise PathArgumentError("prompts", f"no file at {path}")
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = _read_text("prompts", path).splitlines()
     if path.suffix == ".jsonl":
         prompts = []
         for n, line in enumerate(lines, 1):
@@ -142,6 +142,14 @@ def read_prompts(path: Path) -> list[str]:
     if not prompts or not all(prompts):
         raise ConfigError("prompts", f"{path} holds no prompts" if not prompts else f"{path} has an empty prompt")
     return prompts
+
+
+def _read_text(field: str, path: Path) -> str:
+    """A UTF-8 text file of ``field``; other bytes are an error naming the file (not a codec's message)."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(field, f"{path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from e
 
 
 def _check(cfg: SynthConfig) -> str:
@@ -177,10 +185,15 @@ def _check(cfg: SynthConfig) -> str:
             size = getattr(cfg, name)
             if size < 16 or size % 16:
                 raise ConfigError(name, f"must be a positive multiple of 16 (VAE 8x times patch 2), got {size}")
-    for name, low in (("steps", 1), ("samples_per_prompt", 1), ("shard_size", 1), ("batch_size", 1),
-                      ("text_len", 1), ("seed", 0), ("threads", 0)):
-        if getattr(cfg, name) < low:
-            raise ConfigError(name, f"must be >= {low}, got {getattr(cfg, name)}")
+    check_count("steps", cfg.steps, 1, MAX_SAMPLING_STEPS)
+    for name in ("samples_per_prompt", "shard_size", "batch_size", "text_len"):
+        check_count(name, getattr(cfg, name), 1, 2**31 - 1)
+    check_seed("seed", cfg.seed)
+    check_threads("threads", cfg.threads)
+    if source != "latents":  # the first big tensor: a batch of fp32 latents (16 channels, 4x8x8 smaller)
+        latent = 16 * (1 + (cfg.num_frames - 1) // 4) * (cfg.height // 8) * (cfg.width // 8) * 4
+        check_memory("batch_size" if cfg.batch_size > 1 else "height", cfg.batch_size * latent,
+                     f"{cfg.batch_size} latent(s) of {cfg.num_frames} frames {cfg.height}x{cfg.width}")
     for name in ("shift", "sigma_max"):
         if not (math.isfinite(getattr(cfg, name)) and getattr(cfg, name) > 0):
             raise ConfigError(name, f"must be a finite number > 0, got {getattr(cfg, name)}")
@@ -200,8 +213,8 @@ def _list_videos(cfg: SynthConfig) -> list[tuple[Path, str]]:
     out = []
     for i, v in enumerate(videos):
         side = v.with_suffix(".txt")
-        if side.is_file() and side.read_text(encoding="utf-8").strip():
-            out.append((v, side.read_text(encoding="utf-8").strip()))
+        if side.is_file() and _read_text("videos", side).strip():
+            out.append((v, _read_text("videos", side).strip()))
         elif listed is not None:
             out.append((v, listed[i]))
         else:
