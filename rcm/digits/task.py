@@ -8,7 +8,6 @@ accuracy, digit switching, shape and motion consistency, stray ink, frame FD, di
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -95,9 +94,7 @@ class DigitsTask:
         """None during the run: the report at the end samples every generator."""
 
     def export(self, ema: nn.Module, path: Path, metadata: dict) -> None:
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_model(ema, tmp, metadata)
-        os.replace(tmp, path)  # a crash mid-export leaves the previous export (or none), never half a file
+        save_model(ema, path, metadata)  # atomic: a crash mid-export leaves the previous export (or none)
 
     def report(self, teacher: nn.Module, ema: nn.Module, run_dir: Path, console) -> dict:
         if not self.cfg.report:

@@ -314,9 +314,7 @@ class WanTask:
 
         dtype = getattr(torch, self.cfg.export_dtype) if self.cfg is not None else torch.bfloat16
         export = ema.to(device="cpu", dtype=dtype)  # the run is over: no copy needed
-        tmp = path.with_name(f".{path.stem}.tmp.safetensors")
-        save_dit(export, tmp, metadata={**metadata, "teacher": str(self.teacher_path)})
-        os.replace(tmp, path)  # a crash mid-export leaves the previous export (or none), never half a file
+        save_dit(export, path, metadata={**metadata, "teacher": str(self.teacher_path)})  # atomic (never half a file)
 
     def report(self, teacher: nn.Module, ema: nn.Module, run_dir: Path, console) -> dict:
         return {}  # the periodic samples (and the final ones) are the report
