@@ -58,7 +58,7 @@ def check_folder(folder: str | Path, kind: str, field: str = "out_dir", resume: 
         raise ConfigError(field, f"{folder} holds files that are not an rcm {kind} folder's (e.g. {others[0]}); "
                                  f"give an empty or new folder")
     if found is not None and found != kind:
-        raise ConfigError(field, f"{folder} is an rcm {found} folder, not a {kind} one; use another {_flag(field)}")
+        raise ConfigError(field, f"{folder} is an `rcm {found}` folder, not an `rcm {kind}` one; use another {_flag(field)}")
     if found is not None and not resume and any(e not in (RUN_MARKER, LOCK_NAME) for e in entries):
         raise ConfigError(field, f"{folder} already holds a run; use another {_flag(field)} or drop --no-resume "
                                  f"to continue it")
