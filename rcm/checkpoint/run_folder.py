@@ -6,12 +6,14 @@
   command writes, ``legacy``); anything else — the current directory, a file, someone else's files, another
   command's folder — is a ``ConfigError`` naming the field before anything is written. Then the folder's
   ``RunFolderLock`` is taken for the block (a second process fails at once naming the holder; a dead
-  holder's lock is taken over) and the marker written. Under torchrun rank 0 does this and every rank
+  holder's lock is taken over), the marker written, and the leftovers of killed processes' atomic writes
+  removed (``remove_dead_temporaries``: by process liveness). Under torchrun rank 0 does this and every rank
   learns the outcome (the other ranks would otherwise wait at their first collective).
 - ``claimed_file(target, field)`` — commands that write one file (`rcm export`, `train-classifier`,
   `train-i2v-teacher`, a `train-teacher --export` outside its run folder): a file inside an rcm folder takes
   that folder's lock (one writer per run folder, whoever writes); any other file has a lock of its own beside
-  it (``.<name>.rcm.lock``, removed on release). The file itself is written atomically by the caller.
+  it (``.<name>.rcm.lock``, removed on release); dead processes' temporaries beside it are removed. The file
+  itself is written atomically by the caller.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from rcm import ConfigError
-from rcm.checkpoint.atomic import atomic_write_bytes
+from rcm.checkpoint.atomic import atomic_write_bytes, remove_dead_temporaries
 from rcm.checkpoint.lock import LOCK_NAME, RunFolderLock
 
 RUN_MARKER = ".rcm-run"  # written into a claimed folder: its other files are this kind of command's
@@ -74,6 +76,7 @@ def claim_folder(folder: str | Path, kind: str, field: str = "out_dir", resume: 
         check_folder(folder, kind, field, resume, legacy)  # again, as the one writer: a claim may have come between
         if not (folder / RUN_MARKER).is_file():
             atomic_write_bytes(folder / RUN_MARKER, kind.encode())
+        remove_dead_temporaries(folder)  # half-written files of killed processes (an export, say); never a live one's
     except BaseException:
         lock.release()
         raise
@@ -119,9 +122,12 @@ def claim_file(target: str | Path, field: str) -> RunFolderLock:
     if folder.exists() and not folder.is_dir():
         raise ConfigError(field, f"{folder} is a file, not a folder")
     if (folder / RUN_MARKER).is_file() or (folder / LOCK_NAME).is_file():  # an rcm folder: its one writer
-        return RunFolderLock(folder, flag=_flag(field)).acquire()
-    return RunFolderLock(folder, name=f".{target.name[:200]}.rcm.lock", what=f"output {target}", flag=_flag(field),
-                         remove_on_release=True).acquire()
+        lock = RunFolderLock(folder, flag=_flag(field)).acquire()
+    else:
+        lock = RunFolderLock(folder, name=f".{target.name[:200]}.rcm.lock", what=f"output {target}",
+                             flag=_flag(field), remove_on_release=True).acquire()
+    remove_dead_temporaries(folder)  # a killed write's leftovers (by process liveness: never a live one's)
+    return lock
 
 
 @contextmanager
