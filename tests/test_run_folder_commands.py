@@ -263,3 +263,42 @@ def test_a_second_study_exits_2_and_the_first_finishes(tmp_path):
         first.send_signal(signal.SIGCONT)
     assert first.wait(300) == 0, first.stdout.read().decode()[-3000:]
     assert (out / "study.json").is_file() and (out / "scm" / "student_ema.safetensors").is_file()
+
+
+# -- a run removes only its own temporaries (and those of ended processes) -------------------------------
+
+# Makes a temporary (rcm.checkpoint.atomic's name) in each folder given, prints them, then waits (argv[1] "wait") or exits.
+TEMPORARIES = """
+    import sys, time
+    from pathlib import Path
+    from rcm.checkpoint.atomic import temporary_path
+    for folder in sys.argv[2:]:
+        path = temporary_path(Path(folder) / "step_00000001.pt")
+        path.write_bytes(b"a write in progress")
+        print(path, flush=True)
+    if sys.argv[1] == "wait":
+        time.sleep(600)
+"""
+
+
+def test_a_run_removes_only_its_own_and_ended_processes_temporaries(tmp_path):
+    out = tmp_path / "t"
+    folders = [out, out / "checkpoints"]
+    claim_folder(out, "train-teacher").release()
+    folders[1].mkdir()
+    argv = [sys.executable, "-c", textwrap.dedent(TEMPORARIES)]
+    dead = subprocess.run([*argv, "exit", *map(str, folders)], env=ENV, capture_output=True, text=True, check=True)
+    live = subprocess.Popen([*argv, "wait", *map(str, folders)], env=ENV, stdout=subprocess.PIPE, text=True)
+    try:
+        live_paths = [Path(live.stdout.readline().strip()) for _ in folders]
+        dead_paths = [Path(p) for p in dead.stdout.split()]
+        assert all(p.is_file() for p in live_paths + dead_paths)
+        args = _teacher_args(out)
+        args[args.index("--steps") + 1], args[args.index("--checkpoint-every") + 1] = "2", "1"
+        cli.main(args)  # claims the folder, saves two checkpoints
+        assert all(p.is_file() for p in live_paths)  # another live process's writes are never touched
+        assert not any(p.exists() for p in dead_paths)  # an ended process's leftovers are removed
+        leftover = sorted(p.name for f in folders for p in f.iterdir() if ".tmp-" in p.name)
+        assert leftover == sorted(p.name for p in live_paths)  # and none of this run's own
+    finally:
+        _end(live)
