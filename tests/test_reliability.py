@@ -258,7 +258,7 @@ def _assert_same_export(a: Path, b: Path) -> None:
     _assert_same(ta, tb, a.name)
 
 
-def _kill_in_write(target: Path, point: str, argv: list[str], log: Path) -> None:
+def _run_killed_in_write(target: Path, point: str, argv: list[str], log: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     with open(log, "ab") as out:
         code = subprocess.run([sys.executable, "-c", textwrap.dedent(KILL_IN_WRITE), target.name, point, *argv],
@@ -280,7 +280,7 @@ def test_a_kill_during_export_leaves_no_partial_file_and_the_rerun_exports_the_s
     reference = straight / "student_ema.safetensors"
     target = killed / reference.name
     for point in KILL_POINTS:  # the first launch trains, then dies exporting; the next ones only export
-        _kill_in_write(target, point, distill(killed), tmp_path / "distill.txt")
+        _run_killed_in_write(target, point, distill(killed), tmp_path / "distill.txt")
         if point == "after-rename":  # the whole new file, or none: never part of one under the target name
             _assert_same_export(target, reference)
         else:
@@ -297,7 +297,7 @@ def test_a_kill_during_export_leaves_no_partial_file_and_the_rerun_exports_the_s
     target = exports / "student.safetensors"
     for point in KILL_POINTS:
         shutil.copy(exports / "old.safetensors", target)
-        _kill_in_write(target, point, [*export, str(target)], tmp_path / "export.txt")
+        _run_killed_in_write(target, point, [*export, str(target)], tmp_path / "export.txt")
         expected = "uninterrupted.safetensors" if point == "after-rename" else "old.safetensors"
         _assert_same_export(target, exports / expected)
         assert bool(_temporaries(exports)) == (point != "after-rename"), point
