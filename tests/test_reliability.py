@@ -5,7 +5,9 @@ after every iteration) is killed with SIGKILL at random points, some inside a st
 checkpoint write, and re-run with the same command until it completes. It must end bit-identical to an
 uninterrupted run (final train state and exported student), log the same loss values for every
 iteration, and after every kill the checkpoints folder must hold a readable checkpoint named by `latest`.
-Then: a run whose steps keep going non-finite stops with exit status 1, one line, and its checkpoints kept.
+Then: a kill during an export (the end-of-run student export, and `rcm export`) at every point of the atomic
+write leaves no partial file under the target name, and the re-run's export equals an uninterrupted one's.
+And: a run whose steps keep going non-finite stops with exit status 1, one line, and its checkpoints kept.
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -205,6 +209,102 @@ def test_sigkilled_distill_resumes_exactly(teacher, tmp_path):
 
     _assert_same(load_safetensors(killed_dir / "student_ema.safetensors"),
                  load_safetensors(straight_dir / "student_ema.safetensors"), "student_ema")
+
+
+# Runs `rcm <argv[3:]>` and SIGKILLs itself inside the atomic write of the file named argv[1], at point argv[2]:
+# "mid-write" (the temporary half written: cut to half its size at its fsync), "before-rename" (the temporary
+# complete), "after-rename" (the target replaced, its folder not yet fsynced).
+KILL_IN_WRITE = """
+    import os, signal, sys
+    target, point = sys.argv[1], sys.argv[2]
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def die():
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def fsync(fd):
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        if point == "mid-write" and os.path.basename(path).startswith(f".{target}.tmp-"):
+            os.truncate(path, os.path.getsize(path) // 2)  # (fd is read-only)
+            die()
+        return real_fsync(fd)
+
+    def replace(src, dst, *args, **kwargs):
+        mine = os.path.basename(dst) == target
+        if mine and point == "before-rename":
+            die()
+        real_replace(src, dst, *args, **kwargs)
+        if mine and point == "after-rename":
+            die()
+
+    os.fsync, os.replace = fsync, replace
+    import cli
+    cli.main(sys.argv[3:])
+"""
+KILL_POINTS = ("mid-write", "before-rename", "after-rename")
+
+
+def _safetensors_content(path: Path) -> tuple[dict, dict]:
+    """Tensors and metadata (a safetensors file's bytes are not canonical: its metadata order varies)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+
+def _assert_same_export(a: Path, b: Path) -> None:
+    (ta, ma), (tb, mb) = _safetensors_content(a), _safetensors_content(b)
+    assert ma == mb, (ma, mb)
+    _assert_same(ta, tb, a.name)
+
+
+def _run_killed_in_write(target: Path, point: str, argv: list[str], log: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    with open(log, "ab") as out:
+        code = subprocess.run([sys.executable, "-c", textwrap.dedent(KILL_IN_WRITE), target.name, point, *argv],
+                              cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env, timeout=300).returncode
+    assert code == -signal.SIGKILL, f"{point}: exit status {code}, not killed in the write\n" + log.read_text()[-3000:]
+
+
+def test_a_kill_during_export_leaves_no_partial_file_and_the_rerun_exports_the_same(teacher, tmp_path):
+    """The end-of-run export of `rcm distill` and `rcm export`, each killed at every point of its write."""
+    import cli
+
+    def distill(out: Path) -> list[str]:
+        command = _command(teacher, out)[3:]  # without "python -m cli"
+        command[command.index("--loop.iterations") + 1] = "3"
+        return command
+
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    cli.main(distill(straight))
+    reference = straight / "student_ema.safetensors"
+    target = killed / reference.name
+    for point in KILL_POINTS:  # the first launch trains, then dies exporting; the next ones only export
+        _run_killed_in_write(target, point, distill(killed), tmp_path / "distill.txt")
+        if point == "after-rename":  # the whole new file, or none: never part of one under the target name
+            _assert_same_export(target, reference)
+        else:
+            assert not target.exists() and _temporaries(killed), point  # the killed write's temporary, left over
+    cli.main(distill(killed))  # the same command again
+    _assert_same_export(target, reference)
+    assert not _temporaries(killed) and not _temporaries(killed / "checkpoints")
+
+    # `rcm export` over an older export of another network: the target holds the old file or the new one
+    exports = tmp_path / "exports"
+    export = ["export", "--checkpoint", str(straight / "checkpoints"), "--dtype", "keep", "--out"]
+    cli.main([*export, str(exports / "uninterrupted.safetensors")])
+    cli.main([*export, str(exports / "old.safetensors"), "--model", "student"])
+    target = exports / "student.safetensors"
+    for point in KILL_POINTS:
+        shutil.copy(exports / "old.safetensors", target)
+        _run_killed_in_write(target, point, [*export, str(target)], tmp_path / "export.txt")
+        expected = "uninterrupted.safetensors" if point == "after-rename" else "old.safetensors"
+        _assert_same_export(target, exports / expected)
+        assert bool(_temporaries(exports)) == (point != "after-rename"), point
+    cli.main([*export, str(target)])
+    _assert_same_export(target, exports / "uninterrupted.safetensors")
+    assert not _temporaries(exports) and sorted(p.name for p in exports.iterdir()) == [
+        "old.safetensors", "student.safetensors", "uninterrupted.safetensors"]
 
 
 def test_nonfinite_run_stops_with_status_1_and_keeps_checkpoints(teacher, tmp_path, monkeypatch, capsys):

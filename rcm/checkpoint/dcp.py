@@ -40,7 +40,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from rcm.checkpoint.atomic import CheckpointError, atomic_write_bytes, atomic_write_with
+from rcm.checkpoint.atomic import (CheckpointError, atomic_write_bytes, atomic_write_with, remove_dead_temporaries,
+                                   temporary_path)
 from rcm.checkpoint.local import LATEST, CheckpointWarning
 from rcm.checkpoint.manifest import discard_manifest, newest_intact, write_manifest
 from rcm.parallel.fsdp import full_model_state_dict
@@ -202,11 +203,16 @@ def save_sharded_checkpoint(folder: str | Path, state, mesh: ParallelMesh | None
     checkpoints beyond the newest ``keep`` are deleted. Collective; returns the final path."""
     folder = Path(folder)
     name = f"step_{state.iteration:08d}"
-    tmp = folder / f".{name}.tmp"
     rank0 = not _distributed() or dist.get_rank() == 0
+    # one temporary name for every rank (rank 0's, unique to its process): a cleanup by name pattern can tell
+    # a live save's folder from a killed one's
+    shared = [temporary_path(folder / name) if rank0 else None]
+    if _distributed() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(shared, src=0)
+    tmp = Path(shared[0])
     if rank0:
         folder.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a save killed mid-way
+        remove_dead_temporaries(folder)  # leftovers of saves killed mid-way; never a live process's
     _barrier()
     save_train_state(tmp, state, mesh, extra)
     _barrier()

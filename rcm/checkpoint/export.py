@@ -56,14 +56,22 @@ def _newest(folder: Path) -> Path:
 
 
 def export(cfg: ExportConfig) -> Path:
-    """Write ``cfg.model``'s weights from ``cfg.checkpoint`` to ``cfg.out`` (atomically); returns the path."""
-    from safetensors.torch import save
-
-    from rcm.checkpoint.dcp import read_checkpoint_model
+    """Write ``cfg.model``'s weights from ``cfg.checkpoint`` to ``cfg.out`` (atomically); returns the path.
+    ``cfg.out`` is claimed for this process first (``rcm.checkpoint.run_folder.claimed_file``)."""
+    from rcm.checkpoint.run_folder import claimed_file
 
     path = Path(cfg.checkpoint)
     if not path.exists():
         raise PathArgumentError("checkpoint", f"no such file or folder: {path}")
+    with claimed_file(cfg.out, "out"):
+        return _export(cfg, path)
+
+
+def _export(cfg: ExportConfig, path: Path) -> Path:
+    from safetensors.torch import save
+
+    from rcm.checkpoint.dcp import read_checkpoint_model
+
     if path.is_dir() and not (path / ".metadata").is_file():
         path = _newest(path)
     if path.is_dir():  # DCP: read in this process, whatever world size wrote it
@@ -78,7 +86,6 @@ def export(cfg: ExportConfig) -> Path:
                for k, v in weights.items()}
     kind = "teacher" if cfg.model == "fake_score" else "student"  # a fake score samples like a teacher (a denoiser)
     data = save(weights, metadata={"kind": kind, "source": str(path), "network": cfg.model})
-    Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(Path(cfg.out), data)
     print(f"{cfg.model} of {path} → {cfg.out} ({sum(v.numel() for v in weights.values()) / 1e6:,.1f}M parameters)")
     return Path(cfg.out)

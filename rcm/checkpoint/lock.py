@@ -17,6 +17,11 @@ Not guaranteed:
   than run unlocked. NFS v4 and local filesystems lock correctly.
 - Deleting the lock file by hand breaks exclusion; ``RunFolderLock.check`` detects it (call it at each save).
   Under torchrun one process (rank 0) takes the lock and must tell the others whether it got it.
+
+The same lock guards a single output file outside any run folder (``rcm.checkpoint.run_folder.claim_file``):
+``RunFolderLock(folder, name=".<file>.rcm.lock", remove_on_release=True)``. Such a lock file is removed by its
+holder while still locked; that is safe because an opener re-checks after locking that the name still leads to
+the file it locked (and retries otherwise), so only a SIGKILLed holder leaves one behind (taken over next time).
 """
 
 from __future__ import annotations
@@ -91,11 +96,11 @@ def holder_running(holder: dict) -> bool | None:
     return True
 
 
-def read_holder(folder: str | Path, wait_s: float = 2.0) -> dict | None:
+def read_holder(folder: str | Path, wait_s: float = 2.0, name: str = LOCK_NAME) -> dict | None:
     """The description in ``folder``'s lock file, or None if there is none. A new holder overwrites its
     predecessor's description right after locking, so an empty, partial, or ended holder's description is
     re-read for up to ``wait_s`` seconds before it is believed (a takeover in progress is not misreported)."""
-    path = Path(folder) / LOCK_NAME
+    path = Path(folder) / name
     deadline = time.monotonic() + wait_s
     holder = None
     while True:
@@ -112,31 +117,38 @@ def read_holder(folder: str | Path, wait_s: float = 2.0) -> dict | None:
         time.sleep(0.05)
 
 
-def _busy_message(folder: Path, holder: dict | None) -> str:
+def _busy_message(what: str, holder: dict | None, flag: str) -> str:
     if holder is None:
-        return f"run folder {folder} is in use by another process (it has not said which); use another --out-dir"
+        return f"{what} is in use by another process (it has not said which); use another {flag}"
     who = (f"pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')}, "
            f"command: {str(holder.get('command'))[:200]}")
     if holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
-        return f"run folder {folder} is already locked by this process ({who})"
+        return f"{what} is already locked by this process ({who})"
     running = holder_running(holder)
     if running is False:
-        return (f"run folder {folder} is still locked although the run that locked it has ended ({who}): a process "
+        return (f"{what} is still locked although the run that locked it has ended ({who}): a process "
                 f"it started (a data-loader worker?) holds the lock; wait for it to exit, or end it")
-    return f"run folder {folder} is in use by another run ({who}); wait for it to finish, or use another --out-dir"
+    return f"{what} is in use by another run ({who}); wait for it to finish, or use another {flag}"
 
 
 class RunFolderLock:
-    """``with RunFolderLock(folder):`` — hold ``folder`` exclusively (creating it) until the block ends."""
+    """``with RunFolderLock(folder):`` — hold ``folder`` exclusively (creating it) until the block ends.
 
-    def __init__(self, folder: str | Path):
+    ``name``: the lock file's name in ``folder``; ``what`` and ``flag`` say in messages what is locked (default
+    "run folder <folder>") and which flag picks another one; ``remove_on_release``: delete the lock file when
+    released (for the lock of one output file, see the module notes)."""
+
+    def __init__(self, folder: str | Path, name: str = LOCK_NAME, what: str | None = None, flag: str = "--out-dir",
+                 remove_on_release: bool = False):
         self.folder = Path(folder)
-        self.path = self.folder / LOCK_NAME
+        self.path = self.folder / name
+        self.what = what or f"run folder {self.folder}"
+        self.flag, self.remove_on_release = flag, remove_on_release
         self._fd: int | None = None
 
     def acquire(self) -> RunFolderLock:
         if self._fd is not None:
-            raise ValueError(f"run folder {self.folder} is already locked by this RunFolderLock")
+            raise ValueError(f"{self.what} is already locked by this RunFolderLock")
         self.folder.mkdir(parents=True, exist_ok=True)
         for _ in range(10):  # retried only if the lock file is replaced between our open and our lock
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -144,19 +156,19 @@ class RunFolderLock:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
-                holder = read_holder(self.folder)
-                raise RunFolderBusy(_busy_message(self.folder, holder), holder) from None
+                holder = read_holder(self.folder, name=self.path.name)
+                raise RunFolderBusy(_busy_message(self.what, holder, self.flag), holder) from None
             except OSError as e:
                 os.close(fd)
                 if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-                    raise ValueError(f"cannot lock run folder {self.folder}: its filesystem does not support "
+                    raise ValueError(f"cannot lock {self.what}: its filesystem does not support "
                                      f"file locks ({e.strerror}); use a folder on a local or NFS v4 disk") from None
                 raise
             if self._same_file(fd):
                 break
             os.close(fd)
         else:
-            raise ValueError(f"cannot lock run folder {self.folder}: its lock file {self.path} keeps being replaced")
+            raise ValueError(f"cannot lock {self.what}: its lock file {self.path} keeps being replaced")
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(_this_process()).encode(), 0)
         os.fsync(fd)
@@ -173,9 +185,9 @@ class RunFolderLock:
     def check(self) -> None:
         """Raise a ``ValueError`` if this lock is not held or its lock file was deleted or replaced meanwhile."""
         if self._fd is None:
-            raise ValueError(f"run folder {self.folder} is not locked by this process")
+            raise ValueError(f"{self.what} is not locked by this process")
         if not self._same_file(self._fd):
-            raise ValueError(f"the lock file {self.path} of run folder {self.folder} was removed or replaced while "
+            raise ValueError(f"the lock file {self.path} of {self.what} was removed or replaced while "
                              f"this run held it: another process may be writing the folder; stopping")
 
     def release(self) -> None:
@@ -184,6 +196,8 @@ class RunFolderLock:
         fd, self._fd = self._fd, None
         try:
             os.ftruncate(fd, 0)  # a free lock describes no one
+            if self.remove_on_release and self._same_file(fd):
+                os.unlink(self.path)  # while still locked: an opener of the old file sees it gone and retries
             fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)

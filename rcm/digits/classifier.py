@@ -120,7 +120,15 @@ def classifier_accuracy(model: DigitClassifier, clips: torch.Tensor, labels: tor
 
 
 def train_classifier(cfg: TrainClassifierConfig) -> tuple[DigitClassifier, float]:
-    """Train the classifier on fresh train-split clips; save it; return it and its held-out accuracy."""
+    """Train the classifier on fresh train-split clips; save it; return it and its held-out accuracy.
+    ``cfg.out`` is claimed for this process first (``rcm.checkpoint.run_folder.claimed_file``)."""
+    from rcm.checkpoint.run_folder import claimed_file
+
+    with claimed_file(cfg.out, "out"):
+        return _train_classifier(cfg)
+
+
+def _train_classifier(cfg: TrainClassifierConfig) -> tuple[DigitClassifier, float]:
     torch.manual_seed(cfg.seed)
     model = DigitClassifier(cfg.width, cfg.feature_dim)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

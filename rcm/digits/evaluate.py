@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,11 +28,12 @@ import torch
 
 from rcm import (MAX_SAMPLING_STEPS, ConfigError, PathArgumentError, check_count, check_memory, check_number,
                  check_seed)
+from rcm.checkpoint.atomic import atomic_write_bytes
 import torch.nn as nn
 
 from rcm.digits import presets
-from rcm.digits.classifier import DigitClassifier, load_classifier
-from rcm.digits.data import NUM_CLASSES, ClipSpec, DigitClips, clip_grid, sample_clips
+from rcm.digits.classifier import DigitClassifier
+from rcm.digits.data import NUM_CLASSES, ClipSpec, clip_grid, sample_clips
 from rcm.digits.model import (
     DEMO_SPEC,
     TEACHER_PATH,
@@ -272,12 +272,10 @@ def write_samples(generators: dict, out_dir: Path, seed: int = 0) -> dict[str, P
 SHIPPED_TEACHER_ROWS = Path(__file__).resolve().parents[1] / "assets" / "digits_teacher_metrics.json"  # read-only
 
 
-def user_cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/rcm`` (default ``~/.cache/rcm``): where caches are written, never the package."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rcm"
-
-
 def teacher_rows_cache() -> Path:
+    """In the user cache (``$XDG_CACHE_HOME/rcm`` or ``~/.cache/rcm``), never the package."""
+    from rcm.checkpoint.digest import user_cache_dir
+
     return user_cache_dir() / "digits_teacher_metrics.json"
 
 
@@ -309,9 +307,7 @@ def _write_rows(path: Path, rows: dict) -> None:
     """Merge ``rows`` into the cache at ``path`` (atomically: concurrent reports may write at once)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     merged = {**_read_rows(path), **rows}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(merged, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    atomic_write_bytes(path, (json.dumps(merged, indent=1, sort_keys=True) + "\n").encode())
 
 
 def digits_report(teacher: nn.Module, students: dict[str, nn.Module], out_dir: Path, report: DigitsReport,
@@ -400,7 +396,15 @@ def run_method(run: Path) -> str:
 
 
 def eval_runs(cfg: EvalRunsConfig) -> list[dict]:
-    """Sample and score the teacher and every run's EMA student; write metrics.json and samples to --out-dir."""
+    """Sample and score the teacher and every run's EMA student; write metrics.json and samples to --out-dir
+    (claimed for this process first: see ``rcm.checkpoint.run_folder``)."""
+    from rcm.checkpoint.run_folder import claimed_folder
+
+    with claimed_folder(cfg.out_dir, "eval", legacy=("metrics.json",)):
+        return _eval_runs(cfg)
+
+
+def _eval_runs(cfg: EvalRunsConfig) -> list[dict]:
     device = resolve_device(cfg.device)
     students = {}
     for run in cfg.runs:

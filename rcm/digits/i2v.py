@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -87,8 +86,9 @@ class FinetuneI2VConfig:
 
     teacher: Path | None = None
     """the T2V teacher to start from; default the shipped one."""
-    out: Path = I2V_TEACHER_PATH
-    """where to write the I2V teacher."""
+    out: Path = Path("runs/digits_i2v_teacher.safetensors")
+    """where to write the I2V teacher (the shipped copy: rcm/assets/digits_i2v_teacher.safetensors; never
+    written by default: the package may be read-only)."""
     steps: int = 300
     batch_size: int = 32
     lr: float = 1e-4
@@ -114,7 +114,15 @@ class FinetuneI2VConfig:
 
 def finetune_i2v_teacher(cfg: FinetuneI2VConfig, log=print) -> nn.Module:
     """``rcm train-i2v-teacher``: AdamW on ``i2v_flow_loss``, writes ``cfg.out`` (atomically) and returns
-    the teacher (eval, frozen). Deterministic for a seed and a thread count."""
+    the teacher (eval, frozen). Deterministic for a seed and a thread count. ``cfg.out`` is claimed for this
+    process first (``rcm.checkpoint.run_folder.claimed_file``)."""
+    from rcm.checkpoint.run_folder import claimed_file
+
+    with claimed_file(cfg.out, "out"):
+        return _finetune_i2v_teacher(cfg, log)
+
+
+def _finetune_i2v_teacher(cfg: FinetuneI2VConfig, log) -> nn.Module:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     model = load_teacher(cfg.teacher).requires_grad_(True).train()
@@ -133,11 +141,8 @@ def finetune_i2v_teacher(cfg: FinetuneI2VConfig, log=print) -> nn.Module:
         if (step + 1) % 50 == 0 or step + 1 == cfg.steps:
             log(f"step {step + 1}/{cfg.steps}  loss {running:.4f}  {time.perf_counter() - start:.0f} s")
     model.eval().requires_grad_(False)
-    out = Path(cfg.out)
-    tmp = out.with_name(f".{out.name}.tmp")
-    save_model(model, tmp, {"conditioning": "first frame given (frame replacement)",
-                            "recipe": {k: str(v) for k, v in asdict(cfg).items()}})
-    os.replace(tmp, out)
+    save_model(model, Path(cfg.out), {"conditioning": "first frame given (frame replacement)",  # atomic
+                                      "recipe": {k: str(v) for k, v in asdict(cfg).items()}})
     return model
 
 
@@ -193,14 +198,12 @@ class I2VReport:
     """held-out real clips of the per-frame metrics' reference (``rcm.digits.metrics.real_reference``)."""
     real_seed: int = 1234
 
-    def __post_init__(self):
+    def __post_init__(self):  # checked when the command starts, not after training
         if self.num_clips < 20:  # class-balanced: two clips of each digit at least
             raise ConfigError("num_clips", f"must be >= 20 (the per-frame diversity compares two clips of a digit), "
                                            f"got {self.num_clips}")
         if self.num_real < 20:
             raise ConfigError("num_real", f"must be >= 20, got {self.num_real}")
-
-    def __post_init__(self):  # checked when the command starts, not after training
         check_count("num_clips", self.num_clips, 1, 2**31 - 1)
         check_memory("num_clips", DEMO_SPEC.batch_bytes(self.num_clips), f"{self.num_clips:,} scored clips")
         check_count("teacher_steps", self.teacher_steps, 1, MAX_SAMPLING_STEPS)
@@ -341,10 +344,8 @@ def save_i2v_student(model: nn.Module, path: Path, metadata: dict) -> None:
     parts = {path: model} if not isinstance(model, WanExperts) else {
         path.with_suffix(".high.safetensors"): model.high_noise, path.with_suffix(".low.safetensors"): model.low_noise}
     for part, module in parts.items():
-        tmp = part.with_name(f".{part.name}.tmp")
         extra = {} if len(parts) == 1 else {"boundary": str(model.boundary), "expert": part.suffixes[-2][1:]}
-        save_model(module, tmp, {**metadata, **extra})
-        os.replace(tmp, part)
+        save_model(module, part, {**metadata, **extra})  # atomic
 
 
 def load_i2v_student(path: Path) -> nn.Module:

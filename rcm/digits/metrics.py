@@ -25,7 +25,8 @@ haze of a few percent grey is invisible to the eye and must not count as stray i
 The frame classifier (``FrameClassifier``, a small 2-D conv net on single 16×16 frames) is trained by
 ``train_frame_classifier`` on frames of train-split clips and shipped as
 ``rcm/assets/digits_frame_classifier.safetensors`` (its metadata holds the recipe, the command that
-reproduces it and its held-out per-frame accuracy). Retrain: ``python3 -m rcm.digits.metrics``.
+reproduces it and its held-out per-frame accuracy). Retrain: ``python3 -m rcm.digits.metrics`` (written to
+the user cache unless ``--out`` says where: never into the package by default).
 
 ``frame_metrics(clips, labels, reference)`` returns every metric; ``real_reference()`` builds the
 ``FrameReference`` (classifier + features and statistics of held-out real clips) once, deterministically,
@@ -48,10 +49,11 @@ from torch import nn
 from rcm.digits.data import DIGIT_SIZE, NUM_CLASSES, ClipSpec, DigitClips, bounce, digit_images, render_clips, to_unit
 from rcm.digits.classifier import load_small_model, save_small_model
 from rcm.digits.corruptions import blur
+from rcm.checkpoint.digest import user_cache_dir as _user_cache_dir
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 FRAME_CLASSIFIER_PATH = ASSETS / "digits_frame_classifier.safetensors"
-REPRODUCE_COMMAND = "OMP_NUM_THREADS=1 python3 -m rcm.digits.metrics"
+REPRODUCE_COMMAND = "OMP_NUM_THREADS=1 python3 -m rcm.digits.metrics --out rcm/assets/digits_frame_classifier.safetensors"
 
 INK_FLOOR = 0.05  # display intensity below which a pixel is background (a haze this faint is invisible)
 CROP = 12  # side of the centroid-aligned crop: an 8×8 digit is at most ~6 px from its ink centroid
@@ -101,7 +103,8 @@ def load_frame_classifier(path: str | Path | None = None) -> FrameClassifier:
 class TrainFrameClassifierConfig:
     """Recipe of the shipped frame classifier."""
 
-    out: Path = FRAME_CLASSIFIER_PATH
+    out: Path = field(default_factory=lambda: _user_cache_dir() / "digits_frame_classifier.safetensors")
+    """where to write it: default the user cache ($XDG_CACHE_HOME/rcm), never the (maybe read-only) package."""
     steps: int = 3000
     batch_size: int = 128  # frames
     lr: float = 1e-2
@@ -184,9 +187,17 @@ def classify_frames(model: FrameClassifier, clips: torch.Tensor, batch_size: int
 
 
 def train_frame_classifier(cfg: TrainFrameClassifierConfig | None = None, log=print) -> tuple[FrameClassifier, float]:
-    """Train the frame classifier (default: the shipped recipe); save it to ``cfg.out``; return it and its
-    held-out per-frame accuracy (every frame of ``cfg.num_test`` test-split clips, whose hands it never saw)."""
+    """Train the frame classifier (default: the shipped recipe); save it to ``cfg.out`` (claimed for this
+    process first); return it and its held-out per-frame accuracy (every frame of ``cfg.num_test``
+    test-split clips, whose hands it never saw)."""
+    from rcm.checkpoint.run_folder import claimed_file
+
     cfg = cfg if cfg is not None else TrainFrameClassifierConfig()
+    with claimed_file(cfg.out, "out"):
+        return _train_frame_classifier(cfg, log)
+
+
+def _train_frame_classifier(cfg: TrainFrameClassifierConfig, log) -> tuple[FrameClassifier, float]:
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     model = FrameClassifier(cfg.width, cfg.feature_dim)

@@ -21,10 +21,10 @@ from dataclasses import dataclass, field, replace
 from functools import reduce
 from pathlib import Path
 
-import torch
 
 from rcm import MAX_SAMPLING_STEPS, ConfigError, check_count, check_memory, check_number, check_seed, check_threads
 from rcm.losses import RCMConfig
+from rcm.checkpoint.atomic import atomic_write_bytes
 from rcm.digits import presets
 from rcm.digits.evaluate import (COLUMNS, DigitsReport, EvalConfig, digits_report, evaluate, markdown_table,
                                  print_table)
@@ -122,9 +122,8 @@ class StudyTask(DigitsTask):
                 for n in self.study.student_steps}
         rows = evaluate(gens, self.study.eval_config(), show=False)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps([{**r, "iteration": iteration, "method": self.cfg.method} for r in rows], indent=1))
-        tmp.replace(path)
+        atomic_write_bytes(path, json.dumps([{**r, "iteration": iteration, "method": self.cfg.method} for r in rows],
+                                            indent=1).encode())
         console.print(f"study: {self.cfg.method} at {iteration}: " + ", ".join(
             f"{r['name']} acc {r['frame_accuracy']:.3f} FD {r['frame_fd']:.2f}" for r in rows))
 
@@ -157,12 +156,19 @@ def teacher_rows(study: StudyConfig) -> list[dict]:
 
 
 def run_study(study: StudyConfig) -> dict:
-    """`rcm study`: train every method (one after the other, or concurrently), then the table and the plot."""
+    """`rcm study`: train every method (one after the other, or concurrently), then the table and the plot.
+    The study folder is claimed for this process (each method's run folder by its own run)."""
+    from rcm.checkpoint.run_folder import claimed_folder
+
+    with claimed_folder(study.out_dir, "study", legacy=("study_config.json",)):
+        return _run_study(study)
+
+
+def _run_study(study: StudyConfig) -> dict:
     from rich.console import Console
 
     out = Path(study.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "study_config.json").write_text(json.dumps(study.__dict__, indent=2, default=str) + "\n")
+    atomic_write_bytes(out / "study_config.json", (json.dumps(study.__dict__, indent=2, default=str) + "\n").encode())
     if study.concurrent and len(study.methods) > 1:
         ctx = multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked child
         procs = [ctx.Process(target=run_method, args=(study, m), name=f"study-{m}") for m in study.methods]
@@ -180,9 +186,9 @@ def run_study(study: StudyConfig) -> dict:
     teachers = teacher_rows(study)
     table = [{**r, "name": f"{r['name']} @ {r['iteration']} its"} for r in rows]
     print_table(table + teachers, title="convergence study (report seed)", console=Console())
-    (out / "study.md").write_text(markdown_table(table + teachers))
-    (out / "study.json").write_text(json.dumps({"config": study.__dict__, "rows": rows, "teacher": teachers},
-                                               indent=1, default=str) + "\n")
+    atomic_write_bytes(out / "study.md", markdown_table(table + teachers).encode())
+    atomic_write_bytes(out / "study.json", (json.dumps({"config": study.__dict__, "rows": rows, "teacher": teachers},
+                                                       indent=1, default=str) + "\n").encode())
     plot_study(rows, teachers, out / "study.png")
     return {"rows": rows, "teacher": teachers, "table": str(out / "study.md"), "plot": str(out / "study.png")}
 

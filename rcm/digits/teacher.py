@@ -116,8 +116,21 @@ def train_teacher(cfg: TrainTeacherConfig, console=None, stop_after: int | None 
     ``cfg.out_dir`` gets ``checkpoints/`` (resumable: a rerun of the same command continues from the
     newest checkpoint and ends bit-identical to an uninterrupted run), ``log.jsonl`` and
     ``teacher.safetensors`` (or ``cfg.export``). ``stop_after``: return (None, nothing exported)
-    after that many steps of this call, as if interrupted (tests).
+    after that many steps of this call, as if interrupted (tests). The run folder (and an ``--export``
+    outside it) is claimed for this process first (``rcm.checkpoint.run_folder``).
     """
+    from contextlib import ExitStack
+
+    from rcm.checkpoint.run_folder import claimed_file, claimed_folder
+
+    with ExitStack() as claims:
+        claims.enter_context(claimed_folder(cfg.out_dir, "train-teacher", resume=cfg.resume, legacy=("checkpoints",)))
+        if cfg.export is not None and Path(cfg.export).parent.resolve() != Path(cfg.out_dir).resolve():
+            claims.enter_context(claimed_file(cfg.export, "export"))
+        return _train_teacher(cfg, console, stop_after)
+
+
+def _train_teacher(cfg: TrainTeacherConfig, console, stop_after: int | None) -> Path | None:
     from rich.console import Console
 
     from rcm.checkpoint import load_latest, save_checkpoint
@@ -127,7 +140,6 @@ def train_teacher(cfg: TrainTeacherConfig, console=None, stop_after: int | None 
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     record = _config_record(cfg)
     resume_keys = {k: v for k, v in record.items() if k not in ("out_dir", "export", "resume", "threads", "device", "log_every",
                                                                  "checkpoint_every", "keep_checkpoints")}

@@ -18,8 +18,9 @@ import torch
 
 from rcm import ConfigError, check_count, check_threads, out_of_memory_as
 from rcm.checkpoint import checkpointer
+from rcm.checkpoint.atomic import atomic_write_bytes
 from rcm.checkpoint.fingerprint import settings_record
-from rcm.checkpoint.lock import LOCK_NAME as LOCK_FILE, RunFolderLock
+from rcm.checkpoint.run_folder import claimed_folder
 from rcm.losses import RCMConfig
 from rcm.optim import OptimizerConfig
 from rcm.parallel import ParallelConfig
@@ -172,58 +173,13 @@ class _Progress:
         self.bar.update(self.job, completed=state.iteration, info=info)
 
 
-RUN_MARKER = ".rcm-run"  # written first into a run folder: the folder's other files are this run's
-
-
-def _refuse_foreign_folder(run_dir: Path, resume: bool) -> None:
-    """A run folder is new, empty, or a run of rcm's (resumed only with --resume): anything else is
-    refused before any write, naming one file that is not a run's."""
-    if str(run_dir).strip() in ("", "."):
-        raise ConfigError("out_dir", "must name a run folder (the current directory is not one)")
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError("out_dir", f"{run_dir} is a file, not a folder")
-    entries = sorted(p.name for p in run_dir.iterdir()) if run_dir.is_dir() else []
-    ours = RUN_MARKER in entries or "checkpoints" in entries  # (runs of earlier versions have no marker)
-    others = [e for e in entries if e != LOCK_FILE]
-    if others and not ours:
-        raise ConfigError("out_dir", f"{run_dir} holds files that are not an rcm run's (e.g. {others[0]}); "
-                                     f"give an empty or new folder")
-    if ours and not resume and any(e not in (RUN_MARKER, LOCK_FILE) for e in entries):
-        raise ConfigError("out_dir", f"{run_dir} already holds a run; use another --out-dir or drop --no-resume "
-                                     f"to continue it")
-
-
-def _lock_run_folder(run_dir: Path, resume: bool) -> RunFolderLock | None:
-    """Rank 0 checks and locks the folder (one writer per run folder); every rank learns the outcome."""
-    error, lock = None, None
-    if is_rank0():
-        try:
-            _refuse_foreign_folder(run_dir, resume)
-            lock = RunFolderLock(run_dir).acquire()
-            (run_dir / RUN_MARKER).touch()
-        except ValueError as e:
-            error = e
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        shared = [None if error is None else str(error)]
-        torch.distributed.broadcast_object_list(shared, src=0)
-        if error is None and shared[0] is not None:
-            error = ValueError(shared[0])
-    if error is not None:
-        raise error
-    return lock
-
-
 def distill(task: Task, cfg: DistillConfig, run: Run) -> dict:
     """Run (or resume) a distillation of ``task``'s teacher, with periodic samples, then export the EMA
     student and report. Returns a summary dict (on ranks other than 0: the run folder and the rank)."""
-    console, mesh, rank0 = run.console, run.mesh, is_rank0()
     run_dir = cfg.run_dir
-    lock = _lock_run_folder(run_dir, cfg.resume)  # before any write, before the models are built
-    try:
+    # one writer, and only an rcm run's files, before any write and before the models are built
+    with claimed_folder(run_dir, "distill", resume=cfg.resume, legacy=("checkpoints",)):
         return _distill_locked(task, cfg, run, run_dir)
-    finally:
-        if lock is not None:
-            lock.release()
 
 
 def _distill_locked(task: Task, cfg: DistillConfig, run: Run, run_dir: Path) -> dict:
@@ -243,7 +199,8 @@ def _distill_locked(task: Task, cfg: DistillConfig, run: Run, run_dir: Path) -> 
         console.print(f"[bold]resumed[/] {run_dir} at iteration {state.iteration}")
     if rank0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2, default=str) + "\n")
+        atomic_write_bytes(run_dir / "config.json",
+                           (json.dumps(dataclasses.asdict(cfg), indent=2, default=str) + "\n").encode())
     n_params = sum(p.numel() for p in state.student.parameters())
     console.print(f"[bold]{cfg.method}[/] distillation of {task.describe()} ({n_params / 1e6:,.2f}M parameters, "
                   f"{task.dtype}, {run.device}) → {run_dir}  ({cfg.loop.iterations} iterations, batch {cfg.batch_size})")

