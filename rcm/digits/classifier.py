@@ -7,7 +7,6 @@ saves it (``rcm/assets/digits_classifier.safetensors``; see ``rcm/assets/README.
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path

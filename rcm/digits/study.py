@@ -21,7 +21,6 @@ from dataclasses import dataclass, field, replace
 from functools import reduce
 from pathlib import Path
 
-
 from rcm import MAX_SAMPLING_STEPS, ConfigError, check_count, check_memory, check_number, check_seed, check_threads
 from rcm.losses import RCMConfig
 from rcm.checkpoint.atomic import atomic_write_bytes
