@@ -13,7 +13,7 @@ from rcm.samplers import consistency_times
 
 def test_student_mid_times_per_step_count():
     assert presets.student_mid_times(1) == ()
-    assert presets.student_mid_times(2) == (1.0,)
+    assert presets.student_mid_times(2) == (0.8,)
     assert presets.student_mid_times(4) == (1.3, 1.0, 0.6)
     for steps in presets.STUDENT_MID_TIMES:  # every preset is a valid, decreasing schedule
         consistency_times(steps, sigma_max=presets.STUDENT_SIGMA_MAX, mid_times=presets.student_mid_times(steps))
@@ -25,7 +25,7 @@ def test_sample_student_uses_the_presets_mid_times():
     model = build_model("digits-dit-tiny")
     labels = torch.arange(3)
     draw = lambda **kw: sample_student(model, labels, torch.Generator().manual_seed(0), steps=2, **kw)  # noqa: E731
-    default, preset, reference = draw(), draw(mid_times=(1.0,)), draw(mid_times=(1.5,))
+    default, preset, reference = draw(), draw(mid_times=(0.8,)), draw(mid_times=(1.5,))
     assert torch.equal(default, preset) and not torch.equal(default, reference)
 
 

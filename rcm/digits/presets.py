@@ -6,11 +6,11 @@ with); the students learn its CFG-guided ODE at that guidance and sample from σ
 networks, the sCM tangent warmed up over 100 iterations, one student step per two critic steps.
 
 Student mid-times per step count (``STUDENT_MID_TIMES``): the reference's (1.5, 1.4, 1.0) are tuned for
-Wan; this 1.2M-parameter student re-noises far too much at t = 1.5. Measured on an H200 (rCM, batch 64,
-lr 1e-4, 2.4k iterations, selection seed 1, scored on seed 0; docs/study.md): 2 steps, mid 1.5 / 1.3 /
-1.0 → per-frame accuracy 0.672 / 0.738 / 0.840, frame FD 9.87 / 7.94 / 5.76; 4 steps, (1.5, 1.4, 1.0) /
-(1.3, 1.0, 0.6) / (1.0, 0.8, 0.5) → 0.840 / 0.916 / 0.892, FD 5.48 / 3.74 / 3.13 (switching 0.67 /
-0.41 / 0.52). 3 steps, (1.3, 0.9), is an interpolation that was never measured.
+Wan; this 1.2M-parameter student re-noises far too much at t = 1.5. 2 steps: t_mid 0.8 beat 1.0 and 1.2
+for every setting of the H200 search (docs/study.md; rCM at λ_DMD 8, 2,000 iterations, selection seed 1:
+frame FD 2.79 / 3.73 / 5.36). 4 steps: (1.3, 1.0, 0.6) was chosen over (1.5, 1.4, 1.0) and (1.0, 0.8, 0.5)
+in an earlier search at λ_DMD 1 for the least digit switching (0.41 vs 0.67 / 0.52; frame FD 3.74 vs
+5.48 / 3.13) and was not searched again. 3 steps, (1.3, 0.9), is an interpolation that was never measured.
 """
 
 from __future__ import annotations
