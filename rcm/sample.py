@@ -106,8 +106,15 @@ class SampleSettings:
 
     def save_path_or(self, default: str, suffixes: tuple[str, ...], family: str) -> Path:
         path = Path(self.save_path) if self.save_path is not None else Path(default)
+        if path.is_dir():
+            raise ConfigError("save_path", f"{path} is a folder; give a file path")
         if path.suffix.lower() not in suffixes:
             raise ConfigError("save_path", f"must end in {', '.join(suffixes)} for {family}, got {path}")
+        for parent in path.parents:  # checked now, not when the samples are written after the work
+            if parent.exists():
+                if not parent.is_dir():
+                    raise ConfigError("save_path", f"{parent} is a file, not a folder (in {path})")
+                break
         return path
 
 

@@ -156,6 +156,8 @@ CASES = [
     ("study batch 10^12", ["study", "--batch-size", BIG], "--batch-size"),
     ("study snapshots 2^62", ["study", "--snapshots", "10", HUGE], "--snapshots"),
     ("study num_per_class 10^12", ["study", "--num-per-class", BIG], "--num-per-class"),
+    ("study num_per_class 1", ["study", "--num-per-class", "1"], "--num-per-class: must be >= 2"),
+    ("sample save path is a folder", _sample("teacher", "--steps", "1", "--save-path", "{T}"), "is a folder"),
     ("i2v teacher batch 10^12", _i2v_teacher("--batch-size", BIG), "--batch-size"),
     ("i2v teacher steps 2^62", _i2v_teacher("--steps", HUGE), "--steps"),
     ("i2v report clips 10^12", _i2v("--i2v-report.num-clips", BIG), "--i2v-report.num-clips"),

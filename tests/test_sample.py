@@ -239,3 +239,14 @@ def test_wan_compiled_sampling_matches_eager(wan_files, tmp_path):
     a, b = (read_video(r.paths[0])[0].astype(np.float32) for r in (eager, compiled))
     assert a.shape == b.shape and a.std() > 0
     assert np.abs(a - b).mean() < 0.5  # the same latents up to float rounding, through a lossy codec
+
+
+def test_save_path_under_a_file_is_refused_before_any_work(tmp_path):
+    from rcm import ConfigError
+    from rcm.sample import SampleSettings
+
+    (tmp_path / "notes.txt").write_text("x")
+    settings = SampleSettings(save_path=tmp_path / "notes.txt" / "deeper" / "o.png")
+    with pytest.raises(ConfigError, match="notes.txt is a file"):
+        settings.save_path_or("samples.png", (".png",), "test")
+    assert SampleSettings(save_path=tmp_path / "new" / "o.png").save_path_or("s.png", (".png",), "t").name == "o.png"

@@ -76,8 +76,9 @@ class StudyConfig:
                 raise ConfigError("student_steps", f"the digits presets have mid-times for "
                                   f"{sorted(presets.STUDENT_MID_TIMES)} steps, got {steps}")
         check_count("snapshots", self.snapshots[-1], 1)
-        for name in ("batch_size", "num_per_class", "checkpoint_every"):
+        for name in ("batch_size", "checkpoint_every"):
             check_count(name, getattr(self, name), 1, 2**31 - 1)
+        check_count("num_per_class", self.num_per_class, 2, 2**31 - 1)  # the diversity compares two clips of a digit
         check_count("num_real", self.num_real, 20)
         for n in self.teacher_steps:
             check_count("teacher_steps", n, 1, MAX_SAMPLING_STEPS)
