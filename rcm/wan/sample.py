@@ -322,19 +322,24 @@ def sample_wan(cfg: WanSampleConfig, console=None) -> SampleResult:
 
 
 
+def open_image_encoder(path, device):
+    """The CLIP image encoder at ``path`` (None: none); a bad file is an error naming --image-encoder-path."""
+    if path is None:
+        return None
+    from rcm.models.image_encoder import load_image_encoder
+
+    try:
+        return load_image_encoder(path, device=device)
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError("image_encoder_path", str(e)) from e
+
+
 def _image_condition(config, vae, image, num_frames: int, clip_path, device, dtype):
     """The image's ``FrameCondition`` on ``device`` (the CLIP encoder, Wan2.1 I2V only, loaded and freed
     here); a mismatch between the encoder and the DiT names --image-encoder-path."""
     from rcm.models.wan_image import wan_image_condition
 
-    encoder = None
-    if clip_path is not None:
-        from rcm.models.image_encoder import load_image_encoder
-
-        try:
-            encoder = load_image_encoder(clip_path, device=device)
-        except (ValueError, FileNotFoundError) as e:
-            raise ConfigError("image_encoder_path", str(e)) from e
+    encoder = open_image_encoder(clip_path, device)
     try:
         condition = wan_image_condition(config, vae, image.to(device=device, dtype=dtype), num_frames,
                                         image_encoder=encoder)

@@ -41,8 +41,8 @@ from rcm.timing import progress_bar
 from rcm.wan import presets
 from rcm.wan.data import INDEX_NAME, LATENT_FORMAT, NEGATIVE_NAME, LatentDataset, encode_shard, trim_embedding
 from rcm.models.text_encoder import TEXT_LEN, WAN_NEGATIVE_PROMPT
-from rcm.wan.pipeline import fit_frames, resolve_device
-
+from rcm.wan.pipeline import resolve_device
+from rcm.wan.synth_inputs import file_sha256, list_videos, read_prompts, read_video  # noqa: F401 (read_video: public here too)
 
 
 @dataclass
@@ -111,47 +111,6 @@ class SynthConfig:
     """torch.set_num_threads; 0 keeps torch's default."""
 
 
-def _file_sha256(paths: list[Path]) -> str:
-    h = hashlib.sha256()
-    for p in paths:
-        with open(p, "rb") as f:
-            while chunk := f.read(1 << 24):
-                h.update(chunk)
-    return h.hexdigest()
-
-
-def read_prompts(path: Path) -> list[str]:
-    """Prompts of a .txt (one per non-empty line) or .jsonl (a "prompt" key per line) file."""
-    if not path.is_file():
-        raise PathArgumentError("prompts", f"no file at {path}")
-    lines = _read_text("prompts", path).splitlines()
-    if path.suffix == ".jsonl":
-        prompts = []
-        for n, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                prompt = json.loads(line)["prompt"]
-            except (ValueError, KeyError, TypeError) as e:
-                raise ConfigError("prompts", f"{path} line {n}: not a JSON object with a \"prompt\" key ({e})") from e
-            if not isinstance(prompt, str):
-                raise ConfigError("prompts", f"{path} line {n}: \"prompt\" must be a string")
-            prompts.append(prompt.strip())
-    else:
-        prompts = [line.strip() for line in lines if line.strip()]
-    if not prompts or not all(prompts):
-        raise ConfigError("prompts", f"{path} holds no prompts" if not prompts else f"{path} has an empty prompt")
-    return prompts
-
-
-def _read_text(field: str, path: Path) -> str:
-    """A UTF-8 text file of ``field``; other bytes are an error naming the file (not a codec's message)."""
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ConfigError(field, f"{path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from e
-
-
 def _check(cfg: SynthConfig) -> str:
     """Validates the arguments; returns the source kind ("prompts", "videos" or "latents")."""
     sources = [n for n in ("videos", "latents") if getattr(cfg, n) is not None]
@@ -200,45 +159,6 @@ def _check(cfg: SynthConfig) -> str:
     if not (math.isfinite(cfg.guidance) and cfg.guidance >= 0):
         raise ConfigError("guidance", f"must be a finite number >= 0, got {cfg.guidance}")
     return source
-
-
-
-def _list_videos(cfg: SynthConfig) -> list[tuple[Path, str]]:
-    videos = sorted(p for p in Path(cfg.videos).iterdir() if p.suffix.lower() in presets.VIDEO_SUFFIXES)
-    if not videos:
-        raise ConfigError("videos", f"{cfg.videos} holds no {'/'.join(presets.VIDEO_SUFFIXES)} files")
-    listed = read_prompts(Path(cfg.prompts)) if cfg.prompts is not None else None
-    if listed is not None and len(listed) != len(videos):
-        raise ConfigError("prompts", f"{len(listed)} prompts for {len(videos)} videos in {cfg.videos} (one per video, by name)")
-    out = []
-    for i, v in enumerate(videos):
-        side = v.with_suffix(".txt")
-        if side.is_file() and _read_text("videos", side).strip():
-            out.append((v, _read_text("videos", side).strip()))
-        elif listed is not None:
-            out.append((v, listed[i]))
-        else:
-            raise ConfigError("videos", f"{v.name} has no prompt: put it in {side.name} or pass --prompts")
-    return out
-
-
-def read_video(path: Path, num_frames: int, height: int, width: int) -> Tensor:
-    """The first ``num_frames`` frames of a video, centre-cropped to the aspect ratio and resized
-    (antialiased) to ``height x width``: ``[3, T, H, W]`` float32 in [-1, 1]."""
-    import imageio.v3 as iio
-    import numpy as np
-
-    try:
-        frames = np.asarray(iio.imread(path, index=None))
-    except Exception as e:  # imageio raises many types for an unreadable file
-        raise ConfigError("videos", f"cannot read {path} ({type(e).__name__}: {e})") from e
-    if frames.ndim == 3:  # grey
-        frames = np.repeat(frames[..., None], 3, axis=-1)
-    if frames.ndim != 4 or frames.shape[0] < num_frames:
-        raise ConfigError("videos", f"{path.name} has {frames.shape[0] if frames.ndim == 4 else 0} frames; "
-                             f"--num-frames is {num_frames}")
-    video = torch.from_numpy(np.ascontiguousarray(frames[:num_frames, :, :, :3])).float().permute(0, 3, 1, 2)
-    return (fit_frames(video, height, width) / 127.5 - 1).clamp(-1, 1).permute(1, 0, 2, 3)
 
 
 def _text_encoder_width(path: Path) -> int | None:
@@ -337,7 +257,7 @@ def _synth(cfg: SynthConfig) -> dict:
         images = list_images(cfg.images, len(prompts)) if i2v else [None] * len(prompts)
         items = [(p, cfg.seed + i, im) for i, (p, im) in enumerate(
             x for x in zip(prompts, images) for _ in range(cfg.samples_per_prompt))]
-        settings["teacher_sha256"] = _file_sha256(teacher_files(Path(cfg.teacher)))
+        settings["teacher_sha256"] = file_sha256(teacher_files(Path(cfg.teacher)))
         settings["prompts_sha256"] = hashlib.sha256("\n".join(prompts).encode()).hexdigest()
         if i2v:
             settings.update(i2v=i2v, images_sha256=images_sha256(images))
@@ -346,7 +266,7 @@ def _synth(cfg: SynthConfig) -> dict:
     elif source == "videos":
         from rcm.wan.synth_i2v import synth_image_mode
 
-        items = _list_videos(cfg)
+        items = list_videos(cfg)
         settings["videos"] = [(v.name, p) for v, p in items]
         settings.update({"i2v": i2v} if (i2v := synth_image_mode(cfg, config, source)) else {})
     else:

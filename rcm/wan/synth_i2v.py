@@ -129,13 +129,8 @@ def load_conditioner(cfg, config, *, dtype, device) -> ImageConditioner:
         vae = load_vae(vae_path, dtype=dtype, device=device)
     except ValueError as e:
         raise ConfigError("vae_path", str(e)) from e
-    encoder = None
-    if image_encoder_path is not None:
-        from rcm.models.image_encoder import load_image_encoder
+    from rcm.wan.sample import open_image_encoder
 
-        try:
-            encoder = load_image_encoder(image_encoder_path, device=device)
-        except (ValueError, FileNotFoundError) as e:
-            raise ConfigError("image_encoder_path", str(e)) from e
+    encoder = open_image_encoder(image_encoder_path, device)
     return ImageConditioner(config, vae, encoder, cfg.num_frames, getattr(torch, cfg.latent_dtype),
                             getattr(torch, cfg.embed_dtype))
