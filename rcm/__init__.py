@@ -1,7 +1,7 @@
 """rcm: few-step video generation by rCM distillation. Start with docs/layout.md for the map of the package.
 
 Also the checks every command's config makes before work starts (docs/reliability.md, "Validation"):
-``check_count``, ``check_seed``, ``check_memory``, and ``out_of_memory_as`` for what cannot be estimated.
+``check_count``, ``check_seed``, ``check_output_file``, ``check_memory``, and ``out_of_memory_as`` for what cannot be estimated.
 Nothing here imports torch at import time."""
 
 from __future__ import annotations
@@ -61,6 +61,19 @@ def check_seed(field: str, value: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
         raise ConfigError(field, f"must be an integer in 0..2^62, got {value}")
     return value
+
+
+def check_output_file(field: str, value, suffix: str = ".safetensors") -> str:
+    """A file to write: named (not empty or "."), not an existing folder, ending in ``suffix``."""
+    from pathlib import Path
+
+    if str(value).strip() in ("", "."):
+        raise ConfigError(field, "must name a file")
+    if Path(value).is_dir():
+        raise ConfigError(field, f"{value} is a folder; give a file path")
+    if Path(value).suffix != suffix:
+        raise ConfigError(field, f"must be a {suffix} file, got {value}")
+    return str(value)
 
 
 def check_threads(field: str, value: int) -> int:

@@ -9,7 +9,7 @@ from typing import Literal
 
 import torch
 
-from rcm import ConfigError, PathArgumentError
+from rcm import ConfigError, PathArgumentError, check_output_file
 
 from rcm.checkpoint.atomic import atomic_write_bytes
 from rcm.checkpoint.local import LATEST, list_checkpoints, load_file
@@ -34,10 +34,7 @@ class ExportConfig:
     def __post_init__(self):  # before a checkpoint of many GB is read
         if not Path(self.checkpoint).exists():
             raise PathArgumentError("checkpoint", f"no such file or folder: {self.checkpoint}")
-        if Path(self.out).suffix != ".safetensors":
-            raise ConfigError("out", f"must be a .safetensors file, got {self.out}")
-        if Path(self.out).is_dir():
-            raise ConfigError("out", f"{self.out} is a folder; give the file to write")
+        check_output_file("out", self.out)
 
 
 def _newest(folder: Path) -> Path:

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from rcm import ConfigError, check_count, check_memory, check_number, check_seed, out_of_memory_as
+from rcm import check_count, check_memory, check_number, check_output_file, check_seed, out_of_memory_as
 from rcm.digits.data import NUM_CLASSES, ClipBatches, ClipSpec, DigitClips
 from rcm.timing import progress_bar
 from rcm.checkpoint.atomic import atomic_write_with
@@ -108,8 +108,7 @@ class TrainClassifierConfig:
         check_number("lr", self.lr, 0, low_open=True)
         check_number("weight_decay", self.weight_decay, 0)
         check_seed("seed", self.seed)
-        if Path(self.out).suffix != ".safetensors":
-            raise ConfigError("out", f"must be a .safetensors file, got {self.out}")
+        check_output_file("out", self.out)
 
 
 @torch.no_grad()

@@ -210,9 +210,9 @@ class DigitsReport:
         check_count("num_real", self.num_real, 20)
         for name, n in (("num_per_class", self.num_per_class * NUM_CLASSES), ("num_real", self.num_real)):
             check_memory(name, DEMO_SPEC.batch_bytes(n), f"{n:,} scored clips")  # each generator's, held at once
+        if not self.student_steps and not self.teacher_steps:  # one may be empty: a teacher-only report, say
+            raise ConfigError("teacher_steps", "must name at least one step count (or give --student-steps)")
         for name in ("student_steps", "teacher_steps"):
-            if not getattr(self, name):
-                raise ConfigError(name, "must name at least one step count")
             for n in getattr(self, name):
                 check_count(name, n, 1, MAX_SAMPLING_STEPS)
         check_number("sigma_max", self.sigma_max, 0, low_open=True)

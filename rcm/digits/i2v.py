@@ -29,7 +29,7 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
-from rcm import MAX_SAMPLING_STEPS, ConfigError, PathArgumentError, check_count, check_memory, check_number, check_seed, check_threads
+from rcm import MAX_SAMPLING_STEPS, ConfigError, PathArgumentError, check_count, check_memory, check_number, check_output_file, check_seed, check_threads
 from rcm.digits.classifier import classifier_accuracy, load_classifier
 from rcm.digits.data import ClipBatches, DigitClips, clip_grid
 from rcm.digits.model import (
@@ -108,8 +108,7 @@ class FinetuneI2VConfig:
         check_threads("threads", self.threads)
         if self.teacher is not None and not Path(self.teacher).is_file():
             raise PathArgumentError("teacher", f"no file at {self.teacher}")
-        if Path(self.out).suffix != ".safetensors":
-            raise ConfigError("out", f"must be a .safetensors file, got {self.out}")
+        check_output_file("out", self.out)
 
 
 def finetune_i2v_teacher(cfg: FinetuneI2VConfig, log=print) -> nn.Module:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from rcm import ConfigError, check_count, check_memory, check_number, check_seed, check_threads, out_of_memory_as
+from rcm import ConfigError, check_count, check_memory, check_number, check_output_file, check_seed, check_threads, out_of_memory_as
 from rcm.digits.data import ClipBatches, ClipSpec
 from rcm.sample import Device, resolve_device
 from rcm.timing import progress_bar
@@ -74,8 +74,8 @@ class TrainTeacherConfig:
         check_number("rho_std", self.rho_std, 0, low_open=True)
         check_seed("seed", self.seed)
         check_threads("threads", self.threads)
-        if self.export is not None and Path(self.export).suffix != ".safetensors":
-            raise ConfigError("export", f"must be a .safetensors file, got {self.export}")
+        if self.export is not None:
+            check_output_file("export", self.export)
         device = resolve_device(self.device)
         for where in {"cpu", str(device)}:  # clips are made on the CPU, then moved
             check_memory("batch_size", self.spec.batch_bytes(self.batch_size), f"a batch of {self.batch_size:,} clips",
