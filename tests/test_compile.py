@@ -82,3 +82,43 @@ def test_compiled_jvp_of_the_whole_denoiser_matches_eager():
     compiled = torch.compile(scm_jvp, fullgraph=True, backend="aot_eager")(net, x_t, t, ctx, F_teacher)
     assert eager.norm() > 1e-3, "tangent vanished"
     assert rel_err(compiled, eager) < 1e-5
+
+
+def _saved_activation_bytes(net, args) -> int:
+    """Bytes autograd keeps for the backward pass, parameters excluded (a compiled graph saves its weights
+    by reference: no extra memory), each storage counted once."""
+    params = {p.untyped_storage().data_ptr() for p in net.parameters()}
+    saved = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = net(*args)
+    out.square().mean().backward()
+    return sum(saved.values())
+
+
+def test_compiled_blocks_keep_activation_checkpointing():
+    """Under torch.compile the functorch interpreter stack reads as non-empty outside any transform; the
+    checkpointed forward took that for "inside torch.func" and ran unchecked, so compiled blocks kept every
+    activation (the compiled step's 2.2x peak memory on an H200). Checkpointed and compiled must save what
+    checkpointed eager saves, far less than without checkpointing."""
+    import copy
+
+    from rcm.models.wan import WanDiT, wan_config
+    from rcm.parallel import apply_activation_checkpointing, compile_blocks
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    plain = WanDiT(wan_config("wan-tiny"))
+    checkpointed = apply_activation_checkpointing(copy.deepcopy(plain))
+    args = (torch.randn(2, 4, 2, 4, 4), torch.tensor([0.3, 1.2]), torch.randn(2, 8, 32))
+    eager = _saved_activation_bytes(checkpointed, args)
+    unchecked = _saved_activation_bytes(compile_blocks(copy.deepcopy(plain)), args)
+    compiled = _saved_activation_bytes(compile_blocks(copy.deepcopy(checkpointed)), args)
+    assert eager > 0 and unchecked > 3 * eager, (eager, unchecked)  # the test can tell the two apart
+    assert compiled <= 1.1 * eager, f"compiled blocks saved {compiled:,} B, checkpointed eager {eager:,} B"
