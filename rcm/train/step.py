@@ -76,8 +76,9 @@ class Task(Protocol):
 
     def load_state_dict(self, state: dict) -> None: ...
 
-    def write_samples(self, ema: nn.Module, iteration: int, run_dir: Path, console) -> None:
-        """Periodic samples of the EMA student (collective under FSDP: every rank calls it)."""
+    def write_samples(self, ema: nn.Module, iteration: int, run_dir: Path, console) -> dict | None:
+        """Periodic samples of the EMA student (collective under FSDP: every rank calls it); a returned
+        ``{"images": {name: uint8 [H, W(, 3)]}}`` goes to the run's log sinks (TensorBoard, W&B)."""
 
     def export(self, ema: nn.Module, path: Path, metadata: dict) -> Path | None:
         """Write the final EMA student (a plain module) as one file, atomically; returns where it went
