@@ -11,6 +11,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 import tyro
 
@@ -171,7 +172,7 @@ class PlotConfig:
     """Plot a run's log.jsonl as log.png in the run folder: a panel per logged number (loss terms, g-norm,
     ω, learning rates, gradient norms, s/iteration, ...) against iterations. Reads the folder, claims nothing."""
 
-    run_dir: tyro.conf.Positional[Path]
+    run_dir: Annotated[Path, tyro.conf.Positional, tyro.conf.arg(metavar="RUN_DIR")]
     """a distill run folder (one holding log.jsonl)."""
 
     def __post_init__(self):
