@@ -11,6 +11,7 @@
     rcm export                  one network of a training checkpoint (any world size) as a safetensors file
     rcm eval                    per-frame quality / consistency / diversity table of the teacher and finished runs
     rcm study                   convergence study: rCM, DMD2, sCM at equal budgets, scored at 1/2/4 steps vs iterations
+    rcm plot RUN                a run's log.jsonl as RUN/log.png (a panel per loss term, g-norm, lr, ...)
     rcm train-teacher           train the digits teacher from scratch (how the shipped one was made)
     rcm train-classifier        train the digit-clip classifier used by `rcm eval` (how the shipped one was made)
     rcm bench attention         attention kernels side by side
@@ -51,6 +52,7 @@ def _commands() -> dict[str, Command | Group]:
     """Imported lazily so `rcm --help` is quick. Each command's code lives under its own name."""
     from rcm.bench import attention, i2v as bench_i2v, sample as bench_sample, step
     from rcm.checkpoint import export
+    from rcm.train import plots
     from rcm.digits import classifier, evaluate, i2v, sample as digits_sample, study, task as digits_task, teacher
     from rcm.wan import sample as wan_sample, synth, task as wan_task
 
@@ -82,6 +84,7 @@ def _commands() -> dict[str, Command | Group]:
         "export": Command(export.ExportConfig, export.export),
         "eval": Command(evaluate.EvalRunsConfig, evaluate.eval_runs),
         "study": Command(study.StudyConfig, study.run_study),
+        "plot": Command(plots.PlotConfig, plots.plot_run),
         "train-teacher": Command(teacher.TrainTeacherConfig, teacher.train_teacher),
         "train-i2v-teacher": Command(i2v.FinetuneI2VConfig, i2v.finetune_i2v_teacher),
         "train-classifier": Command(classifier.TrainClassifierConfig, classifier.train_classifier),

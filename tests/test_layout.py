@@ -105,6 +105,7 @@ def test_no_source_file_over_500_lines(room):
     ("the video writer", "mimwrite(", "rcm/media.py"),
     ("the progress bar", "from rich.progress import", "rcm/timing.py"),
     ("the device sync", "torch.cuda.synchronize(", "rcm/timing.py"),
+    ("the line plot", ".line(", "rcm/train/plots.py"),
 ])
 def test_one_implementation_of_each(idea, pattern, home):
     """Outside the kernels' rooms (their own timing loops), each idea is written in its home alone."""

@@ -60,6 +60,14 @@ def test_distill_resumes_exactly_exports_and_samples(wan, tmp_path):
             frames = iio.imread(samples / f"iter_{k:08d}_{n}step_0.mp4", index=None, plugin="FFMPEG")
             assert frames.shape == (5, 16, 16, 3)
     assert not list(b.glob("samples/*.mp4"))  # no VAE: latents only
+    # TensorBoard (a default sink): each video's middle frame as an image at each sampling iteration
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(a / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    assert set(events.Tags()["images"]) == {"samples/1step_0", "samples/2step_0"}
+    assert [(i.step, i.width, i.height) for i in events.Images("samples/2step_0")] == [(k, 16, 16) for k in (2, 4, 5)]
+    assert "loss/dmd" in events.Tags()["scalars"]
     # the export samples with `rcm sample`, found to be a student from its metadata
     out = tmp_path / "video.mp4"
     cli.main(["sample", "wan", "--dit-path", str(a / "student_ema.safetensors"), "--vae-path",

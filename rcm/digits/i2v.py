@@ -324,6 +324,9 @@ class DigitsI2VTask(DigitsTask):
         x0, labels = next(self.batches)
         return x0, labels, first_frame_condition(x0)
 
+    def write_samples(self, ema: nn.Module, iteration: int, run_dir: Path, console) -> None:
+        """None during the run (a student samples from given first frames): the report at the end does."""
+
     def export(self, ema: nn.Module, path: Path, metadata: dict) -> None:
         save_i2v_student(ema, path, metadata)
 

@@ -31,6 +31,7 @@ from rcm.digits.model import DEMO_SPEC, TeacherSampling, load_teacher, sample_st
 from rcm.digits.task import DigitsDistillConfig, DigitsTask
 from rcm.sample import Device, resolve_device
 from rcm.train import LoopConfig, distill, start_run
+from rcm.train.plots import Line, Panel, draw_panels, write_png
 
 METHODS = ("rcm", "dmd2", "scm")
 METRICS = [key for key, _, _ in COLUMNS if key != "sec_per_sample"]
@@ -194,66 +195,24 @@ def _run_study(study: StudyConfig) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
-# the plot (PIL: no plotting dependency)
+# the plot (the engine's panel plotter)
 
 PALETTE = {"rcm": (200, 30, 30), "dmd2": (30, 90, 200), "scm": (30, 150, 60)}
 DASHES = {1: 0, 2: 6, 4: 2}  # step count -> dash length (0: solid)
 
 
-def _line(draw, points, color, dash: int, width: int = 2) -> None:
-    for (x0, y0), (x1, y1) in zip(points, points[1:]):
-        if not dash:
-            draw.line([(x0, y0), (x1, y1)], fill=color, width=width)
-            continue
-        n = max(1, int(math.hypot(x1 - x0, y1 - y0) // dash))
-        for i in range(0, n, 2):
-            a, b = i / n, min(1.0, (i + 1) / n)
-            draw.line([(x0 + a * (x1 - x0), y0 + a * (y1 - y0)), (x0 + b * (x1 - x0), y0 + b * (y1 - y0))],
-                      fill=color, width=width)
-
-
-def plot_study(rows: list[dict], teachers: list[dict], path: Path, panel: tuple[int, int] = (300, 200)) -> None:
+def plot_study(rows: list[dict], teachers: list[dict], path: Path) -> Path:
     """A panel per metric (value against iterations, log-spaced x), a line per method@steps, dashed grey
     levels for the teacher rows; a legend at the bottom."""
-    from PIL import Image, ImageDraw
-
-    cols, pw, ph, margin = 4, panel[0], panel[1], 40
-    grid_rows = math.ceil(len(METRICS) / cols)
-    legend_h = 20 * (1 + len({r["name"] for r in rows}) // 4)
-    img = Image.new("RGB", (cols * pw, grid_rows * ph + legend_h), "white")
-    draw = ImageDraw.Draw(img)
-    iters = sorted({r["iteration"] for r in rows}) or [1]
-    lx0, lx1 = math.log(iters[0]), math.log(iters[-1]) if iters[-1] > iters[0] else math.log(iters[0]) + 1
-    series = {}
+    series: dict[str, list[dict]] = {}
     for r in rows:
         series.setdefault(r["name"], []).append(r)
-    for k, key in enumerate(METRICS):
-        ox, oy = (k % cols) * pw, (k // cols) * ph
-        values = [r[key] for r in rows + teachers]
-        lo, hi = min(values), max(values)
-        hi = hi if hi > lo else lo + 1.0
-        x = lambda it: ox + margin + (math.log(it) - lx0) / (lx1 - lx0) * (pw - margin - 10)  # noqa: E731
-        y = lambda v: oy + ph - 25 - (v - lo) / (hi - lo) * (ph - 45)  # noqa: E731
-        draw.rectangle([ox + margin, oy + 20, ox + pw - 10, oy + ph - 25], outline=(160, 160, 160))
-        draw.text((ox + margin, oy + 4), key, fill="black")
-        draw.text((ox + 2, oy + 18), f"{hi:.3g}", fill="black")
-        draw.text((ox + 2, oy + ph - 32), f"{lo:.3g}", fill="black")
-        for it in iters:
-            draw.text((x(it) - 8, oy + ph - 20), str(it), fill=(90, 90, 90))
-        for t in teachers:
-            _line(draw, [(ox + margin, y(t[key])), (ox + pw - 10, y(t[key]))], (150, 150, 150), 4, width=1)
-            draw.text((ox + pw - 60, y(t[key]) - 11), t["name"], fill=(120, 120, 120))
-        for name, pts in series.items():
-            method, steps = name.split("@")
-            xy = [(x(p["iteration"]), y(p[key])) for p in sorted(pts, key=lambda p: p["iteration"])]
-            _line(draw, xy, PALETTE.get(method, (0, 0, 0)), DASHES.get(int(steps), 4))
-            for px, py in xy:
-                draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=PALETTE.get(method, (0, 0, 0)))
-    for i, name in enumerate(series):
-        method, steps = name.split("@")
-        lx, ly = 10 + (i % 4) * 160, grid_rows * ph + 4 + 20 * (i // 4)
-        _line(draw, [(lx, ly + 6), (lx + 40, ly + 6)], PALETTE.get(method, (0, 0, 0)), DASHES.get(int(steps), 4))
-        draw.text((lx + 46, ly), name, fill="black")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
 
+    def line(name: str, key: str | None) -> Line:
+        method, steps = name.split("@")
+        points = [(p["iteration"], p[key]) for p in series[name]] if key else []
+        return Line(name, points, PALETTE.get(method, (0, 0, 0)), DASHES.get(int(steps), 4))
+
+    panels = [Panel(key, [line(name, key) for name in series], [(t["name"], t[key]) for t in teachers])
+              for key in METRICS]
+    return write_png(draw_panels(panels, log_x=True, legend=[line(name, None) for name in series]), path)

@@ -17,13 +17,14 @@ from torch import Tensor, nn
 
 from rcm import ConfigError, check_memory
 from rcm.digits import presets
-from rcm.digits.data import ClipBatches
+from rcm.digits.data import ClipBatches, clip_grid
 from rcm.digits.evaluate import DigitsReport, digits_report
-from rcm.digits.model import DEMO_SPEC, TeacherSampling, load_teacher, null_labels, save_model
+from rcm.digits.model import DEMO_SPEC, TeacherSampling, load_teacher, null_labels, sample_student, save_model
 from rcm.losses import RCMConfig
+from rcm.media import write_image
 from rcm.optim import OptimizerConfig
 from rcm.sample import Device, resolve_device
-from rcm.train import DistillConfig, LoopConfig, Run, distill, start_run
+from rcm.train import DistillConfig, LoopConfig, Run, distill, is_rank0, start_run
 
 
 @dataclass
@@ -93,8 +94,18 @@ class DigitsTask:
     def load_state_dict(self, state: dict) -> None:
         self.batches.load_state_dict(state["batches"])
 
-    def write_samples(self, ema: nn.Module, iteration: int, run_dir: Path, console) -> None:
-        """None during the run: the report at the end samples every generator."""
+    def write_samples(self, ema: nn.Module, iteration: int, run_dir: Path, console) -> dict:
+        """The EMA student's clip of each digit (fixed noise) at each reported step count, a clip per row and
+        frames left to right: ``samples/iter_<iteration>_<n>step.png`` (rank 0), and the images for the
+        run's log sinks. The report at the end scores every generator."""
+        images = {}
+        for steps in presets.STUDENT_STEPS:
+            clips = sample_student(ema, torch.arange(10), torch.Generator().manual_seed(0), steps=steps)
+            images[f"{steps}step"] = clip_grid(clips, scale=2)
+        if is_rank0():
+            for name, image in images.items():
+                write_image(run_dir / "samples" / f"iter_{iteration:08d}_{name}.png", image)
+        return {"iteration": iteration, "images": images}
 
     def export(self, ema: nn.Module, path: Path, metadata: dict) -> None:
         save_model(ema, path, metadata)  # atomic: a crash mid-export leaves the previous export (or none)

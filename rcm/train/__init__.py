@@ -10,6 +10,8 @@ stopped. ``distill`` is the one driver of every application; it imports no appli
 
     step.py     TrainState, init_state, train_step, the Task protocol
     loop.py     LoopConfig, run_loop and its callbacks (JSON log, checkpoints), resume
+    sinks.py    the other log sinks (`--log`): TensorBoard, W&B
+    plots.py    the one line plotter: a run's log.png (`rcm plot`), the study's plot
     distill.py  DistillConfig (what every application's config extends), start_run, distill
 """
 

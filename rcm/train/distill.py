@@ -26,6 +26,8 @@ from rcm.optim import OptimizerConfig
 from rcm.parallel import ParallelConfig
 from rcm.timing import progress_bar, sync
 from rcm.train.loop import LoopConfig, loop_callbacks, resume, run_loop
+from rcm.train.plots import plot_run_log
+from rcm.train.sinks import DEFAULT_SINKS, LogSink, LogSinks, check_sink_packages, check_sinks
 from rcm.train.step import Method, Task, TrainState, init_state, is_rank0, method_config
 
 
@@ -53,10 +55,14 @@ class DistillConfig:
     """torch.set_num_threads; 0 keeps torch's default."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     """used when launched by torchrun."""
+    log: tuple[LogSink, ...] = DEFAULT_SINKS
+    """where the logs go (rank 0): jsonl (log.jsonl, and log.png at the end), tensorboard (<run>/tensorboard),
+    wandb (<run>/wandb, offline unless WANDB_MODE is set; needs the wandb package)."""
 
     # Settings that do not change a run's trajectory (its length, outputs, reporting, layout): a run
     # resumes across changes of these. Of `loop`, only the seed is part of the fingerprint.
-    NOT_FINGERPRINTED: ClassVar[tuple[str, ...]] = ("out_dir", "resume", "threads", "parallel", "sample_every")
+    NOT_FINGERPRINTED: ClassVar[tuple[str, ...]] = ("out_dir", "resume", "threads", "parallel", "sample_every",
+                                                      "log")
 
     @property
     def model(self) -> str:
@@ -68,6 +74,7 @@ class DistillConfig:
             raise ConfigError("ema_sigma_rel", f"must be > 0, got {self.ema_sigma_rel}")
         check_count("sample_every", self.sample_every, 0)
         check_threads("threads", self.threads)
+        check_sinks("log", self.log)
         method_config(self.method, self.loss)
 
     @property
@@ -103,10 +110,11 @@ class Run:
 
 
 def start_run(cfg: DistillConfig, device: torch.device | str = "cpu") -> Run:
-    """Threads, the process group and mesh under torchrun (WORLD_SIZE > 1: FSDP2 and CP over the ranks,
-    each on its own GPU; rank 0 alone prints), the seed of this rank."""
+    """The log sinks' packages checked; threads, the process group and mesh under torchrun (WORLD_SIZE > 1:
+    FSDP2 and CP over the ranks, each on its own GPU; rank 0 alone prints), the seed of this rank."""
     from rich.console import Console
 
+    check_sink_packages("log", cfg.log)  # before any work: a missing package asked for is a one-line error
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     mesh = None
@@ -205,20 +213,34 @@ def _distill_locked(task: Task, cfg: DistillConfig, run: Run, run_dir: Path) -> 
     console.print(f"[bold]{cfg.method}[/] distillation of {task.describe()} ({n_params / 1e6:,.2f}M parameters, "
                   f"{task.dtype}, {run.device}) → {run_dir}  ({cfg.loop.iterations} iterations, batch {cfg.batch_size})")
 
+    sinks = LogSinks(cfg.log, run_dir, cfg.loop.log_every, state.iteration,
+                     config=json.loads(json.dumps(dataclasses.asdict(cfg), default=str)))
+
+    def write_samples(iteration: int) -> None:  # the task's samples, and the images it hands back to the sinks
+        written = task.write_samples(state.ema, iteration, run_dir, console)
+        if isinstance(written, dict) and written.get("images"):
+            sinks.images(iteration, written["images"])
+
     def samples(state: TrainState, logs: dict) -> None:
         if cfg.sample_every and state.iteration % cfg.sample_every == 0 and state.iteration < cfg.loop.iterations:
-            task.write_samples(state.ema, state.iteration, run_dir, console)
+            write_samples(state.iteration)
             progress.last = time.perf_counter()  # sampling is not part of the next iteration's seconds
 
     start = time.perf_counter()
-    with progress_bar(console, info=True) as bar:
-        job = bar.add_task(cfg.method, total=cfg.loop.iterations, completed=state.iteration, info="")
-        progress = _Progress(bar, job, run.device)
-        callbacks = [progress, *loop_callbacks(state, task, run_dir, record, cfg.loop, ckpt), samples]
-        with out_of_memory_as("batch_size", too_big):
-            run_loop(state, task, loss, cfg.loop, callbacks, cfg.ema_sigma_rel)
-    train_seconds = time.perf_counter() - start
-    task.write_samples(state.ema, state.iteration, run_dir, console)
+    try:
+        with progress_bar(console, info=True) as bar:
+            job = bar.add_task(cfg.method, total=cfg.loop.iterations, completed=state.iteration, info="")
+            progress = _Progress(bar, job, run.device)
+            callbacks = [progress, *loop_callbacks(state, task, run_dir, record, cfg.loop, ckpt,
+                                                   json_log="jsonl" in cfg.log), sinks, samples]
+            with out_of_memory_as("batch_size", too_big):
+                run_loop(state, task, loss, cfg.loop, callbacks, cfg.ema_sigma_rel)
+        train_seconds = time.perf_counter() - start
+        write_samples(state.iteration)
+    finally:  # a run stopped by an error keeps what its sinks have received
+        sinks.close()
+    if rank0 and "jsonl" in cfg.log and (run_dir / "log.jsonl").is_file() and (plot := plot_run_log(run_dir)):
+        console.print(f"log plot → {plot}")
 
     # Export: the EMA student alone, as one file (gathered onto rank 0 when sharded).
     ema, teacher = state.ema, state.teacher

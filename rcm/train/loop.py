@@ -113,9 +113,10 @@ def resume(state: TrainState, task: Task, ckpt: Checkpointer, record: dict) -> P
 
 
 def loop_callbacks(state: TrainState, task: Task, run_dir: Path, record: dict, loop: LoopConfig,
-                   ckpt: Checkpointer | None = None, mesh=None) -> list[Callback]:
-    """The JSON log and the checkpoints of a run in `run_dir`, saved through `ckpt` (default: the run's
-    checkpoints/ folder, DCP under `mesh`)."""
+                   ckpt: Checkpointer | None = None, mesh=None, json_log: bool = True) -> list[Callback]:
+    """The JSON log (unless ``json_log`` is False) and the checkpoints of a run in `run_dir`, saved through
+    `ckpt` (default: the run's checkpoints/ folder, DCP under `mesh`)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt = ckpt if ckpt is not None else checkpointer(run_dir / "checkpoints", mesh, keep=loop.keep_checkpoints)
-    return [JsonLog(run_dir, loop.log_every, state.iteration), Checkpoints(ckpt, task, record, loop)]
+    log = [JsonLog(run_dir, loop.log_every, state.iteration)] if json_log else []
+    return [*log, Checkpoints(ckpt, task, record, loop)]

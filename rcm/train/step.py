@@ -76,8 +76,9 @@ class Task(Protocol):
 
     def load_state_dict(self, state: dict) -> None: ...
 
-    def write_samples(self, ema: nn.Module, iteration: int, run_dir: Path, console) -> None:
-        """Periodic samples of the EMA student (collective under FSDP: every rank calls it)."""
+    def write_samples(self, ema: nn.Module, iteration: int, run_dir: Path, console) -> dict | None:
+        """Periodic samples of the EMA student (collective under FSDP: every rank calls it); a returned
+        ``{"images": {name: uint8 [H, W(, 3)]}}`` goes to the run's log sinks (TensorBoard, W&B)."""
 
     def export(self, ema: nn.Module, path: Path, metadata: dict) -> Path | None:
         """Write the final EMA student (a plain module) as one file, atomically; returns where it went
@@ -206,6 +207,16 @@ def _scalar(v: Any) -> Any:
     return v
 
 
+def _grad_norm(module: nn.Module) -> float:
+    """The global L2 norm of ``module``'s gradients (collective when they are sharded DTensors)."""
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return 0.0
+    norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    return float(norm.item())
+
+
 def train_step(state: TrainState, task: Task, loss: RCMConfig, ema_gamma: float, max_nonfinite: int) -> dict:
     """Run iteration `state.iteration` and advance it. Returns the logged scalars."""
     k = state.iteration
@@ -248,6 +259,9 @@ def train_step(state: TrainState, task: Task, loss: RCMConfig, ema_gamma: float,
             total.backward()
 
     finite = _on_every_rank(finite) and grads_finite(module)
+    logs[f"{kind}_lr"] = optimizer.param_groups[0]["lr"]  # the rate this step applies
+    if finite:  # the same answer on every rank, so the collective norm is entered by all or none
+        logs[f"{kind}_grad_norm"] = _grad_norm(module)
     if finite:
         with phase("optimizer"):
             optimizer.step()

@@ -316,6 +316,7 @@ class WanTask:
             latents[steps] = sample_wan_latent(ema, contexts, noise, kind="student", generator=generator,
                                                num_steps=steps, sigma_max=cfg.sigma_max, condition=condition).cpu()
         record = {"iteration": iteration, "prompts": prompts, "seconds": 0.0, "files": []}
+        images = {}  # each video's middle frame, for the run's log sinks
         if is_rank0():
             folder = run_dir / "samples"
             folder.mkdir(parents=True, exist_ok=True)
@@ -329,12 +330,13 @@ class WanTask:
                     for i, video in enumerate(decode_videos(vae, x)):
                         mp4 = write_video(folder / f"iter_{iteration:08d}_{n}step_{i}.mp4", video, fps=presets.FPS)
                         record["files"].append(mp4.name)
+                        images[f"{n}step_{i}"] = video[len(video) // 2]
             record["seconds"] = round(time.perf_counter() - start, 3)
             with open(folder / "samples.jsonl", "a") as f:
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
             console.print(f"samples at iteration {iteration} → {folder} ({len(record['files'])} files, "
                           f"{record['seconds']:.1f} s)")
-        return record
+        return {**record, "images": images}
 
     def load_vae(self):
         """The VAE of the periodic samples, loaded once (rank 0), or None without --vae-path."""
