@@ -44,8 +44,11 @@ def _backend_module(name: str):
     if name == "reference":
         return reference
     if name == "triton":
-        from . import triton_attention
-
+        try:  # triton is optional (CPU installs go without it; CUDA builds of torch bring it)
+            from . import triton_attention
+        except ImportError as e:
+            raise ImportError(f"the Triton attention backend needs the triton package, which did not import "
+                              f"({e}); install it (`pip install triton`) or use backend 'reference' / 'auto'") from e
         return triton_attention
     raise ValueError(f"attention backend must be one of {BACKENDS} or 'auto', got {name!r}")
 
