@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from rcm import (MAX_SAMPLING_STEPS, ConfigError, PathArgumentError, check_count, check_memory, check_number,
-                 check_seed)
+                 check_seed, check_threads, use_threads)
 from rcm.checkpoint.atomic import atomic_write_bytes
 import torch.nn as nn
 
@@ -368,8 +368,11 @@ class EvalRunsConfig:
     """False: sample the teacher afresh (and refresh the user cache of teacher rows)."""
     device: Device = "auto"
     """auto: cuda when available, else cpu."""
+    threads: int = presets.THREADS
+    """CPU threads (torch.set_num_threads; 0: torch's default)."""
 
     def __post_init__(self):
+        check_threads("threads", self.threads)
         for run in self.runs:
             if not (Path(run) / "student_ema.safetensors").is_file():
                 raise PathArgumentError("runs", f"{run} has no student_ema.safetensors (run `rcm distill` first)")
@@ -405,6 +408,7 @@ def eval_runs(cfg: EvalRunsConfig) -> list[dict]:
 
 
 def _eval_runs(cfg: EvalRunsConfig) -> list[dict]:
+    use_threads("threads", cfg.threads)
     device = resolve_device(cfg.device)
     students = {}
     for run in cfg.runs:
