@@ -178,7 +178,8 @@ def _run_study(study: StudyConfig) -> dict:
             p.join()
         failed = [p.name for p in procs if p.exitcode != 0]
         if failed:
-            raise RuntimeError(f"{', '.join(failed)} failed (rerun `rcm study` with the same --out-dir to resume)")
+            raise RuntimeError(f"{', '.join(failed)} failed (rerun the same `rcm study` command, "
+                               f"with --out-dir {study.out_dir}, to resume)")
     else:
         for method in study.methods:
             run_method(study, method)
