@@ -256,6 +256,16 @@ def _parse_group(group: Group, args: list[str], prog: str) -> tuple[Any, Callabl
     return config, group.commands[args[0]].run  # tyro has exited on --help: args[0] names the subcommand
 
 
+def _help_command(command: Command | Group, rest: list[str], prog: str) -> str:
+    """The help that lists the flags of what was parsed: a group's subcommand (named, or the default)."""
+    if isinstance(command, Group):
+        if rest and rest[0] in command.commands:
+            return f"{prog} {rest[0]} --help"
+        if command.default is not None and rest:
+            return f"{prog} {command.default} --help"
+    return f"{prog} --help"
+
+
 def _end_distributed() -> None:
     """Destroy the default process group (under torchrun, the one the command started) once the command
     has finished on this rank.
@@ -336,7 +346,7 @@ def main(argv: list[str] | None = None) -> None:
         run(config)
         _end_distributed()
     except _ParseError as e:
-        print(f"rcm: error: {e.args[0]} (see {prog} --help)", file=sys.stderr)
+        print(f"rcm: error: {e.args[0]} (see {_help_command(command, rest, prog)})", file=sys.stderr)
         raise SystemExit(2)
     except _user_errors() as e:
         if debug:

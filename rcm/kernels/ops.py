@@ -35,7 +35,8 @@ BACKENDS = ("reference", "triton")
 ROUTES = ("sdpa", "triton", "reference")
 _SDPA_DTYPES = (torch.bfloat16, torch.float16)
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
-MAX_HEAD_DIM = 256
+MAX_HEAD_DIM = 256  # the op: head dims that are multiples of 8 up to this
+TRITON_HEAD_DIMS = (64, 128, 256)  # our Triton kernels' (others run the reference backend)
 _ENV_BACKEND = "RCM_ATTENTION_BACKEND"
 _forced_backend: str | None = None
 
