@@ -105,3 +105,31 @@ def test_distill_help_quotes_no_wan_number_as_the_digits_default(capsys, monkeyp
     blocks = _help_blocks(["distill", "digits"], capsys, monkeypatch)
     assert "(default: 2.0)" in blocks["--loss.scm.guidance"] and "(5)" not in blocks["--loss.scm.guidance"]
     assert "(default: 100)" in blocks["--loss.scm.tangent-warmup"]
+
+
+def _seconds(args: list[str]) -> float:
+    """The best of two wall times of ``python <args>`` (the least disturbed by other jobs)."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    best = float("inf")
+    for _ in range(2):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, *args], cwd=root, env=env, check=True, capture_output=True, timeout=300)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def test_help_is_quick():
+    """`rcm --help` imports no command (a ratio to a bare interpreter); a command's help imports that
+    command's config, which needs torch: its floor is `import torch` (1-3 s on the shared 2-core machine),
+    so it is held to a ratio of that, generous for a loaded machine."""
+    bare, torch_import = _seconds(["-c", "pass"]), _seconds(["-c", "import torch"])
+    assert _seconds(["-m", "cli", "--help"]) < 8 * bare + 0.3
+    for command in (["eval"], ["distill", "digits"]):
+        assert _seconds(["-m", "cli", *command, "--help"]) < 3 * torch_import + 0.5, command
