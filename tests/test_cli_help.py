@@ -133,3 +133,16 @@ def test_help_is_quick():
     assert _seconds(["-m", "cli", "--help"]) < 8 * bare + 0.3
     for command in (["eval"], ["distill", "digits"]):
         assert _seconds(["-m", "cli", *command, "--help"]) < 3 * torch_import + 0.5, command
+
+
+def test_the_entry_point_is_in_the_package():
+    import subprocess
+    import sys
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    assert tomllib.loads((root / "pyproject.toml").read_text())["project"]["scripts"]["rcm"] == "rcm.__main__:main"
+    via_package, via_cli = (subprocess.run([sys.executable, "-m", module, "--help"], cwd=root, capture_output=True,
+                                           text=True, timeout=120) for module in ("rcm", "cli"))
+    assert via_package.returncode == 0 and via_package.stdout == via_cli.stdout and "rcm distill" in via_package.stdout
