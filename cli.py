@@ -140,6 +140,48 @@ def _config_error_message(exc: BaseException | None) -> str | None:
     return None
 
 
+def _known_flags(config: Any, prefix: str = "") -> list[str]:
+    """The flags of a config (a dataclass type or instance) as tyro spells them: nested configs dotted
+    (``--loop.iterations``), booleans with their ``--no-`` twin."""
+    import dataclasses
+    import typing
+
+    cls = config if isinstance(config, type) else type(config)
+    if not dataclasses.is_dataclass(cls):
+        return []
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # an annotation that cannot be resolved here: the field names alone
+        hints = {}
+    flags = []
+    for f in dataclasses.fields(cls):
+        name = f"{prefix}{f.name}"
+        kind = hints.get(f.name, f.type)
+        if isinstance(kind, type) and dataclasses.is_dataclass(kind):
+            flags += _known_flags(kind, name + ".")
+            continue
+        flags.append(_flag(name))
+        if kind is bool:
+            flags.append(_flag(".".join([*name.split(".")[:-1], "no-" + name.split(".")[-1]])))
+    return flags
+
+
+def _suggestions(token: str, flags: list[str]) -> list[str]:
+    """Flags close to an unrecognized ``token``: the same last part (``--iterations`` → ``--loop.iterations``),
+    then near spellings."""
+    import difflib
+
+    name = token.split("=", 1)[0].replace("_", "-")
+    if not name.startswith("--"):
+        return []
+    last = name[2:].split(".")[-1]
+    same = [f for f in flags if f[2:].split(".")[-1] == last and f != name]
+    return (same or difflib.get_close_matches(name, flags, n=3, cutoff=0.75))[:3]
+
+
+_current_flags: list[str] = []  # the flags of the config being parsed, for suggestions
+
+
 def _parse_error_message(event) -> str:
     """One line for a tyro parse-error event (structured fields, never its rendered box)."""
     from tyro import _errors as events
@@ -162,7 +204,9 @@ def _parse_error_message(event) -> str:
         got = f" {event.offending_value!r}" if event.offending_value is not None else ""
         return f"{flag(event.argument)}: {'expected more values' if got == '' else 'cannot take' + got}"
     if isinstance(event, events.UnrecognizedArgs):
-        return f"unrecognized arguments: {' '.join(map(str, event.tokens))}"
+        hints = [s for t in event.tokens for s in _suggestions(str(t), _current_flags)]
+        return (f"unrecognized arguments: {' '.join(map(str, event.tokens))}"
+                + (f"; perhaps you meant: {', '.join(dict.fromkeys(hints))}" if hints else ""))
     if isinstance(event, events.MissingArgs):
         names = [flag(a.arg) for a in event.missing_arguments]
         return f"missing required arguments: {', '.join(names)}"
@@ -182,6 +226,7 @@ def _parse(config: Any, args: list[str], prog: str):
     from tyro import _errors
 
     cls, default = (config, None) if isinstance(config, type) else (type(config), config)
+    _current_flags[:] = _known_flags(config)
     with _errors.on_parse_error(_raise_parse_error):
         return tyro.cli(cls, args=args, prog=prog, default=default)
 
@@ -207,10 +252,21 @@ def _parse_group(group: Group, args: list[str], prog: str) -> tuple[Any, Callabl
         cls, default = (cmd.config, None) if isinstance(cmd.config, type) else (type(cmd.config), cmd.config)
         options.append(Annotated[cls, tyro.conf.subcommand(name, default=default, description=cmd.description,
                                                            prefix_name=False)])
+    _current_flags[:] = _known_flags(group.commands[args[0]].config) if args and args[0] in names else []
     with _errors.on_parse_error(_raise_parse_error):
         config = tyro.cli(Union[tuple(options)], args=args, prog=prog,  # noqa: UP007
                           description=group.description, config=(tyro.conf.OmitSubcommandPrefixes,))
     return config, group.commands[args[0]].run  # tyro has exited on --help: args[0] names the subcommand
+
+
+def _help_command(command: Command | Group, rest: list[str], prog: str) -> str:
+    """The help that lists the flags of what was parsed: a group's subcommand (named, or the default)."""
+    if isinstance(command, Group):
+        if rest and rest[0] in command.commands:
+            return f"{prog} {rest[0]} --help"
+        if command.default is not None and rest:
+            return f"{prog} {command.default} --help"
+    return f"{prog} --help"
 
 
 def _end_distributed() -> None:
@@ -293,7 +349,7 @@ def main(argv: list[str] | None = None) -> None:
         run(config)
         _end_distributed()
     except _ParseError as e:
-        print(f"rcm: error: {e.args[0]} (see {prog} --help)", file=sys.stderr)
+        print(f"rcm: error: {e.args[0]} (see {_help_command(command, rest, prog)})", file=sys.stderr)
         raise SystemExit(2)
     except _user_errors() as e:
         if debug:

@@ -84,6 +84,15 @@ def check_threads(field: str, value: int) -> int:
     return value
 
 
+def use_threads(field: str, value: int) -> None:
+    """``check_threads``, then ``torch.set_num_threads(value)``; 0 leaves torch's default."""
+    check_threads(field, value)
+    if value:
+        import torch
+
+        torch.set_num_threads(value)
+
+
 def available_memory(device: str = "cpu") -> int | None:
     """Bytes that can be allocated now on ``device`` ("cpu" or "cuda[:i]"): the kernel's MemAvailable
     (plus free swap) on the CPU, ``torch.cuda.mem_get_info`` on a GPU; None when unknown."""

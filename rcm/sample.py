@@ -67,6 +67,8 @@ class SampleSettings:
     """teacher schedule shift; default the application's (Wan 5, digits 1)."""
     fps: int | None = None
     """frames per second of a written video (default Wan 16, digits 8)."""
+    threads: int = 0
+    """CPU threads (torch.set_num_threads); 0: torch's default (digits: 1)."""
 
     MAX_STUDENT_STEPS = 4  # the reference's mid-times (1.5, 1.4, 1.0) cover 1..4 steps
     DEFAULT_STUDENT_STEPS = 4

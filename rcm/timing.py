@@ -80,13 +80,73 @@ def sync(device: torch.device | str) -> None:
         torch.cuda.synchronize(device)
 
 
-def progress_bar(console=None, *, info: bool = False, transient: bool = False):
+def progress_bar(console=None, *, info: bool = False, transient: bool = False, every: int | None = None,
+                 seconds: float = 30.0):
     """The rich progress bar of every command: description, bar, done/total, elapsed, remaining
-    (``info``: plus a free-text column fed by ``update(task, info=...)``, e.g. the latest losses)."""
+    (``info``: plus a free-text column fed by ``update(task, info=...)``, e.g. the latest losses).
+
+    Without a terminal (output to a pipe or a file) a live bar would only be drawn when it stops, so it
+    prints plain lines instead: one every ``every`` steps (default: a twentieth of the total), at least one
+    per ``seconds`` of wall time when steps come slower (checked at each update), and one at the end."""
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+    console = Console() if console is None else console
+    if not console.is_terminal:
+        return _LogLines(console, every, seconds)
     columns = [TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn(), TimeRemainingColumn()]
     if info:
         columns.append(TextColumn("{task.fields[info]}"))
     return Progress(*columns, console=console, transient=transient)
+
+
+class _LogLines:
+    """The progress bar's API (add_task, update, advance, context manager) as plain log lines."""
+
+    def __init__(self, console, every: int | None, seconds: float):
+        self.console, self.every, self.seconds = console, every, seconds
+        self.tasks: dict[int, dict] = {}
+
+    def __enter__(self) -> "_LogLines":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for task_id in self.tasks:
+            self._line(task_id)
+
+    def add_task(self, description: str, total: float | None = None, completed: float = 0, **fields) -> int:
+        task_id = len(self.tasks)
+        self.tasks[task_id] = dict(description=description, total=total, completed=completed, fields=fields,
+                                   start=time.perf_counter(), logged_at=time.perf_counter(), logged=completed)
+        return task_id
+
+    def advance(self, task_id: int, advance: float = 1) -> None:
+        self.update(task_id, advance=advance)
+
+    def update(self, task_id: int, *, total: float | None = None, completed: float | None = None,
+               advance: float | None = None, description: str | None = None, **fields) -> None:
+        task = self.tasks[task_id]
+        for key, value in (("total", total), ("completed", completed), ("description", description)):
+            if value is not None:
+                task[key] = value
+        task["completed"] += advance or 0
+        task["fields"].update(fields)
+        every = self.every or max(1, round((task["total"] or 20) / 20))
+        done = task["total"] is not None and task["completed"] >= task["total"]
+        if (task["completed"] - task["logged"] >= every or time.perf_counter() - task["logged_at"] >= self.seconds
+                or done):
+            self._line(task_id)
+
+    def _line(self, task_id: int) -> None:
+        task = self.tasks[task_id]
+        if task["logged"] == task["completed"] and task["logged_at"] > task["start"]:
+            return  # nothing new since the last line
+        now = time.perf_counter()
+        total = f"/{task['total']:g}" if task["total"] is not None else ""
+        info = task["fields"].get("info")
+        line = f"{task['description']} {task['completed']:g}{total}  {now - task['start']:.1f} s" + (f"  {info}" if info else "")
+        task["logged"], task["logged_at"] = task["completed"], now
+        if not self.console.quiet:
+            self.console.file.write(line + "\n")
+            self.console.file.flush()

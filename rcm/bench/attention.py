@@ -113,7 +113,7 @@ def _measure(fn: Callable):
     if not torch.cuda.is_available():
         t0 = time.perf_counter()
         res = fn()
-        return time.perf_counter() - t0, float("nan"), res
+        return time.perf_counter() - t0, None, res  # no peak memory on the CPU: the column stays empty
     torch.cuda.synchronize()
     gc.collect()
     torch.cuda.empty_cache()
@@ -206,7 +206,8 @@ def run_attention_bench(shapes: Optional[Iterable] = None, dtype: str = "bf16",
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from rcm.kernels import attention
+    from rcm.kernels import attention, select_route
+    from rcm.kernels.ops import _triton_usable
 
     cuda = torch.cuda.is_available()
     if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
@@ -225,7 +226,7 @@ def run_attention_bench(shapes: Optional[Iterable] = None, dtype: str = "bf16",
 
     def matmul_row(when):
         tflops = matmul_tflops(dev, n_mm, 3 * budget_ms)
-        rows.append(dict(method=f"matmul bf16 {n_mm}^3 ({when})", shape=f"{n_mm}^3",
+        rows.append(dict(method=f"matmul bf16 {n_mm}^3 ({when}{'' if cuda else ', cpu'})", shape=f"{n_mm}^3",
                          ms=2 * n_mm**3 / tflops / 1e9, tflops=tflops))
         mm["tflops"] = max(mm["tflops"] or 0.0, tflops)
 
@@ -249,7 +250,8 @@ def run_attention_bench(shapes: Optional[Iterable] = None, dtype: str = "bf16",
                 del res
                 ms = _bench(fn, budget_ms)
                 r = dict(method=method, shape=shape, ms=ms, tflops=flops / ms / 1e9, first_call_s=first,
-                         peak_extra_gib=peak / 2**30, peak_over_outputs=peak / out_bytes, note=note, **e)
+                         peak_extra_gib=None if peak is None else peak / 2**30,
+                         peak_over_outputs=None if peak is None else peak / out_bytes, note=note, **e)
             except torch.OutOfMemoryError:
                 r = dict(method=method, shape=shape, note="out of memory")
             except Exception as ex:  # one broken alternative must not hide the others
@@ -267,11 +269,14 @@ def run_attention_bench(shapes: Optional[Iterable] = None, dtype: str = "bf16",
             return dict(err_out=ref.err("out", r[0], lay), err_dq=ref.err("dq", r[1], lay),
                         err_dk=ref.err("dk", r[2], lay), err_dv=ref.err("dv", r[3], lay))
 
+        # label each row by the route that runs it (on the CPU: the reference backend, not our kernels)
+        jvp_route, public_route = (select_route(q, k, v, has_tangent=h) for h in (True, False))
         if "ours_jvp" in include:
             def ours_jvp():
                 with torch.no_grad():
                     return torch.func.jvp(attention, (q, k, v), (qd, kd, vd))
-            row("ours fused fwd+JVP", ours_jvp, fl_jvp, jvp_errs, 2 * o_bytes)
+            row("ours fused fwd+JVP" if jvp_route == "triton" else f"ours fwd+JVP ({jvp_route})", ours_jvp,
+                fl_jvp, jvp_errs, 2 * o_bytes)
         if "jvp_flash_attention" in include:
             if isinstance(jfa, Exception):
                 rows.append(dict(method="jvp-flash-attention", shape=shape,
@@ -297,9 +302,12 @@ def run_attention_bench(shapes: Optional[Iterable] = None, dtype: str = "bf16",
                             tuple(x.transpose(1, 2) for x in (qd, kd, vd)))
                 row("torch.func.jvp(SDPA math)", math_jvp, fl_jvp, lambda r: jvp_errs(r, "bhld"), 2 * o_bytes)
         if "ours_fwd_bwd" in include:
-            row("ours fwd+bwd (public op)", _fwd_bwd(lambda a, b_, c: attention(a, b_, c), q, k, v, go),
+            row("ours fwd+bwd (public op)" if cuda else f"ours fwd+bwd (public op, {public_route})", _fwd_bwd(lambda a, b_, c: attention(a, b_, c), q, k, v, go),
                 fl_fb, grad_errs, 4 * o_bytes)
-        if "triton_fwd_bwd" in include:
+        triton_unusable = _triton_usable(q, k, v)
+        if "triton_fwd_bwd" in include and triton_unusable:
+            rows.append(dict(method="ours fwd+bwd (backend='triton')", shape=shape, note=f"not run: {triton_unusable}"))
+        elif "triton_fwd_bwd" in include:
             row("ours fwd+bwd (backend='triton')",
                 _fwd_bwd(lambda a, b_, c: attention(a, b_, c, backend="triton"), q, k, v, go),
                 fl_fb, grad_errs, 4 * o_bytes)
@@ -329,7 +337,7 @@ def run_attention_bench(shapes: Optional[Iterable] = None, dtype: str = "bf16",
     if out_json:
         with open(out_json, "w") as f:
             json.dump(dict(device=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__,
-                           triton=__import__("triton").__version__, dtype=dtype, matmul_tflops=mm["tflops"],
+                           triton=_triton_version(), dtype=dtype, matmul_tflops=mm["tflops"],
                            datasheet_tflops=DATASHEET_BF16_TFLOPS, rows=rows, summary=summary), f, indent=1)
     return rows
 
@@ -339,8 +347,8 @@ def _summary(rows: list[dict], mm_tflops: Optional[float]) -> list[dict]:
     out = []
     for shape in dict.fromkeys(r["shape"] for r in rows if not r["method"].startswith("matmul")):
         mine = {r["method"]: r for r in rows if r["shape"] == shape and r.get("tflops")}
-        jvp = mine.get("ours fused fwd+JVP", {})
-        fb = mine.get("ours fwd+bwd (public op)", {})
+        jvp = next((r for m, r in mine.items() if m.startswith(("ours fused fwd+JVP", "ours fwd+JVP"))), {})
+        fb = next((r for m, r in mine.items() if m.startswith("ours fwd+bwd (public op")), {})
         sdpa = [r for m, r in mine.items() if m.startswith("SDPA ") and m.endswith("fwd+bwd")]
         best = max(sdpa, key=lambda r: r["tflops"]) if sdpa else {}
         out.append(dict(shape=shape, matmul=mm_tflops, jvp=jvp.get("tflops"), jvp_x_matmul=jvp.get("x_matmul"),
@@ -352,8 +360,16 @@ def _summary(rows: list[dict], mm_tflops: Optional[float]) -> list[dict]:
     for s in out:
         print(f"| {s['shape']} | {_fmt(s['matmul'], '.0f')} | {_fmt(s['jvp'], '.0f')} | {_fmt(s['jvp_x_matmul'], '.3f')}"
               f" | {_fmt(s['jvp_mfu'], '.3f')} | {_fmt(s['fwd_bwd'], '.0f')} | {_fmt(s['sdpa_best'], '.0f')}"
-              f" ({s['sdpa_best_backend']}) | {_fmt(s['ratio'], '.3f')} |")
+              f"{f' ({b})' if (b := s['sdpa_best_backend']) else ''} | {_fmt(s['ratio'], '.3f')} |")
     return out
+
+
+def _triton_version() -> str:
+    try:
+        import triton
+    except ImportError:
+        return "absent"
+    return triton.__version__
 
 
 def _fmt(x, spec):
@@ -369,7 +385,7 @@ def _print(rows: list[dict], dtype: str) -> None:
             ("err_dk", "err dk", ".1e"), ("err_dv", "err dv", ".1e"), ("note", "note", "s")]
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu, interpreter"
     print(f"rcm bench attention ({dtype}, {name}, torch {torch.__version__}, "
-          f"triton {__import__('triton').__version__}); MFU against {DATASHEET_BF16_TFLOPS:.0f} TFLOP/s")
+          f"triton {_triton_version()}); MFU against {DATASHEET_BF16_TFLOPS:.0f} TFLOP/s")
     print("| " + " | ".join(h for _, h, _ in cols) + " |")
     print("|" + "---|" * len(cols))
     for r in rows:
@@ -384,7 +400,9 @@ class BenchAttentionConfig:
     """Time the attention op against SDPA and a matmul on the same inputs (needs CUDA for real figures;
     on the CPU it runs a tiny smoke version under the Triton interpreter)."""
 
-    shapes: tuple[str, ...] = tuple(",".join(map(str, s)) for s in DEFAULT_SHAPES)  # B,H,L,D each
+    shapes: tuple[str, ...] = tuple(",".join(map(str, s)) for s in DEFAULT_SHAPES)
+    """B,H,L,D each. Head dims D: multiples of 8 from 8 to 256 (the op); our Triton kernels take 64, 128 and
+    256, other dims run the reference backend."""
     dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
     include: tuple[BenchRow, ...] = DEFAULT_INCLUDE
     out_json: Optional[str] = None
@@ -394,6 +412,7 @@ class BenchAttentionConfig:
 
     def parsed_shapes(self) -> list[tuple[int, int, int, int]]:
         from rcm import ConfigError, check_memory
+        from rcm.kernels.ops import MAX_HEAD_DIM, TRITON_HEAD_DIMS
 
         shapes = []
         for entry in self.shapes:
@@ -401,6 +420,10 @@ class BenchAttentionConfig:
             if len(parts) != 4 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
                 raise ConfigError("shapes", f"{entry!r} is not B,H,L,D with four positive integers")
             shape = tuple(int(p) for p in parts)
+            if shape[3] % 8 or shape[3] > MAX_HEAD_DIM:
+                raise ConfigError("shapes", f"head dim {shape[3]} in {entry!r} is not supported: the op takes multiples "
+                                            f"of 8 from 8 to {MAX_HEAD_DIM}, our Triton kernels "
+                                            f"{', '.join(map(str, TRITON_HEAD_DIMS))}")
             # q, k, v, the output and its gradient: five tensors of the shape, in fp32 at most
             check_memory("shapes", 5 * 4 * math.prod(shape), f"attention at {entry}",
                          "cuda" if torch.cuda.is_available() else "cpu")

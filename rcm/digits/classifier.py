@@ -15,7 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from rcm import check_count, check_memory, check_number, check_output_file, check_seed, out_of_memory_as
+from rcm import check_count, check_memory, check_number, check_output_file, check_seed, check_threads, out_of_memory_as, use_threads
+from rcm.digits import presets
 from rcm.digits.data import NUM_CLASSES, ClipBatches, ClipSpec, DigitClips
 from rcm.timing import progress_bar
 from rcm.checkpoint.atomic import atomic_write_with
@@ -98,6 +99,8 @@ class TrainClassifierConfig:
     spec: ClipSpec = field(default_factory=ClipSpec)
     num_test: int = 1000  # held-out clips for the accuracy reported at the end
     log_every: int = 100
+    threads: int = presets.THREADS
+    """CPU threads (torch.set_num_threads; 0: torch's default)."""
 
     def __post_init__(self):
         check_count("steps", self.steps, 1)
@@ -109,6 +112,7 @@ class TrainClassifierConfig:
         check_number("weight_decay", self.weight_decay, 0)
         check_seed("seed", self.seed)
         check_output_file("out", self.out)
+        check_threads("threads", self.threads)
 
 
 @torch.no_grad()
@@ -122,6 +126,7 @@ def train_classifier(cfg: TrainClassifierConfig) -> tuple[DigitClassifier, float
     ``cfg.out`` is claimed for this process first (``rcm.checkpoint.run_folder.claimed_file``)."""
     from rcm.checkpoint.run_folder import claimed_file
 
+    use_threads("threads", cfg.threads)
     with claimed_file(cfg.out, "out"):
         return _train_classifier(cfg)
 

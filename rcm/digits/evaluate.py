@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from rcm import (MAX_SAMPLING_STEPS, ConfigError, PathArgumentError, check_count, check_memory, check_number,
-                 check_seed)
+                 check_seed, check_threads, use_threads)
 from rcm.checkpoint.atomic import atomic_write_bytes
 import torch.nn as nn
 
@@ -368,16 +368,30 @@ class EvalRunsConfig:
     """False: sample the teacher afresh (and refresh the user cache of teacher rows)."""
     device: Device = "auto"
     """auto: cuda when available, else cpu."""
+    threads: int = presets.THREADS
+    """CPU threads (torch.set_num_threads; 0: torch's default)."""
 
     def __post_init__(self):
+        check_threads("threads", self.threads)
         for run in self.runs:
             if not (Path(run) / "student_ema.safetensors").is_file():
-                raise PathArgumentError("runs", f"{run} has no student_ema.safetensors (run `rcm distill` first)")
+                raise PathArgumentError("runs", f"{run} has no student_ema.safetensors (run `{distill_command(run)}` first)")
             run_method(run)  # a damaged config.json is named now, not after the teacher was sampled
         if self.teacher is not None and not Path(self.teacher).is_file():
             raise PathArgumentError("teacher", f"no file at {self.teacher}")
         check_number("guidance", self.guidance, 0)
         resolve_device(self.device)
+
+
+def distill_command(run: Path) -> str:
+    """The `rcm distill` command that writes the run folder ``run`` (its method read from the folder's name,
+    as `rcm distill` names runs/digits-<method>)."""
+    run = Path(run)
+    method = next((m for m in ("rcm", "scm", "dmd2") if run.name.endswith(f"-{m}")), "rcm")
+    words = ["rcm distill"] + ([f"--method {method}"] if method != "rcm" else [])
+    if run != Path("runs") / f"digits-{method}":
+        words.append(f"--out-dir {run}")
+    return " ".join(words)
 
 
 def run_method(run: Path) -> str:
@@ -405,6 +419,7 @@ def eval_runs(cfg: EvalRunsConfig) -> list[dict]:
 
 
 def _eval_runs(cfg: EvalRunsConfig) -> list[dict]:
+    use_threads("threads", cfg.threads)
     device = resolve_device(cfg.device)
     students = {}
     for run in cfg.runs:

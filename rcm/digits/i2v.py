@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from rcm import MAX_SAMPLING_STEPS, ConfigError, PathArgumentError, check_count, check_memory, check_number, check_output_file, check_seed, check_threads
+from rcm.digits import presets
 from rcm.digits.classifier import classifier_accuracy, load_classifier
 from rcm.digits.data import ClipBatches, DigitClips, clip_grid
 from rcm.digits.model import (
@@ -95,8 +96,8 @@ class FinetuneI2VConfig:
     label_dropout: float = 0.1
     """the probability of the null label (keeps classifier-free guidance working)."""
     seed: int = 0
-    threads: int = 0
-    """torch.set_num_threads; 0 keeps torch's default."""
+    threads: int = presets.THREADS
+    """CPU threads (torch.set_num_threads; 0: torch's default)."""
 
     def __post_init__(self):
         check_count("steps", self.steps, 1)

@@ -28,6 +28,12 @@ STUDENT_STEPS = (1, 2, 4)  # the student step counts reported
 STUDENT_MID_TIMES = {1: (), 2: (0.8,), 3: (1.3, 0.9), 4: (1.3, 1.0, 0.6)}  # TrigFlow times (see above)
 FPS = 8  # an 8-frame clip plays in one second
 
+# CPU threads of every digits command (--threads; 0: torch's default, one per core). The 1.2M-parameter model's
+# matrices are small: a second thread gains little on an idle 2-core machine and loses much when the other
+# core is busy. `rcm distill --loop.iterations 6 --no-report`, training seconds, 2-core machine, torch 2.13:
+# idle 12.1 (1 thread) vs 8.8 (2); beside a CPU hog 12.4 vs 19.1; the loaded machine 12.2 vs 31.0.
+THREADS = 1
+
 # distillation
 # λ_DMD: the DMD gradient at the output grows with sqrt(elements per sample) (|Δ| ~ 1 per element) while the
 # sCM gradient is capped (‖ĝ‖ < 1): a 1×8×16×16 clip has 1/1024 of a Wan 480p latent's elements, so at

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from rcm import ConfigError, check_memory
+from rcm import ConfigError, check_memory, use_threads
 from rcm.digits import presets
 from rcm.digits.data import NUM_CLASSES, clip_grid, to_unit
 from rcm.digits.model import DEMO_SPEC
@@ -38,6 +38,8 @@ class DigitsSampleConfig(SampleSettings):
     """.png (grid), .gif, .mp4 or .npz (clips in [0,1] [N,T,H,W] + labels); default samples.png."""
     device: Device = "auto"
     """auto: cuda when available, else cpu (the noise is drawn on the CPU: a seed gives the same clips)."""
+    threads: int = presets.THREADS
+    """CPU threads (torch.set_num_threads; 0: torch's default)."""
 
 
 def _digits_kind(cfg: DigitsSampleConfig, meta: dict, path: Path) -> str:
@@ -81,6 +83,7 @@ def sample_digits(cfg: DigitsSampleConfig, console=None) -> SampleResult:
         raise ConfigError("checkpoint", str(e)) from e
     kind = _digits_kind(cfg, meta, path)
     cfg.check(kind)
+    use_threads("threads", cfg.threads)
     device = resolve_device(cfg.device)
     n = len(cfg.labels) or cfg.num_samples or NUM_CLASSES
     for where in {"cpu", str(device)}:  # the noise is drawn on the CPU

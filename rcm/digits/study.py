@@ -60,8 +60,8 @@ class StudyConfig:
     device: Device = "auto"
     concurrent: bool = False
     """run the methods as concurrent processes (on one GPU: the small model leaves it mostly idle)."""
-    threads: int = 0
-    """torch threads per process; 0: torch's default."""
+    threads: int = presets.THREADS
+    """CPU threads per process (torch.set_num_threads; 0: torch's default)."""
     loss: RCMConfig = field(default_factory=lambda: presets.LOSS)
     """loss settings shared by every method (each method then drops the term it lacks: sCM has no DMD term,
     DMD2 no sCM term); e.g. --loss.dmd.loss-scale, --loss.student-update-freq."""
@@ -179,7 +179,8 @@ def _run_study(study: StudyConfig) -> dict:
             p.join()
         failed = [p.name for p in procs if p.exitcode != 0]
         if failed:
-            raise RuntimeError(f"{', '.join(failed)} failed (rerun `rcm study` with the same --out-dir to resume)")
+            raise RuntimeError(f"{', '.join(failed)} failed (rerun the same `rcm study` command, "
+                               f"with --out-dir {study.out_dir}, to resume)")
     else:
         for method in study.methods:
             run_method(study, method)

@@ -43,6 +43,8 @@ class DigitsDistillConfig(DistillConfig):
     student_optim: OptimizerConfig = field(default_factory=lambda: presets.OPTIMIZER)
     critic_optim: OptimizerConfig = field(default_factory=lambda: presets.OPTIMIZER)
     ema_sigma_rel: float = presets.EMA_SIGMA_REL
+    threads: int = presets.THREADS
+    """CPU threads (torch.set_num_threads; 0: torch's default); one is fastest for this small model."""
     report: bool = True
     """sample and score teacher and student at the end."""
     report_settings: DigitsReport = field(default_factory=DigitsReport)

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from rcm import ConfigError, check_count, check_memory, check_number, check_output_file, check_seed, check_threads, out_of_memory_as
+from rcm.digits import presets
 from rcm.digits.data import ClipBatches, ClipSpec
 from rcm.sample import Device, resolve_device
 from rcm.timing import progress_bar
@@ -50,7 +51,8 @@ class TrainTeacherConfig:
     keep_checkpoints: int = 2
     log_every: int = 50
     resume: bool = True
-    threads: int = 0  # torch.set_num_threads; 0 leaves torch's default
+    threads: int = presets.THREADS
+    """CPU threads (torch.set_num_threads; 0: torch's default)."""
     device: Device = "auto"
     """auto: cuda when available, else cpu (clips are made on the CPU; batches move to the device)."""
     spec: ClipSpec = field(default_factory=lambda: DEMO_SPEC)

@@ -35,7 +35,8 @@ BACKENDS = ("reference", "triton")
 ROUTES = ("sdpa", "triton", "reference")
 _SDPA_DTYPES = (torch.bfloat16, torch.float16)
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
-MAX_HEAD_DIM = 256
+MAX_HEAD_DIM = 256  # the op: head dims that are multiples of 8 up to this
+TRITON_HEAD_DIMS = (64, 128, 256)  # our Triton kernels' (others run the reference backend)
 _ENV_BACKEND = "RCM_ATTENTION_BACKEND"
 _forced_backend: str | None = None
 
@@ -44,8 +45,11 @@ def _backend_module(name: str):
     if name == "reference":
         return reference
     if name == "triton":
-        from . import triton_attention
-
+        try:  # triton is optional (CPU installs go without it; CUDA builds of torch bring it)
+            from . import triton_attention
+        except ImportError as e:
+            raise ImportError(f"the Triton attention backend needs the triton package, which did not import "
+                              f"({e}); install it (`pip install triton`) or use backend 'reference' / 'auto'") from e
         return triton_attention
     raise ValueError(f"attention backend must be one of {BACKENDS} or 'auto', got {name!r}")
 

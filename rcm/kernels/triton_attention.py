@@ -24,7 +24,7 @@ from .triton_backward import delta_kernel, dkdv_kernel, dq_kernel
 from .triton_common import LOG2E, interpreted
 from .triton_forward import forward_jvp_kernel
 
-SUPPORTED_HEAD_DIMS = (64, 128, 256)
+from .ops import TRITON_HEAD_DIMS as SUPPORTED_HEAD_DIMS  # noqa: E402  (one list, importable without triton)
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 

@@ -113,21 +113,19 @@ TimeDistribution = Union[LogNormalTime, UniformShiftTime]
 
 @dataclass(frozen=True)
 class SCMConfig:
-    """sCM distillation (docs/method.md §2).
-
-    loss_scale: λ_CM multiplying the per-sample sum (100).
-    guidance: teacher CFG weight w, applied for w > 1 against the negative prompt (5).
-    tangent_warmup: iterations over which r = min(1, iteration/tangent_warmup) ramps (1000; 0: r = 1).
-    tangent_norm_eps: c in ĝ = g/(‖g‖ + c) (0.1); > 0, since a zero tangent (a sample zeroed by the
-        non-finite guard) would give 0/0.
-    time_dist: p_G.
-    """
+    """sCM distillation (docs/method.md §2). The defaults here are the reference's Wan recipe; each
+    application's presets set its own (the help of each command shows them)."""
 
     loss_scale: float = 100.0
+    """λ_CM multiplying the per-sample sum."""
     guidance: float = 5.0
+    """teacher CFG weight w, applied for w > 1 against the negative prompt (or null label)."""
     tangent_warmup: int = 1000
+    """iterations over which r = min(1, iteration/tangent_warmup) ramps; 0: r = 1."""
     tangent_norm_eps: float = 0.1
+    """c in ĝ = g/(‖g‖ + c); > 0, since a zero tangent (a sample zeroed by the non-finite guard) would give 0/0."""
     time_dist: TimeDistribution = field(default_factory=LogNormalTime)
+    """p_G."""
 
     def __post_init__(self):
         _check_real(self, "loss_scale", minimum=0)
@@ -139,28 +137,27 @@ class SCMConfig:
 
 @dataclass(frozen=True)
 class DMDConfig:
-    """DMD2 regularizer, student rollout and fake-score critic (docs/method.md §3).
-
-    loss_scale: λ_DMD (1); 0 turns the regularizer (and the critic phase) off: pure sCM.
-    guidance: CFG weight of the teacher's "real" x̂0 (5).
-    time_dist: p_D, for the DMD/critic noise level and the random rollout times.
-    max_simulation_steps: rollouts cycle through 1..max steps (4).
-    fix_timesteps: use ``backward_timesteps`` as rollout mid-times instead of draws from p_D.
-    backward_timesteps: fixed TrigFlow mid-times (1.5, 1.4, 1.0).
-    omega_min: floor of the mean-abs normalizer ω (1e-5), > 0.
-    critic_max_weight: cap on the critic's 1/sin²t weight. Below sin t ≈ 0.01 the loss mostly measures
-        the network-input rounding amplified by 1/sin²t; the reference has no cap (None reproduces it,
-        and an exact t = 0 draw then gives an infinite loss).
-    """
+    """DMD2 regularizer, student rollout and fake-score critic (docs/method.md §3). The defaults here are
+    the reference's Wan recipe; each application's presets set its own (the help of each command shows them)."""
 
     loss_scale: float = 1.0
+    """λ_DMD; 0 turns the regularizer (and the critic phase) off: pure sCM."""
     guidance: float = 5.0
+    """CFG weight of the teacher's "real" x̂0."""
     time_dist: TimeDistribution = field(default_factory=UniformShiftTime)
+    """p_D, for the DMD/critic noise level and the random rollout times."""
     max_simulation_steps: int = 4
+    """rollouts cycle through 1..max steps."""
     fix_timesteps: bool = False
+    """use ``backward_timesteps`` as rollout mid-times instead of draws from p_D."""
     backward_timesteps: tuple[float, ...] = (1.5, 1.4, 1.0)
+    """fixed TrigFlow mid-times."""
     omega_min: float = 1e-5
+    """floor of the mean-abs normalizer ω, > 0."""
     critic_max_weight: float | None = 1e4
+    """cap on the critic's 1/sin²t weight. Below sin t ≈ 0.01 the loss mostly measures the network-input
+    rounding amplified by 1/sin²t; the reference has no cap (None reproduces it, and an exact t = 0 draw then
+    gives an infinite loss)."""
 
     def __post_init__(self):
         _check_real(self, "loss_scale", minimum=0)
@@ -191,15 +188,12 @@ class DMDConfig:
 
 @dataclass(frozen=True)
 class RCMConfig:
-    """rCM = sCM + DMD2 regularizer, with the phase schedule of docs/method.md §3.1.
-
-    student_update_freq: after warmup, one student iteration per ``student_update_freq`` iterations,
-    critic iterations in between (5 for 1.3B, 10 for 14B).
-    """
+    """rCM = sCM + DMD2 regularizer, with the phase schedule of docs/method.md §3.1."""
 
     scm: SCMConfig = field(default_factory=SCMConfig)
     dmd: DMDConfig = field(default_factory=DMDConfig)
     student_update_freq: int = 5
+    """after warmup, one student iteration per this many iterations, critic iterations in between."""
 
     def __post_init__(self):
         _check_type(self, "scm", (SCMConfig,))

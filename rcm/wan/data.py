@@ -222,7 +222,8 @@ class LatentDataset:
             files = sorted(path.glob("*.tar"))
             if not files:
                 raise FileNotFoundError(f"{path}: no {INDEX_NAME} (an `rcm synth` dataset) and no .tar shards "
-                                        f"(the reference's webdataset)")
+                                        f"(the reference's webdataset); write one with `rcm synth --out-dir {path}` and a source "
+                                        f"(--prompts with --teacher, --videos or --latents: `rcm synth --help`)")
         if not files:
             raise ValueError(f"{path}: the dataset has no shards")
         self.shards = [_open_shard(f) for f in files]

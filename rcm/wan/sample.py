@@ -34,7 +34,7 @@ import torch
 import tyro
 from rich.console import Console
 
-from rcm import ConfigError, check_memory
+from rcm import ConfigError, check_memory, use_threads
 from rcm.media import write_video
 from rcm.models.text_encoder import WAN_NEGATIVE_PROMPT
 from rcm.sample import SampleResult, SampleSettings, existing_path, numbered
@@ -170,6 +170,7 @@ def sample_wan(cfg: WanSampleConfig, console=None) -> SampleResult:
                                       f"low_noise_model/ (or diffusers transformer/ + transformer_2/), got {dit_path}")
     kind = _wan_kind(cfg, dit_path)
     cfg.check(kind)
+    use_threads("threads", cfg.threads)
     device = resolve_device(cfg.device)
     # sizes against memory before minutes of loading: a decoded video (fp32 RGB) on the device, every
     # sample's latent (16 channels, 4x8x8 smaller) kept on the CPU until the DiT is freed
