@@ -71,10 +71,13 @@ def _export(cfg: ExportConfig, path: Path) -> Path:
 
     if path.is_dir() and not (path / ".metadata").is_file():
         path = _newest(path)
+    network = {}
     if path.is_dir():  # DCP: read in this process, whatever world size wrote it
         weights = read_checkpoint_model(path, cfg.model)
     else:
-        train = load_file(path).get("train")
+        saved = load_file(path)
+        network = saved.get("config", {}).get("network") or {}  # the architecture, where the task recorded it
+        train = saved.get("train")
         if not isinstance(train, dict) or train.get(cfg.model) is None:
             raise ConfigError("checkpoint", f"{path} holds no {cfg.model!r} network")
         weights = train[cfg.model]
@@ -82,7 +85,8 @@ def _export(cfg: ExportConfig, path: Path) -> Path:
     weights = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous().clone()
                for k, v in weights.items()}
     kind = "teacher" if cfg.model == "fake_score" else "student"  # a fake score samples like a teacher (a denoiser)
-    data = save(weights, metadata={"kind": kind, "source": str(path), "network": cfg.model})
+    data = save(weights, metadata={**{k: str(v) for k, v in network.items()}, "kind": kind, "source": str(path),
+                                   "network": cfg.model})
     atomic_write_bytes(Path(cfg.out), data)
     print(f"{cfg.model} of {path} → {cfg.out} ({sum(v.numel() for v in weights.values()) / 1e6:,.1f}M parameters)")
     return Path(cfg.out)

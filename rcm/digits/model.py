@@ -103,12 +103,17 @@ def build_model(name: str = "digits-dit", seed: int = 0) -> ClassConditionedDiT:
     return model
 
 
+def architecture_metadata(model: ClassConditionedDiT) -> dict[str, str]:
+    """The architecture as safetensors metadata: what ``load_model`` needs besides the weights."""
+    return {"wan_config": json.dumps(asdict(model.config)), "num_classes": str(model.num_classes)}
+
+
 def save_model(model: ClassConditionedDiT, path: str | Path, metadata: dict | None = None) -> None:
     """Weights as safetensors; the architecture travels in the metadata, so ``load_model`` needs
     nothing else."""
     from safetensors.torch import save_file
 
-    meta = {"wan_config": json.dumps(asdict(model.config)), "num_classes": str(model.num_classes),
+    meta = {**architecture_metadata(model),
             **{k: v if isinstance(v, str) else json.dumps(v, default=str) for k, v in (metadata or {}).items()}}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

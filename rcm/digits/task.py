@@ -19,7 +19,8 @@ from rcm import ConfigError, check_memory
 from rcm.digits import presets
 from rcm.digits.data import ClipBatches, clip_grid
 from rcm.digits.evaluate import DigitsReport, digits_report
-from rcm.digits.model import DEMO_SPEC, TeacherSampling, load_teacher, null_labels, sample_student, save_model
+from rcm.digits.model import (DEMO_SPEC, TeacherSampling, architecture_metadata, load_teacher, null_labels, sample_student,
+                              save_model)
 from rcm.losses import RCMConfig
 from rcm.media import write_image
 from rcm.optim import OptimizerConfig
@@ -108,6 +109,10 @@ class DigitsTask:
             for name, image in images.items():
                 write_image(run_dir / "samples" / f"iter_{iteration:08d}_{name}.png", image)
         return {"iteration": iteration, "images": images}
+
+    def network_metadata(self, network: nn.Module) -> dict[str, str]:
+        # one class-conditioned DiT (two-expert I2V students are exported in parts by their own task)
+        return architecture_metadata(network) if hasattr(network, "num_classes") else {}
 
     def export(self, ema: nn.Module, path: Path, metadata: dict) -> None:
         save_model(ema, path, metadata)  # atomic: a crash mid-export leaves the previous export (or none)

@@ -199,6 +199,9 @@ def _distill_locked(task: Task, cfg: DistillConfig, run: Run, run_dir: Path) -> 
     if getattr(cfg, "compile", False):  # after activation checkpointing: the compiled call wraps the checkpointed block
         state.compile = "inductor"
     record = {"fingerprint": cfg.fingerprint(), "ema_sigma_rel": cfg.ema_sigma_rel}
+    describe_network = getattr(task, "network_metadata", None)  # optional: what `rcm export` writes beside the weights
+    if describe_network is not None:
+        record["network"] = describe_network(state.student)
     ckpt = checkpointer(run_dir / "checkpoints", mesh, keep=cfg.loop.keep_checkpoints)
     if cfg.resume and resume(state, task, ckpt, record) is not None:
         if state.iteration > cfg.loop.iterations:  # exporting would hand out the later weights as the shorter run's

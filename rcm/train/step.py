@@ -84,6 +84,9 @@ class Task(Protocol):
         """Write the final EMA student (a plain module) as one file, atomically; returns where it went
         when not at ``path`` (None: at ``path``)."""
 
+    # Optional: ``network_metadata(network) -> dict[str, str]``, the architecture as file metadata. Checkpoints
+    # carry it, so ``rcm export`` writes a file that the application's loader (and ``rcm sample``) accepts.
+
     def report(self, teacher: nn.Module, ema: nn.Module, run_dir: Path, console) -> dict:
         """Score the finished run (rank 0, plain modules); what it returns joins the run's summary."""
 
