@@ -36,7 +36,7 @@ if [ -n "${FINISH:-}" ]; then
         --candidates 1.3,1.0,0.6 1.2,0.8,0.4 1.0,0.6,0.3 1.1,0.9,0.7 0.8,0.6,0.4 1.4,1.1,0.8 2>&1 | tail -n 12
 fi
 cp runs/study.log "$OUT/" 2>/dev/null
-(find "$DIR" -path '*/checkpoints' -prune -o -type f \( -name '*.json' -o -name '*.md' -o -name '*.png' \
-    -o -name '*.jsonl' \) -print | xargs -r cp --parents -t "$OUT") 2>/dev/null
+find "$DIR" -path '*/checkpoints' -prune -o -type f \( -name '*.json' -o -name '*.md' -o -name '*.png' \
+    -o -name '*.jsonl' \) -print | tar czf "$OUT/study_outputs.tgz" -T -
 nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
 echo "done $(date -u +%T)"

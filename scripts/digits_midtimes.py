@@ -1,7 +1,8 @@
 """Search the digits students' sampling mid-times on a trained run, post hoc (no retraining).
 
-The mid-times are a sampling choice, not a training one: the student is trained on every time. So the
-newest checkpoint of each run (``name=path`` to a run folder; its EMA student) is sampled at ``--steps``
+The mid-times are a sampling choice, not a training one: the student is trained on every time. So each
+run's EMA student (``name=path`` to a run folder: its student_ema.safetensors when finished, else its newest
+checkpoint's) is sampled at ``--steps``
 with every candidate mid-time tuple on the *selection* seed and scored with `rcm eval`'s metrics; choose
 there, then report on the report seed (`rcm study` / `rcm eval`).
 
@@ -47,8 +48,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for spec in args.runs:
             name, run = spec.split("=", 1)
-            path = export(ExportConfig(checkpoint=Path(run) / "checkpoints", out=Path(tmp) / f"{name}.safetensors",
-                                       dtype="float32"))
+            path = Path(run) / "student_ema.safetensors"  # a finished run's; else its newest checkpoint's EMA
+            if not path.is_file():
+                path = export(ExportConfig(checkpoint=Path(run) / "checkpoints", out=Path(tmp) / f"{name}.safetensors",
+                                           dtype="float32"))
             students[name] = load_model(path, device=args.device)
     gens = {}
     for name, student in students.items():
