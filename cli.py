@@ -24,6 +24,7 @@ User errors (bad paths, values, files) print one line and exit with status 2; `-
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from dataclasses import dataclass
@@ -327,6 +328,17 @@ def _out_of_memory_line(e: BaseException) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    try:
+        _main(argv)
+        sys.stdout.flush()  # here, not at exit: a reader that left (`rcm --help | head`) fails this flush
+    except BrokenPipeError:
+        # the reader stopped reading: no traceback and no "error"; stdout to devnull so the exit-time flush
+        # fails no more, and the status of a process killed by SIGPIPE (128 + 13)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(141) from None
+
+
+def _main(argv: list[str] | None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
@@ -348,6 +360,8 @@ def main(argv: list[str] | None = None) -> None:
             config, run = _parse(command.config, rest, prog), command.run
         run(config)
         _end_distributed()
+    except BrokenPipeError:
+        raise  # not the user's error: the reader of our output left (main)
     except _ParseError as e:
         print(f"rcm: error: {e.args[0]} (see {_help_command(command, rest, prog)})", file=sys.stderr)
         raise SystemExit(2)

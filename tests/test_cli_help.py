@@ -146,3 +146,18 @@ def test_the_entry_point_is_in_the_package():
     via_package, via_cli = (subprocess.run([sys.executable, "-m", module, "--help"], cwd=root, capture_output=True,
                                            text=True, timeout=120) for module in ("rcm", "cli"))
     assert via_package.returncode == 0 and via_package.stdout == via_cli.stdout and "rcm distill" in via_package.stdout
+
+
+def test_a_reader_that_stops_early_gets_no_traceback():
+    """`rcm --help | head -1`: the pipe closes under the writer; no BrokenPipeError traceback, SIGPIPE's status."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    proc = subprocess.Popen([sys.executable, "-m", "rcm", "distill", "digits", "--help"], cwd=Path(__file__).parents[1],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.read(10)
+    proc.stdout.close()  # the reader leaves before the (long) help is written
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
