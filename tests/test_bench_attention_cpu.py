@@ -31,3 +31,17 @@ def test_rows_name_what_ran(monkeypatch, capsys):
 def test_unsupported_head_dim_lists_the_supported_ones():
     with pytest.raises(ConfigError, match=r"head dim 12 .*multiples of 8 from 8 to 256.*64, 128, 256"):
         BenchAttentionConfig(shapes=("1,2,64,12",))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_without_cuda_or_interpreter_the_cli_says_so_in_one_line():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "rcm", "bench", "attention"], cwd=Path(__file__).parents[1], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("rcm: error: rcm bench attention needs a CUDA device") and "Traceback" not in proc.stderr

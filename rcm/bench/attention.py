@@ -211,8 +211,8 @@ def run_attention_bench(shapes: Optional[Iterable] = None, dtype: str = "bf16",
 
     cuda = torch.cuda.is_available()
     if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise SystemExit("rcm bench attention needs a CUDA device (or TRITON_INTERPRET=1 for a "
-                         "smoke run on tiny shapes)")
+        raise ValueError("rcm bench attention needs a CUDA device (or TRITON_INTERPRET=1 for a "
+                         "smoke run on tiny shapes)")  # the CLI's one-line error, exit status 2
     include = set(include)
     unknown = include - set(ALL)
     if unknown:
