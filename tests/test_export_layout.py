@@ -10,7 +10,8 @@ from safetensors import safe_open
 
 import cli
 from rcm.checkpoint.local import save_checkpoint
-from rcm.digits.model import architecture_metadata, build_model
+from rcm.digits.model import build_model
+from rcm.digits.task import DigitsTask
 from rcm.models import WanDiT, WanExperts, dit_metadata, load_dit, load_wan_experts
 from rcm.models.wan_layouts import dit_state_dict_to_diffusers
 from rcm.wan.task import WanTask
@@ -157,12 +158,14 @@ def test_a_dcp_checkpoint_keeps_the_recorded_architecture(tmp_path):
 
 def test_the_digits_dit_takes_the_rcm_layout_only(tmp_path, capsys):
     digits = build_model("digits-dit-tiny")
-    recorded = _checkpoint(tmp_path / "recorded", digits, architecture_metadata(digits))  # as a digits run records
+    recorded = _checkpoint(tmp_path / "recorded", digits, DigitsTask.network_metadata(None, digits))  # as a run records
     unrecorded = _checkpoint(tmp_path / "unrecorded", digits, {})  # refused from its keys
-    for checkpoint, fragment in ((recorded, "digits demo's class-conditioned DiT"), (unrecorded, "is not one (cannot infer the Wan config")):
+    for checkpoint, fragment in ((recorded, "digits demo's class-conditioned DiT"),
+                                 (unrecorded, "is not one (cannot infer the Wan config")):
         for layout in ("diffusers", "official"):
             with pytest.raises(SystemExit) as e:
-                cli.main(["export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "out"), "--layout", layout])
+                cli.main(["export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "out"),
+                          "--layout", layout])
             err = capsys.readouterr().err
             assert e.value.code == 2 and err.startswith("rcm: error: --layout: ") and fragment in err, err
             assert len(err.strip().splitlines()) == 1

@@ -20,8 +20,8 @@ from rcm.checkpoint.atomic import atomic_write_bytes, atomic_write_with, tempora
 from rcm.checkpoint.local import LATEST, list_checkpoints, load_file
 
 # what a folder export holds (save_dit / save_wan_experts): an existing folder of only these is replaced
-_FOLDER_EXPORT_NAMES = {"config.json", "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json",
-                        "model_index.json", "high_noise_model", "low_noise_model", "transformer", "transformer_2"}
+_FOLDER_EXPORT_NAMES = {"config.json", "diffusion_pytorch_model.safetensors", "model_index.json",
+                        "high_noise_model", "low_noise_model", "transformer", "transformer_2"}
 
 
 @dataclass
@@ -35,20 +35,20 @@ class ExportConfig:
     checkpoint: Path
     """the checkpoint: a run's checkpoints/ folder, a DCP step folder, or a step_XXXXXXXX.pt file."""
     out: Path | None = None
-    """where to write (an earlier export there is replaced).
-    None: student_ema.safetensors with --layout rcm, the folder student_ema/ with official or diffusers."""
+    """where to write: a file with --layout rcm, else a folder. An existing file is replaced; an existing folder only
+    if it holds nothing but an export's files. None: student_ema.safetensors (rcm), student_ema/ (official, diffusers)."""
     model: Literal["ema", "student", "fake_score"] = "ema"
     """which network: the EMA student (what rCM releases), the live student, or the fake score."""
     dtype: Literal["bfloat16", "float32", "keep"] = "bfloat16"
     """dtype of the written weights (keep: as stored)."""
     layout: Literal["rcm", "official", "diffusers"] = "rcm"
     """the key names and form of the output.
-    rcm: one .safetensors file, the network's own key names and its architecture as metadata (any network).
+    rcm: one .safetensors file, the network's own key names, the architecture the run recorded as metadata; any network.
     official (a Wan DiT only): a folder as the Wan repository releases a DiT, with its key names.
     diffusers (a Wan DiT only): a folder that diffusers' WanTransformer3DModel.from_pretrained reads.
     Both folders hold config.json + diffusion_pytorch_model.safetensors; of two experts (Wan2.2 A14B):
     high_noise_model/ + low_noise_model/ (official), transformer/ + transformer_2/ + model_index.json (diffusers).
-    `rcm sample wan --dit-path` loads every layout."""
+    `rcm sample wan --dit-path` loads a Wan DiT in every layout."""
 
     def __post_init__(self):  # before a checkpoint of many GB is read
         if not Path(self.checkpoint).exists():
