@@ -2,6 +2,7 @@
 layout, loads again with our loader (and diffusers'), every tensor equal to the checkpoint's; two experts
 likewise; a DCP checkpoint keeps the recorded architecture; the digits DiT takes --layout rcm only."""
 
+import dataclasses
 import json
 
 import pytest
@@ -13,9 +14,11 @@ from rcm.checkpoint.local import save_checkpoint
 from rcm.digits.model import build_model
 from rcm.digits.task import DigitsTask
 from rcm.models import WanDiT, WanExperts, dit_metadata, load_dit, load_wan_experts
-from rcm.models.wan_layouts import dit_state_dict_to_diffusers
 from rcm.wan.task import WanTask
-from tests.test_synth import TINY  # num_heads 2: not what the shapes alone suggest (head_dim 128 -> 1)
+from rcm.models.wan_layouts import dit_state_dict_to_diffusers, infer_wan_config, wan_config_from_json
+from tests.test_synth import TINY
+
+CFG = dataclasses.replace(TINY, ffn_dim=192)  # no named config of these widths: the shapes alone would say 1 head
 
 
 def _random(module: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -44,11 +47,15 @@ def _export(tmp_path, checkpoint, layout, *extra):
     return out
 
 
+def test_the_architecture_is_not_in_the_shapes():
+    assert infer_wan_config({k: tuple(v.shape) for k, v in WanDiT(CFG).state_dict().items()}).num_heads != 2
+
+
 @pytest.fixture(scope="module")
 def wan_run(tmp_path_factory):
     """A tiny Wan DiT's checkpoint with the architecture the Wan task records (fp32 EMA, a distinct live student)."""
     root = tmp_path_factory.mktemp("wan_ckpt")
-    ema, student = _random(WanDiT(TINY), 0), _random(WanDiT(TINY), 1)
+    ema, student = _random(WanDiT(CFG), 0), _random(WanDiT(CFG), 1)
     network = WanTask.network_metadata(None, ema)  # the task's own hook (it uses nothing of the task)
     return _checkpoint(root / "checkpoints", ema, network, student), ema.state_dict()
 
@@ -59,7 +66,7 @@ def test_each_layout_loads_back_with_every_tensor_equal(wan_run, tmp_path, layou
     out = _export(tmp_path, checkpoint, layout, "--dtype", "keep")
     assert out.is_file() == (layout == "rcm") and out.is_dir() == (layout != "rcm")
     model = load_dit(out)  # our loader, each layout
-    assert model.config == TINY  # the recorded architecture, heads included
+    assert model.config == CFG  # the recorded architecture, heads included
     loaded = model.state_dict()
     assert loaded.keys() == source.keys()
     for k, v in source.items():
@@ -73,10 +80,11 @@ def test_each_layout_loads_back_with_every_tensor_equal(wan_run, tmp_path, layou
     tensors, meta = _tensors(out / "diffusion_pytorch_model.safetensors")
     assert meta["layout"] == layout
     if layout == "official":
-        assert config["_class_name"] == "WanModel" and config["num_heads"] == 2
+        assert config["_class_name"] == "WanModel" and wan_config_from_json(config) == CFG
         assert tensors.keys() == source.keys()  # the original Wan names are ours
     else:
-        assert config["_class_name"] == "WanTransformer3DModel" and config["num_attention_heads"] == 2
+        assert config["_class_name"] == "WanTransformer3DModel"
+        assert dataclasses.replace(wan_config_from_json(config), text_len=CFG.text_len) == CFG  # diffusers has no text_len
         assert tensors.keys() == dit_state_dict_to_diffusers(source).keys()
         assert "blocks.0.attn1.to_q.weight" in tensors and "blocks.0.self_attn.q.weight" not in tensors
 
@@ -131,11 +139,11 @@ def test_a_folder_export_replaces_an_earlier_one_and_refuses_other_folders(wan_r
 
 @pytest.mark.parametrize("layout", ["official", "diffusers"])
 def test_two_experts(tmp_path, layout):
-    experts = WanExperts(_random(WanDiT(TINY), 2), _random(WanDiT(TINY), 3), boundary=0.8)
+    experts = WanExperts(_random(WanDiT(CFG), 2), _random(WanDiT(CFG), 3), boundary=0.8)
     checkpoint = _checkpoint(tmp_path / "checkpoints", experts, WanTask.network_metadata(None, experts))
     out = _export(tmp_path, checkpoint, layout, "--dtype", "keep")
     loaded = load_wan_experts(out)
-    assert loaded.boundary == 0.8 and loaded.config == TINY
+    assert loaded.boundary == 0.8 and loaded.config == CFG
     for k, v in experts.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k
 
@@ -146,13 +154,13 @@ def test_a_dcp_checkpoint_keeps_the_recorded_architecture(tmp_path):
 
     from rcm.checkpoint.dcp import _to_bytes
 
-    ema = _random(WanDiT(TINY), 4)
+    ema = _random(WanDiT(CFG), 4)
     extra = {"task": {}, "config": {"fingerprint": "x", "network": WanTask.network_metadata(None, ema)}}
     ranks = _to_bytes({"dp_size": 1, "states": {0: {"generator": None, "torch_rng": None, "extra": extra}}})
     dcp.save({"ema": ema.state_dict(), "ranks": ranks}, checkpoint_id=str(tmp_path / "step_00000001"), no_dist=True)
     out = _export(tmp_path, tmp_path / "step_00000001", "diffusers", "--dtype", "keep")
     model = load_dit(out)
-    assert model.config == TINY  # from the record; the shapes alone would give one head
+    assert model.config == CFG  # from the record; the shapes alone would give one head
     assert all(torch.equal(v, ema.state_dict()[k]) for k, v in model.state_dict().items())
 
 
