@@ -1,13 +1,16 @@
-"""Outputs chain: `rcm export` of a digits run's checkpoint writes a file `rcm sample` accepts
-(the checkpoint carries the network's architecture, recorded by the task at the start of the run)."""
+"""Outputs chain: `rcm export` of a digits run's checkpoint writes a file `rcm sample` accepts (the checkpoint
+carries the network's architecture, recorded by the task at the start of the run), and `rcm eval --runs` scores
+student files beside run folders."""
 
 import json
+
+import pytest
 
 import cli
 from rcm.digits.model import load_model
 
 
-def test_export_then_sample(tmp_path, monkeypatch):
+def test_distill_export_sample_eval(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     run = tmp_path / "run"
     cli.main(["distill", "--out-dir", str(run), "--loop.iterations", "2", "--batch-size", "2", "--no-report",
@@ -21,3 +24,37 @@ def test_export_then_sample(tmp_path, monkeypatch):
         assert a.equal(b), name  # the newest checkpoint's EMA is the exported student
     cli.main(["sample", "--checkpoint", str(exported), "--save-path", str(tmp_path / "s.png")])
     assert (tmp_path / "s.png").stat().st_size > 0
+    # eval: the exported file (named by its stem) beside the run's own student file (named by its method)
+    small = ["--report-settings.num-per-class", "2", "--report-settings.num-real", "20",
+             "--report-settings.teacher-steps", "1", "--report-settings.student-steps", "1", "--device", "cpu"]
+    cli.main(["eval", "--runs", str(exported), str(run / "student_ema.safetensors"), "--out-dir",
+              str(tmp_path / "eval"), *small])
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert [r["name"] for r in metrics["rows"]] == ["teacher@1", "x@1", "rcm@1"]
+    assert all(r["n"] == 20 and 0 <= r["frame_accuracy"] <= 1 for r in metrics["rows"])
+    assert "| x@1 |" in (tmp_path / "eval" / "metrics.md").read_text()
+    for name in ("samples.png", "samples.gif", "samples.mp4"):
+        assert (tmp_path / "eval" / name).stat().st_size > 0
+
+
+def test_eval_names_a_file_that_is_not_a_digits_student(tmp_path, capsys):
+    from safetensors.torch import save_file
+    import torch
+
+    from rcm.digits.model import TEACHER_PATH
+
+    files = {"wan.safetensors": {"wan_config": "{}", "kind": "student"},  # a Wan DiT's export: no classes
+             "critic.safetensors": {"wan_config": "{}", "num_classes": "10", "kind": "teacher"}}
+    for name, meta in files.items():
+        save_file({"w": torch.zeros(1)}, str(tmp_path / name), metadata=meta)
+    (tmp_path / "broken.safetensors").write_bytes(b"\x00" * 3)
+    (tmp_path / "notes.txt").write_text("x")
+    for entry, fragment in (("wan.safetensors", "is not a digits student"), ("critic.safetensors", "is a digits teacher"),
+                            ("broken.safetensors", "not a readable safetensors file"),
+                            ("notes.txt", "give a run folder or a digits student .safetensors file"),
+                            ("missing.safetensors", "no file at"), (str(TEACHER_PATH), "is a digits teacher")):
+        with pytest.raises(SystemExit) as e:
+            cli.main(["eval", "--runs", str(tmp_path / entry), "--out-dir", str(tmp_path / "eval")])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("rcm: error: --runs: ") and fragment in err, err
+    assert not (tmp_path / "eval").exists()

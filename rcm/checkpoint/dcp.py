@@ -53,6 +53,7 @@ __all__ = [
     "list_sharded_checkpoints",
     "load_latest_sharded_checkpoint",
     "load_train_state",
+    "read_checkpoint_extra",
     "save_sharded_checkpoint",
     "save_train_state",
 ]
@@ -309,3 +310,12 @@ def read_checkpoint_model(checkpoint: str | Path, model: str = "ema") -> dict[st
         raise ValueError(f"{checkpoint} has no tensors of model {model!r}; top-level entries: {models}")
     dcp.load(empty, checkpoint_id=str(checkpoint), no_dist=True)
     return {k[len(prefix):]: v for k, v in empty.items()}
+
+
+def read_checkpoint_extra(checkpoint: str | Path) -> Any:
+    """The ``extra`` object of a ``save_train_state`` folder (data-parallel rank 0's), read in this process
+    without any process group and without reading any tensor; None when it holds none."""
+    sd = {"ranks": b""}
+    dcp.load(sd, checkpoint_id=str(checkpoint), no_dist=True)
+    states = _from_bytes(sd["ranks"])["states"]
+    return states[min(states)]["extra"] if states else None

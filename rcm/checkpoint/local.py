@@ -53,12 +53,13 @@ def list_checkpoints(folder: str | Path) -> list[Path]:
     return sorted((p for p in folder.iterdir() if _NAME.match(p.name)), key=lambda p: p.name)
 
 
-def load_file(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_file(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict[str, Any]:
+    """A single-process checkpoint file; ``mmap``: its tensors memory-mapped, read only where used."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:  # weights_only: tensors and plain containers only, so a checkpoint can never run code when loaded
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # truncated, corrupt or not a torch file
         raise CheckpointError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e})") from e
     if not isinstance(state, dict):

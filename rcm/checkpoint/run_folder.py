@@ -111,12 +111,15 @@ def claimed_folder(folder: str | Path, kind: str, field: str = "out_dir", resume
             lock.release()
 
 
-def claim_file(target: str | Path, field: str) -> RunFolderLock:
-    """Lock the one output file ``target`` (see the module notes); returns the held lock (release it)."""
+def claim_file(target: str | Path, field: str, folder_output: bool = False) -> RunFolderLock:
+    """Lock the one output file ``target`` (see the module notes); returns the held lock (release it).
+    ``folder_output``: ``target`` is one output written as a whole folder (`rcm export --layout diffusers`),
+    locked as a file would be; the caller checks what an existing one holds."""
     if str(target).strip() in ("", "."):
-        raise ConfigError(field, "must name a file")
+        raise ConfigError(field, "must name a folder (the current directory is not one)" if folder_output
+                          else "must name a file")
     target = Path(target)
-    if target.is_dir():
+    if target.is_dir() and not folder_output:
         raise ConfigError(field, f"{target} is a folder; give a file path")
     folder = target.parent
     if folder.exists() and not folder.is_dir():
@@ -131,9 +134,9 @@ def claim_file(target: str | Path, field: str) -> RunFolderLock:
 
 
 @contextmanager
-def claimed_file(target: str | Path, field: str) -> Iterator[RunFolderLock]:
+def claimed_file(target: str | Path, field: str, folder_output: bool = False) -> Iterator[RunFolderLock]:
     """``claim_file`` for the block."""
-    lock = claim_file(target, field)
+    lock = claim_file(target, field, folder_output)
     try:
         yield lock
     finally:

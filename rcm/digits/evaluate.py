@@ -353,13 +353,16 @@ def digits_report(teacher: nn.Module, students: dict[str, nn.Module], out_dir: P
 
 @dataclass
 class EvalRunsConfig:
-    """Score the teacher and the students of finished `rcm distill` runs side by side.
+    """Score the teacher and the students of finished `rcm distill` runs (or student files) side by side.
 
     The comparison table of the README: `rcm distill --method scm; rcm distill --method dmd2; rcm distill;
     rcm eval` (each run resumes if it already exists).
     """
 
     runs: tuple[Path, ...] = (Path("runs/digits-scm"), Path("runs/digits-dmd2"), Path("runs/digits-rcm"))
+    """the students: finished `rcm distill` run folders (their student_ema.safetensors, named by the run's method)
+    or digits student .safetensors files, e.g. from `rcm export` (named by the method in their metadata, else by
+    the file's name without .safetensors)."""
     teacher: Path | None = None  # None: the shipped teacher
     out_dir: Path = Path("runs/eval")
     guidance: float = TeacherSampling().guidance  # the teacher's CFG weight, as the demo distills with
@@ -373,10 +376,7 @@ class EvalRunsConfig:
 
     def __post_init__(self):
         check_threads("threads", self.threads)
-        for run in self.runs:
-            if not (Path(run) / "student_ema.safetensors").is_file():
-                raise PathArgumentError("runs", f"{run} has no student_ema.safetensors (run `{distill_command(run)}` first)")
-            run_method(run)  # a damaged config.json is named now, not after the teacher was sampled
+        students(self.runs)  # a missing student or a damaged config.json is named now, not after the teacher was sampled
         if self.teacher is not None and not Path(self.teacher).is_file():
             raise PathArgumentError("teacher", f"no file at {self.teacher}")
         check_number("guidance", self.guidance, 0)
@@ -409,8 +409,47 @@ def run_method(run: Path) -> str:
     return meta.get("method") or Path(run).name
 
 
+def student_file_name(path: Path) -> str:
+    """The table name of a digits student file (the method in its metadata, else the file's name without
+    .safetensors); a ConfigError on ``runs`` for a file that is not one. Reads the header only."""
+    from rcm.digits.model import model_metadata
+
+    path = Path(path)
+    if not path.is_file():
+        raise PathArgumentError("runs", f"no file at {path}")
+    if path.suffix != ".safetensors":
+        raise ConfigError("runs", f"{path}: give a run folder or a digits student .safetensors file")
+    try:
+        meta = model_metadata(path)
+    except Exception as e:  # truncated or not safetensors: safetensors raises its own error types
+        raise ConfigError("runs", f"{path} is not a readable safetensors file ({type(e).__name__})") from e
+    if "wan_config" not in meta or "num_classes" not in meta:
+        raise ConfigError("runs", f"{path} is not a digits student: its metadata holds no digits architecture "
+                                  f"(wan_config and num_classes), e.g. a Wan DiT's export")
+    kind = meta.get("kind") or ("teacher" if "recipe" in meta else "student")  # `rcm train-teacher` records its recipe
+    if kind != "student":
+        raise ConfigError("runs", f"{path} is a digits {kind}, not a student")
+    return meta.get("method") or path.stem
+
+
+def students(runs: tuple[Path, ...]) -> dict[str, Path]:
+    """{table name: student file} of ``--runs`` entries (run folders or student files); names that two entries
+    share are told apart by the entry's path."""
+    found = []
+    for run in runs:
+        run = Path(run)
+        if run.is_dir() or (not run.is_file() and run.suffix != ".safetensors"):  # a run folder (a missing one: its command)
+            if not (run / "student_ema.safetensors").is_file():
+                raise PathArgumentError("runs", f"{run} has no student_ema.safetensors (run `{distill_command(run)}` first)")
+            found.append((run_method(run), run / "student_ema.safetensors", run))
+        else:
+            found.append((student_file_name(run), run, run))
+    names = [name for name, _, _ in found]
+    return {(name if names.count(name) == 1 else f"{name} ({entry})"): file for name, file, entry in found}
+
+
 def eval_runs(cfg: EvalRunsConfig) -> list[dict]:
-    """Sample and score the teacher and every run's EMA student; write metrics.json and samples to --out-dir
+    """Sample and score the teacher and every run's EMA student (or student file); write metrics.json and samples to --out-dir
     (claimed for this process first: see ``rcm.checkpoint.run_folder``)."""
     from rcm.checkpoint.run_folder import claimed_folder
 
@@ -421,9 +460,7 @@ def eval_runs(cfg: EvalRunsConfig) -> list[dict]:
 def _eval_runs(cfg: EvalRunsConfig) -> list[dict]:
     use_threads("threads", cfg.threads)
     device = resolve_device(cfg.device)
-    students = {}
-    for run in cfg.runs:
-        students[run_method(run)] = load_model(Path(run) / "student_ema.safetensors", device=device)
-    return digits_report(load_teacher(cfg.teacher, device=device), students, Path(cfg.out_dir), cfg.report_settings,
+    models = {name: load_model(file, device=device) for name, file in students(cfg.runs).items()}
+    return digits_report(load_teacher(cfg.teacher, device=device), models, Path(cfg.out_dir), cfg.report_settings,
                          TeacherSampling(guidance=cfg.guidance), teacher_path=cfg.teacher,
                          reuse_teacher_rows=cfg.reuse_teacher_rows)

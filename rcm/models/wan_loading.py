@@ -34,8 +34,8 @@ from .wan_layouts import (
 from .weights import corrupt_file_error, load_state_dict_strict, open_state_dict
 from rcm.checkpoint.atomic import atomic_write_with
 
-__all__ = ["DitFiles", "dit_metadata", "dit_weight_files", "expert_folders", "load_dit", "load_wan_experts",
-           "load_wan_model", "read_dit_config", "save_dit", "save_wan_experts"]
+__all__ = ["EXPERT_BOUNDARY_KEY", "DitFiles", "dit_metadata", "dit_weight_files", "expert_folders", "load_dit",
+           "load_wan_experts", "load_wan_model", "read_dit_config", "save_dit", "save_wan_experts"]
 
 # ----------------------------------------------------------------------------------------------------
 # DiT files
@@ -244,7 +244,7 @@ def save_dit(
 
 # folder names of (high-noise, low-noise) expert per layout
 _EXPERT_FOLDERS = {"official": ("high_noise_model", "low_noise_model"), "diffusers": ("transformer", "transformer_2")}
-_BOUNDARY_KEY = "wan_expert_boundary"  # safetensors metadata written by save_wan_experts
+EXPERT_BOUNDARY_KEY = "wan_expert_boundary"  # safetensors metadata written by save_wan_experts
 
 
 def _default_boundary(config) -> float:
@@ -291,7 +291,7 @@ def load_wan_experts(
         boundary = json.loads((path / "model_index.json").read_text()).get("boundary_ratio")
     if boundary is None:
         meta = _DitCheckpoint(high_dir).metadata
-        boundary = float(meta[_BOUNDARY_KEY]) if _BOUNDARY_KEY in meta else None
+        boundary = float(meta[EXPERT_BOUNDARY_KEY]) if EXPERT_BOUNDARY_KEY in meta else None
     high = load_dit(high_dir, config=config, dtype=dtype, device=device)
     low = load_dit(low_dir, config=config if config is not None else high.config, dtype=dtype, device=device)
     return WanExperts(high, low, boundary if boundary is not None else _default_boundary(high.config))
@@ -324,7 +324,7 @@ def save_wan_experts(experts: WanExperts, path: str | Path, *, layout: str = "of
     if layout not in _EXPERT_FOLDERS:
         raise ValueError(f"save_wan_experts: layout must be 'official' or 'diffusers', got {layout!r}")
     path = Path(path)
-    meta = {**dict(metadata or {}), _BOUNDARY_KEY: repr(experts.boundary)}
+    meta = {**dict(metadata or {}), EXPERT_BOUNDARY_KEY: repr(experts.boundary)}
     high, low = _EXPERT_FOLDERS[layout]
     written = [*save_dit(experts.high_noise, path / high, layout=layout, metadata=meta),
                *save_dit(experts.low_noise, path / low, layout=layout, metadata=meta)]

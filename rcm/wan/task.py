@@ -295,6 +295,19 @@ class WanTask:
             return WanExperts(WanDiT(self.config), WanDiT(self.config), self.build_teacher(device="meta").boundary)
         return WanDiT(self.config)
 
+    def network_metadata(self, network: nn.Module) -> dict[str, str]:
+        """The architecture (and two experts' boundary) that checkpoints carry, so `rcm export` writes files
+        that load without guessing the number of heads from the shapes."""
+        import dataclasses
+
+        from rcm.models import WanExperts
+        from rcm.models.wan_loading import EXPERT_BOUNDARY_KEY
+
+        meta = {"wan_config": json.dumps(dataclasses.asdict(network.config))}
+        if isinstance(network, WanExperts):
+            meta[EXPERT_BOUNDARY_KEY] = repr(network.boundary)
+        return meta
+
     def write_samples(self, ema: nn.Module, iteration: int, run_dir: Path, console) -> dict:
         """EMA-student samples of the fixed prompts at each of the sample steps: latents (always) and MP4s
         (with a VAE) under run_dir/samples/. Collective under FSDP (every rank samples, rank 0 writes)."""
