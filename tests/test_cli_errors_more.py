@@ -191,6 +191,8 @@ CASES = [
      "--report-settings.mid-times"),
     ("report sigma_max 0", _report("--report-settings.sigma-max", "0"), "--report-settings.sigma-max"),
     ("report num_per_class 0", _report("--report-settings.num-per-class", "0"), "--report-settings.num-per-class"),
+    ("report num_per_class 1", _report("--report-settings.num-per-class", "1"),
+     "--report-settings.num-per-class: must be >= 2"),  # diversity needs two clips of a digit: refused up front
     ("report teacher steps 0", _report("--report-settings.teacher-steps", "0"), "--report-settings.teacher-steps"),
     ("teacher warmup -1", _teacher("--warmup", "-1"), "--warmup: must be >= 0, got -1"),
     ("teacher lr -1", _teacher("--lr", "-1"), "--lr"),

@@ -206,7 +206,7 @@ class DigitsReport:
     seed: int = 0
 
     def __post_init__(self):  # checked when the command starts, not after training
-        check_count("num_per_class", self.num_per_class, 1)
+        check_count("num_per_class", self.num_per_class, 2)  # diversity compares two or more clips of a digit
         check_count("num_real", self.num_real, 20)
         for name, n in (("num_per_class", self.num_per_class * NUM_CLASSES), ("num_real", self.num_real)):
             check_memory(name, DEMO_SPEC.batch_bytes(n), f"{n:,} scored clips")  # each generator's, held at once
