@@ -71,7 +71,7 @@ def test_distill_resumes_exactly_exports_and_samples(wan, tmp_path):
     # the export samples with `rcm sample`, found to be a student from its metadata
     out = tmp_path / "video.mp4"
     cli.main(["sample", "wan", "--dit-path", str(a / "student_ema.safetensors"), "--vae-path",
-              str(files / "vae"), "--text-encoder-path", str(files / "umt5"), "--prompt", "a cat", "--num-steps", "2",
+              str(files / "vae"), "--text-encoder-path", str(files / "umt5"), "--prompt", "a cat", "--steps", "2",
               "--num-frames", "9", "--height", "16", "--width", "32", "--device", "cpu", "--save-path", str(out)])
     frames = iio.imread(out, index=None, plugin="FFMPEG")
     assert frames.shape == (9, 16, 32, 3) and frames.std() > 0
@@ -199,7 +199,7 @@ def test_torchrun_cp2_matches_one_process_and_its_dcp_checkpoint_exports_and_sam
         torch.testing.assert_close(exported["cp2"][k], v, rtol=1e-4, atol=1e-6)
     video = tmp_path / "cp2.mp4"
     cli.main(["sample", "wan", "--dit-path", str(tmp_path / "cp2.safetensors"), "--vae-path",
-              str(files / "vae"), "--text-encoder-path", str(files / "umt5"), "--prompt", "a cat", "--num-steps", "2",
+              str(files / "vae"), "--text-encoder-path", str(files / "umt5"), "--prompt", "a cat", "--steps", "2",
               "--num-frames", "5", "--height", "16", "--width", "32", "--device", "cpu", "--save-path", str(video)])
     assert iio.imread(video, index=None, plugin="FFMPEG").shape == (5, 16, 32, 3)
 

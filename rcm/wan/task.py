@@ -314,7 +314,7 @@ class WanTask:
                                  for i in range(len(prompts))]).to(device)
             generator = torch.Generator(device=device).manual_seed(0)
             latents[steps] = sample_wan_latent(ema, contexts, noise, kind="student", generator=generator,
-                                               num_steps=steps, sigma_max=cfg.sigma_max, condition=condition).cpu()
+                                               steps=steps, sigma_max=cfg.sigma_max, condition=condition).cpu()
         record = {"iteration": iteration, "prompts": prompts, "seconds": 0.0, "files": []}
         images = {}  # each video's middle frame, for the run's log sinks
         if is_rank0():
