@@ -24,7 +24,7 @@ import torch
 
 from rcm import MAX_SAMPLING_STEPS, ConfigError, PathArgumentError, check_count, check_number, check_seed
 
-__all__ = ["SampleResult", "SampleSettings", "check_steps", "existing_path", "numbered", "resolve_device", "result_json"]
+__all__ = ["SampleResult", "SampleSettings", "card_sampling", "check_steps", "read_model_card", "sampling_defaults", "existing_path", "numbered", "resolve_device", "result_json"]
 
 Device = Literal["auto", "cpu", "cuda"]
 
@@ -164,3 +164,33 @@ def result_json(result: SampleResult) -> str:
     d = dict(result.__dict__)
     d["paths"] = [str(p) for p in result.paths]
     return json.dumps(d)
+
+
+def read_model_card(weights: Path, field: str) -> dict | None:
+    """The card beside ``weights`` (None: none); an invalid card is a ConfigError naming ``field`` and the
+    card's file."""
+    from rcm.checkpoint.card import read_card
+
+    try:
+        return read_card(weights)
+    except ValueError as e:
+        raise ConfigError(field, str(e)) from e
+
+
+def card_sampling(kind: str, card: dict | None) -> dict:
+    """The card's sampler settings when it is a card of a ``kind`` model, else {}."""
+    if not card or card.get("kind", "student") != kind:
+        return {}
+    return card.get("sampling") or {}
+
+
+def sampling_defaults(kind: str, card: dict | None, *, steps: int | None, sigma_max: float | None,
+                      default_steps: int, default_sigma_max: float) -> tuple[int, float]:
+    """(steps, sigma_max) for a ``kind`` sampler: the argument, else the card's (when it is a card of that
+    kind), else the default; ``steps`` checked against the kind's range (a ConfigError naming ``steps``)."""
+    sampling = card_sampling(kind, card)
+    if steps is None:
+        steps = sampling.get("steps", default_steps)
+    if sigma_max is None:
+        sigma_max = float(sampling.get("sigma_max", default_sigma_max))
+    return check_steps(kind, steps), sigma_max

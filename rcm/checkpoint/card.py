@@ -19,7 +19,7 @@ from pathlib import Path
 
 from rcm.checkpoint.atomic import atomic_write_bytes
 
-__all__ = ["CARD_FORMAT", "card_path", "read_card", "write_card"]
+__all__ = ["CARD_FORMAT", "card_mid_times", "card_path", "export_card", "read_card", "write_card"]
 
 CARD_FORMAT = "rcm-model-card"
 CARD_VERSION = 1
@@ -32,13 +32,13 @@ def card_path(weights: str | Path) -> Path:
     return weights.with_name(f"{stem}.card.json")
 
 
-def write_card(weights: str | Path, *, family: str, teacher: str | None, method: str | None,
+def write_card(weights: str | Path, *, family: str | None, teacher: str | dict | None, method: str | None,
                iterations: int | None, sampling: dict, metrics: dict | None = None, kind: str = "student",
                **extra) -> Path:
     """Write the card of ``weights`` (atomically) and return its path. ``sampling``: the sampler settings
     the student was evaluated with (``steps``, ``sigma_max``, ``mid_times`` as {step count: times})."""
     card = {"format": CARD_FORMAT, "version": CARD_VERSION, "kind": kind, "family": family,
-            "teacher": None if teacher is None else str(teacher), "method": method,
+            "teacher": teacher if teacher is None or isinstance(teacher, dict) else str(teacher), "method": method,
             "iterations": None if iterations is None else int(iterations), "sampling": _plain(sampling),
             "metrics": _plain(metrics or {}), **_plain(extra)}  # fmt: skip
     path = card_path(weights)
@@ -77,3 +77,36 @@ def _plain(value):
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value
+
+
+def export_card(out: Path, checkpoint: Path, saved: dict | None, network: str) -> Path | None:
+    """`rcm export`'s card beside ``out`` for a student (``network`` ema or student; a fake score gets
+    none): what the run's task recorded in the checkpoint (``config.card``: family, teacher, sampling), the
+    method and teacher of its recorded settings, its iterations, and the rows of this method in the run's
+    ``metrics.json`` where ``<run>/checkpoints/`` holds the checkpoint. A DCP folder (read here without its
+    records) or an older checkpoint gives a card with the iterations alone of these."""
+    import re
+
+    if network == "fake_score":
+        return None
+    config = (saved or {}).get("config") or {}
+    fingerprint, recorded = config.get("fingerprint") or {}, dict(config.get("card") or {})
+    train = (saved or {}).get("train") or {}
+    iterations = train.get("iteration") if isinstance(train, dict) else None
+    if iterations is None and (m := re.search(r"step_(\d+)", Path(checkpoint).name)):
+        iterations = int(m[1])
+    method = fingerprint.get("method")
+    teacher = recorded.pop("teacher", None) or fingerprint.get("teacher")
+    metrics = {}
+    where = Path(checkpoint).resolve()
+    where = where.parent if where.is_file() or where.name.startswith("step_") else where
+    run_metrics = where.parent / "metrics.json"
+    if where.name == "checkpoints" and run_metrics.is_file() and method:
+        try:
+            rows = json.loads(run_metrics.read_text()).get("rows", [])
+            metrics = {r["name"]: r for r in rows if str(r.get("name", "")).startswith(f"{method}@")}
+        except (ValueError, AttributeError, TypeError, KeyError):
+            metrics = {}  # a damaged metrics file: the card says what is known
+    recorded.pop("metrics", None)
+    return write_card(out, **{"family": None, "sampling": {}, **recorded}, teacher=teacher, method=method,
+                      iterations=iterations, metrics=metrics, source=str(checkpoint), network=network)

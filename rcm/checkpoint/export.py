@@ -88,5 +88,8 @@ def _export(cfg: ExportConfig, path: Path) -> Path:
     data = save(weights, metadata={**{k: str(v) for k, v in network.items()}, "kind": kind, "source": str(path),
                                    "network": cfg.model})
     atomic_write_bytes(Path(cfg.out), data)
+    from rcm.checkpoint.card import export_card  # a student's model card beside it (rcm.checkpoint.card)
+
+    export_card(Path(cfg.out), path, None if path.is_dir() else saved, cfg.model)
     print(f"{cfg.model} of {path} → {cfg.out} ({sum(v.numel() for v in weights.values()) / 1e6:,.1f}M parameters)")
     return Path(cfg.out)

@@ -66,7 +66,7 @@ class DigitsPipeline:
     def __init__(self, path: Path | str | None = None, device: str = "cpu", kind: str = "auto"):
         from rcm.digits import model as digits_model
         from rcm.models import open_state_dict
-        from rcm.pipeline import read_model_card
+        from rcm.sample import read_model_card
 
         path = existing_path("checkpoint", path if path is not None else digits_model.TEACHER_PATH)
         if path.suffix != ".safetensors":
@@ -89,7 +89,7 @@ class DigitsPipeline:
     def sampling(self, steps: int | None = None, sigma_max: float | None = None) -> tuple[int, float]:
         """(steps, sigma_max) this pipeline samples with: the arguments, else the model card's, else the
         digits presets' for its kind."""
-        from rcm.pipeline import sampling_defaults
+        from rcm.sample import sampling_defaults
 
         student = self.kind == "student"
         return sampling_defaults(

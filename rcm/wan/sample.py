@@ -152,7 +152,7 @@ class WanPipeline:
         from rcm.models import load_wan_model, open_state_dict, read_dit_config
         from rcm.models.wan import WAN_CONFIGS
         from rcm.models.wan_loading import expert_folders
-        from rcm.pipeline import read_model_card
+        from rcm.sample import read_model_card
 
         if model not in WanSampleModel.__args__:
             raise ConfigError("model", f"must be one of {', '.join(WanSampleModel.__args__)}, got {model!r}")
@@ -196,7 +196,7 @@ class WanPipeline:
     def sampling(self, steps: int | None = None, sigma_max: float | None = None) -> tuple[int, float]:
         """(steps, sigma_max) this pipeline samples with: the arguments, else the model card's, else the Wan
         presets' for its kind."""
-        from rcm.pipeline import sampling_defaults
+        from rcm.sample import sampling_defaults
 
         student = self.kind == "student"
         return sampling_defaults(
@@ -236,7 +236,7 @@ class WanPipeline:
         steps, sigma_max = self.sampling(steps, sigma_max)
         if self.kind == "student" and mid_times is None:
             from rcm.checkpoint.card import card_mid_times
-            from rcm.pipeline import card_sampling
+            from rcm.sample import card_sampling
 
             mid_times = card_mid_times({"sampling": card_sampling("student", self.card)}, steps)
         elif self.kind == "teacher" and mid_times is not None:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from rcm import ConfigError, PathArgumentError
 
-__all__ = ["card_sampling", "load", "read_model_card", "sampling_defaults"]
+__all__ = ["load"]
 
 
 def load(path: str | Path | None = None, device: str = "cpu", *, model: str | None = None, kind: str = "auto",
@@ -71,35 +71,3 @@ def _is_digits_file(path) -> bool:
         return "num_classes" in open_state_dict(path).metadata
     except ValueError as e:
         raise ConfigError("checkpoint", str(e)) from e
-
-
-def read_model_card(weights: Path, field: str) -> dict | None:
-    """The card beside ``weights`` (None: none); an invalid card is a ConfigError naming ``field`` and the
-    card's file."""
-    from rcm.checkpoint.card import read_card
-
-    try:
-        return read_card(weights)
-    except ValueError as e:
-        raise ConfigError(field, str(e)) from e
-
-
-def card_sampling(kind: str, card: dict | None) -> dict:
-    """The card's sampler settings when it is a card of a ``kind`` model, else {}."""
-    if not card or card.get("kind", "student") != kind:
-        return {}
-    return card.get("sampling") or {}
-
-
-def sampling_defaults(kind: str, card: dict | None, *, steps: int | None, sigma_max: float | None,
-                      default_steps: int, default_sigma_max: float) -> tuple[int, float]:
-    """(steps, sigma_max) for a ``kind`` sampler: the argument, else the card's (when it is a card of that
-    kind), else the default; ``steps`` checked against the kind's range (a ConfigError naming ``steps``)."""
-    from rcm.sample import check_steps
-
-    sampling = card_sampling(kind, card)
-    if steps is None:
-        steps = sampling.get("steps", default_steps)
-    if sigma_max is None:
-        sigma_max = float(sampling.get("sigma_max", default_sigma_max))
-    return check_steps(kind, steps), sigma_max
