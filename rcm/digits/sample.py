@@ -154,6 +154,8 @@ def sample_digits(cfg: DigitsSampleConfig, console=None) -> SampleResult:
         raise ConfigError("labels", f"must be digits 0..{NUM_CLASSES - 1}, got {list(cfg.labels)}")
     if cfg.labels and cfg.num_samples is not None and cfg.num_samples != len(cfg.labels):
         raise ConfigError("num_samples", f"{cfg.num_samples} != the {len(cfg.labels)} --labels given; pass one of them")
+    if cfg.fps is not None and save_path.suffix.lower() in (".png", ".npz"):
+        raise ConfigError("fps", f"applies to a .gif or .mp4; {save_path} is no video")
     use_threads("threads", cfg.threads)
     resolve_device(cfg.device)  # cuda asked for without CUDA: an error naming --device, before the file is read
     pipe = DigitsPipeline(cfg.checkpoint, device=cfg.device, kind=cfg.kind)

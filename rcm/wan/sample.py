@@ -70,16 +70,16 @@ class WanSampleConfig(SampleSettings):
     """umT5 tokenizer folder; default found next to the text encoder."""
     prompt: str = ""
     """the text to generate a video of."""
-    negative_prompt: str = WAN_NEGATIVE_PROMPT
-    """teacher CFG negative prompt (Wan's default)."""
-    resolution: Literal["480p", "720p"] = "480p"
-    """video size: 480p (832x480 at 16:9) or 720p (1280x720)."""
-    aspect_ratio: Literal["16:9", "9:16", "1:1"] = "16:9"
-    """aspect ratio (1:1 is 624x624 / 960x960)."""
+    negative_prompt: str | None = None
+    """a guided teacher's CFG negative prompt (default Wan's); an error with a student or at guidance <= 1."""
+    resolution: Literal["480p", "720p"] | None = None
+    """video size: 480p (832x480 at 16:9; the default) or 720p (1280x720); an error with --height/--width."""
+    aspect_ratio: Literal["16:9", "9:16", "1:1"] | None = None
+    """aspect ratio (default 16:9; 1:1 is 624x624 / 960x960); an error with --height/--width."""
     height: int | None = None
-    """explicit video height (overrides resolution/aspect-ratio; a multiple of 16)."""
+    """explicit video height (in place of --resolution/--aspect-ratio; a multiple of 16)."""
     width: int | None = None
-    """explicit video width (overrides resolution/aspect-ratio; a multiple of 16)."""
+    """explicit video width (in place of --resolution/--aspect-ratio; a multiple of 16)."""
     num_frames: int = presets.NUM_FRAMES
     """video frames, 1 + 4k."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -207,13 +207,13 @@ class WanPipeline:
     def generate(self, prompt: str, *, steps: int | None = None, seed: int = 0, num_samples: int = 1,
                  sigma_max: float | None = None, mid_times=None, sampler: str | None = None,
                  guidance: float | None = None, shift: float | None = None,
-                 negative_prompt: str = WAN_NEGATIVE_PROMPT, image=None, height: int | None = None,
-                 width: int | None = None, resolution: str = "480p", aspect_ratio: str = "16:9",
+                 negative_prompt: str | None = None, image=None, height: int | None = None,
+                 width: int | None = None, resolution: str | None = None, aspect_ratio: str | None = None,
                  num_frames: int = presets.NUM_FRAMES, vae_chunk_size: int = 1, console=None) -> torch.Tensor:
         """Videos ``[num_samples, num_frames, height, width, 3]`` uint8 on the CPU of ``prompt``; sample ``i``
         uses seed ``seed + i``. ``steps``: this sampler's (student 1..4, default 4; teacher default 50);
         ``sigma_max`` and a student's ``mid_times`` default to the model card's, else Wan's. A teacher's
-        ``sampler`` (default unipc), ``guidance`` (5) and ``shift`` (5); ``image``: a first-frame file for
+        ``sampler`` (default unipc), ``guidance`` (5), ``shift`` (5) and ``negative_prompt`` (Wan's); ``image``: a first-frame file for
         image to video. Size: ``height`` and ``width``, else ``resolution`` and ``aspect_ratio``. Timings
         and sizes of the call are in ``self.last_run``."""
         from rich.console import Console
@@ -225,7 +225,11 @@ class WanPipeline:
             raise ConfigError("prompt", "is required (the text to generate a video of)")
         if (height is None) != (width is None):
             raise ConfigError("height" if height is None else "width", "give both --height and --width, or neither")
-        height, width = (height, width) if height is not None else video_size(resolution, aspect_ratio)
+        if height is not None and (resolution, aspect_ratio) != (None, None):
+            raise ConfigError("resolution" if resolution is not None else "aspect_ratio",
+                              "sets the video size, as --height/--width do: give one or the other")
+        if height is None:
+            height, width = video_size(resolution or "480p", aspect_ratio or "16:9")
         if num_frames < 1 or (num_frames - 1) % 4:
             raise ConfigError("num_frames", f"must be 1 + 4k (1, 5, ..., 81), got {num_frames}")
         if vae_chunk_size < 1:
@@ -261,6 +265,10 @@ class WanPipeline:
         mode = _check_image_args(image_path, self.image_encoder_path, config, vae_config)
         image = read_image(image_path, height, width) if mode is not None else None  # an unreadable image fails now
         guidance = presets.GUIDANCE if guidance is None else guidance
+        if negative_prompt is not None and (self.kind == "student" or guidance <= 1):
+            raise ConfigError("negative_prompt", "applies to a guided teacher (CFG, guidance > 1); this is a "
+                                                 + ("student" if self.kind == "student" else f"teacher at guidance {guidance:g}"))
+        negative_prompt = WAN_NEGATIVE_PROMPT if negative_prompt is None else negative_prompt
         shift = presets.SHIFT if shift is None else shift
         run = dict(kind=self.kind, generator=None, steps=steps, sigma_max=sigma_max, mid_times=mid_times,
                    sampler=settings.sampler or "unipc", guidance=guidance, shift=shift)  # fmt: skip
