@@ -8,8 +8,10 @@
 
 Students use the few-step consistency sampler, teachers flow UniPC or Euler with classifier-free
 guidance. Each application's command extends ``SampleSettings``: ``rcm.digits.sample`` (`rcm sample` /
-`rcm sample digits`) and ``rcm.wan.sample`` (`rcm sample wan2.1-t2v-1.3b | wan2.1-t2v-14b | wan`).
-Unset values (None) take the application's own defaults (its ``presets``).
+`rcm sample digits`) and ``rcm.wan.sample`` (`rcm sample wan2.1-t2v-1.3b | wan2.1-t2v-14b | wan`), and
+runs that application's pipeline (``rcm.pipeline``: the one implementation of sampling). ``--steps`` is the
+sampler's step count for the checkpoint's kind. Unset values (None) take the model card's (a student's
+``<stem>.card.json``, ``rcm.checkpoint.card``), else the application's own defaults (its ``presets``).
 """
 
 from __future__ import annotations
@@ -189,8 +191,17 @@ def sampling_defaults(kind: str, card: dict | None, *, steps: int | None, sigma_
     """(steps, sigma_max) for a ``kind`` sampler: the argument, else the card's (when it is a card of that
     kind), else the default; ``steps`` checked against the kind's range (a ConfigError naming ``steps``)."""
     sampling = card_sampling(kind, card)
+    from_card = steps is None and "steps" in sampling
     if steps is None:
         steps = sampling.get("steps", default_steps)
     if sigma_max is None:
-        sigma_max = float(sampling.get("sigma_max", default_sigma_max))
-    return check_steps(kind, steps), sigma_max
+        try:
+            sigma_max = check_number("sigma_max", float(sampling.get("sigma_max", default_sigma_max)), 0, low_open=True)
+        except (ConfigError, TypeError, ValueError) as e:
+            raise ConfigError("sigma_max", f"the model card's is not a number > 0 ({e}); fix the card or pass it") from e
+    try:
+        return check_steps(kind, steps), sigma_max
+    except ConfigError as e:
+        if not from_card:
+            raise
+        raise ConfigError("steps", f"{e.message} (the model card's default; fix the card or pass it)") from e

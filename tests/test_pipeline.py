@@ -121,6 +121,10 @@ def test_a_card_that_is_not_json_is_an_error_naming_it(tmp_path, capsys):
     assert "\n" not in err
     with pytest.raises(ConfigError, match="broken.card.json: not a valid model card"):
         rcm.pipeline.load(path)
+    odd = _student_with_card(tmp_path, "odd", json.dumps({"kind": "student", "sampling": {"steps": 9}}))
+    with pytest.raises(ConfigError, match=r"^steps: must be in 1..4 for a student, got 9 \(the model card's"):
+        rcm.pipeline.load(odd).generate([1])
+    assert rcm.pipeline.load(odd).generate([1], steps=1).shape[0] == 1  # an explicit value needs no card's
 
 
 # ------------------------------------------------------------------------------------------------
