@@ -219,7 +219,7 @@ class WanPipeline:
         from rich.console import Console
 
         console = console or Console(quiet=True)
-        config, device, dtype = self.config, self.device, self.dtype
+        config, device = self.config, self.device
         image_path = existing_path("image", image, required=False)
         if not str(prompt).strip():
             raise ConfigError("prompt", "is required (the text to generate a video of)")
