@@ -222,3 +222,21 @@ def test_help_shows_the_codes_guidance_defaults(capsys):
     text = " ".join(capsys.readouterr().out.split()).replace("│ ", "")
     assert f"Wan {wan_presets.GUIDANCE:g}, digits {presets.TEACHER_GUIDANCE:g})" in text
     assert presets.TEACHER_GUIDANCE == 2.0
+
+
+def test_wan_pipeline_takes_its_defaults_from_the_card(wan_files, tmp_path):
+    import shutil
+
+    from rcm.checkpoint.card import write_card
+
+    plain, carded = tmp_path / "plain.safetensors", tmp_path / "carded.safetensors"
+    for path in (plain, carded):
+        shutil.copy(wan_files / "student.safetensors", path)
+    write_card(carded, family="wan", teacher=None, method="rcm", iterations=1,
+               sampling={"steps": 1, "sigma_max": 3.0, "mid_times": {}})  # fmt: skip
+    load = lambda p: rcm.pipeline.load(p, vae_path=wan_files / "vae", text_encoder_path=wan_files / "umt5")  # noqa: E731
+    size = dict(num_frames=5, height=HEIGHT, width=WIDTH)
+    by_card = load(carded).generate("a cat", **size)
+    assert torch.equal(by_card, load(plain).generate("a cat", steps=1, sigma_max=3.0, **size))
+    assert not torch.equal(by_card, load(plain).generate("a cat", **size))  # 4 steps from 80: another video
+    assert torch.equal(load(carded).generate("a cat", steps=4, sigma_max=80.0, **size), load(plain).generate("a cat", **size))
