@@ -72,7 +72,7 @@ class SampleSettings:
     """this sampler's steps: a student's 1..4 (default 4), a teacher's 1..10,000 (default 50); a model card
     beside the checkpoint may set the default."""
     sigma_max: float | None = None
-    """starting noise level σ_max; default the application's (student 80, teacher 5000)."""
+    """starting noise level σ_max; default the model card's, else the application's (student 80, teacher 5000)."""
     sampler: Literal["unipc", "euler"] | None = None
     """teacher sampler (flow UniPC, order 2, or Euler; default unipc); an error with a student."""
     guidance: float | None = None
