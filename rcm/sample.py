@@ -1,15 +1,17 @@
 """`rcm sample`: what sampling a teacher or a distilled student means for every application.
 
     rcm sample                                              # shipped digits teacher, one clip per class
-    rcm sample --checkpoint runs/digits-rcm/student_ema.safetensors --num-steps 2 --save-path s.gif
+    rcm sample --checkpoint runs/digits-rcm/student_ema.safetensors --steps 2 --save-path s.gif
     rcm sample wan2.1-t2v-1.3b --dit-path rCM_Wan2.1_T2V_1.3B_480p.pt \\
         --vae-path Wan2.1_VAE.pth --text-encoder-path models_t5_umt5-xxl-enc-bf16.pth \\
-        --prompt "A cat surfing a wave" --num-steps 4 --num-samples 2 --save-path out.mp4
+        --prompt "A cat surfing a wave" --steps 4 --num-samples 2 --save-path out.mp4
 
 Students use the few-step consistency sampler, teachers flow UniPC or Euler with classifier-free
 guidance. Each application's command extends ``SampleSettings``: ``rcm.digits.sample`` (`rcm sample` /
-`rcm sample digits`) and ``rcm.wan.sample`` (`rcm sample wan2.1-t2v-1.3b | wan2.1-t2v-14b | wan`).
-Unset values (None) take the application's own defaults (its ``presets``).
+`rcm sample digits`) and ``rcm.wan.sample`` (`rcm sample wan2.1-t2v-1.3b | wan2.1-t2v-14b | wan`), and
+runs that application's pipeline (``rcm.pipeline``: the one implementation of sampling). ``--steps`` is the
+sampler's step count for the checkpoint's kind. Unset values (None) take the model card's (a student's
+``<stem>.card.json``, ``rcm.checkpoint.card``), else the application's own defaults (its ``presets``).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 
 from rcm import MAX_SAMPLING_STEPS, ConfigError, PathArgumentError, check_count, check_number, check_seed
 
-__all__ = ["SampleResult", "SampleSettings", "existing_path", "numbered", "resolve_device", "result_json"]
+__all__ = ["SampleResult", "SampleSettings", "card_sampling", "check_steps", "read_model_card", "sampling_defaults", "existing_path", "numbered", "resolve_device", "result_json"]
 
 Device = Literal["auto", "cpu", "cuda"]
 
@@ -41,6 +43,19 @@ def resolve_device(name: str) -> torch.device:
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
 
 
+MAX_STUDENT_STEPS = 4  # the reference's mid-times (1.5, 1.4, 1.0) cover 1..4 steps
+DEFAULT_STUDENT_STEPS = 4
+
+
+def check_steps(kind: str, steps: int, field: str = "steps") -> int:
+    """``steps`` for a ``kind`` sampler: a student's 1..4, a teacher's 1..MAX_SAMPLING_STEPS; else a
+    ConfigError naming ``field`` with that kind's range."""
+    high = MAX_STUDENT_STEPS if kind == "student" else MAX_SAMPLING_STEPS
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= high:
+        raise ConfigError(field, f"must be in 1..{high:,} for a {kind}, got {steps!r}")
+    return steps
+
+
 @dataclass
 class SampleSettings:
     """The sampling settings every application shares."""
@@ -53,14 +68,13 @@ class SampleSettings:
     """noise seed; sample i uses seed + i."""
     num_samples: int | None = None
     """how many samples (digits: default one per class or len(labels); Wan: default 1, out_0.mp4, ...)."""
-    num_steps: int | None = None
-    """student sampling steps, 1..4 (default 4); an error with a teacher."""
+    steps: int | None = None
+    """this sampler's steps: a student's 1..4 (default 4), a teacher's 1..10,000 (default 50); a model card
+    beside the checkpoint may set the default."""
     sigma_max: float | None = None
-    """starting noise level σ_max; default the application's (student 80, teacher 5000)."""
+    """starting noise level σ_max; default the model card's, else the application's (student 80, teacher 5000)."""
     sampler: Literal["unipc", "euler"] | None = None
     """teacher sampler (flow UniPC, order 2, or Euler; default unipc); an error with a student."""
-    steps: int | None = None
-    """teacher sampling steps (default 50); an error with a student (its steps are --num-steps)."""
     guidance: float | None = None
     """teacher CFG weight (> 1 guides); default the application's (Wan 5, digits 2)."""
     shift: float | None = None
@@ -70,14 +84,17 @@ class SampleSettings:
     threads: int = 0
     """CPU threads (torch.set_num_threads); 0: torch's default (digits: 1)."""
 
-    MAX_STUDENT_STEPS = 4  # the reference's mid-times (1.5, 1.4, 1.0) cover 1..4 steps
-    DEFAULT_STUDENT_STEPS = 4
-    TEACHER_ONLY = ("steps", "sampler", "guidance", "shift")  # a student has none of these
+    MAX_STUDENT_STEPS = MAX_STUDENT_STEPS
+    DEFAULT_STUDENT_STEPS = DEFAULT_STUDENT_STEPS
+    TEACHER_ONLY = ("sampler", "guidance", "shift")  # a student has none of these
 
     def check(self, kind: str) -> None:
         """The settings that apply to ``kind`` (student / teacher), as ConfigErrors naming the field; a flag
-        given that does not apply to ``kind`` is an error, never ignored. Then fills the defaults of
-        ``num_steps`` (a student's) and ``sampler`` (a teacher's)."""
+        given that does not apply to ``kind`` is an error, never ignored. ``steps`` is checked against the
+        kind's range (student 1..4, teacher 1..MAX_SAMPLING_STEPS); ``sampler`` gets its teacher default.
+        Unset ``steps`` stays None (the pipeline fills it from the model card or the kind's default)."""
+        if kind not in ("student", "teacher"):
+            raise ConfigError("kind", f"must be student or teacher, got {kind!r}")
         check_seed("seed", self.seed)
         if self.num_samples is not None:
             check_count("num_samples", self.num_samples, 1, 2**31 - 1)
@@ -85,12 +102,9 @@ class SampleSettings:
             check_number("sigma_max", self.sigma_max, 0, low_open=True)
         if self.fps is not None:
             check_count("fps", self.fps, 1, 1000)
+        if self.steps is not None:
+            check_steps(kind, self.steps)
         if kind == "teacher":
-            if self.num_steps is not None:
-                raise ConfigError("num_steps", f"is a student's step count; this checkpoint is a teacher (its steps "
-                                               f"are --steps), got --num-steps {self.num_steps}")
-            if self.steps is not None:
-                check_count("steps", self.steps, 1, MAX_SAMPLING_STEPS)
             if self.guidance is not None:
                 check_number("guidance", self.guidance, 0)
             if self.shift is not None:
@@ -99,12 +113,8 @@ class SampleSettings:
             return
         for name in self.TEACHER_ONLY:
             if getattr(self, name) is not None:
-                raise ConfigError(name, f"applies to a teacher; this checkpoint is a student (its steps are "
-                                        f"--num-steps), got --{name} {getattr(self, name)}")
-        if self.num_steps is None:
-            self.num_steps = self.DEFAULT_STUDENT_STEPS
-        if not 1 <= self.num_steps <= self.MAX_STUDENT_STEPS:
-            raise ConfigError("num_steps", f"must be in 1..{self.MAX_STUDENT_STEPS}, got {self.num_steps}")
+                raise ConfigError(name, f"applies to a teacher; this checkpoint is a student, got --{name} "
+                                        f"{getattr(self, name)}")
 
     def save_path_or(self, default: str, suffixes: tuple[str, ...], family: str) -> Path:
         path = Path(self.save_path) if self.save_path is not None else Path(default)
@@ -156,3 +166,42 @@ def result_json(result: SampleResult) -> str:
     d = dict(result.__dict__)
     d["paths"] = [str(p) for p in result.paths]
     return json.dumps(d)
+
+
+def read_model_card(weights: Path, field: str) -> dict | None:
+    """The card beside ``weights`` (None: none); an invalid card is a ConfigError naming ``field`` and the
+    card's file."""
+    from rcm.checkpoint.card import read_card
+
+    try:
+        return read_card(weights)
+    except ValueError as e:
+        raise ConfigError(field, str(e)) from e
+
+
+def card_sampling(kind: str, card: dict | None) -> dict:
+    """The card's sampler settings when it is a card of a ``kind`` model, else {}."""
+    if not card or card.get("kind", "student") != kind:
+        return {}
+    return card.get("sampling") or {}
+
+
+def sampling_defaults(kind: str, card: dict | None, *, steps: int | None, sigma_max: float | None,
+                      default_steps: int, default_sigma_max: float) -> tuple[int, float]:
+    """(steps, sigma_max) for a ``kind`` sampler: the argument, else the card's (when it is a card of that
+    kind), else the default; ``steps`` checked against the kind's range (a ConfigError naming ``steps``)."""
+    sampling = card_sampling(kind, card)
+    from_card = steps is None and "steps" in sampling
+    if steps is None:
+        steps = sampling.get("steps", default_steps)
+    if sigma_max is None:
+        try:
+            sigma_max = check_number("sigma_max", float(sampling.get("sigma_max", default_sigma_max)), 0, low_open=True)
+        except (ConfigError, TypeError, ValueError) as e:
+            raise ConfigError("sigma_max", f"the model card's is not a number > 0 ({e}); fix the card or pass it") from e
+    try:
+        return check_steps(kind, steps), sigma_max
+    except ConfigError as e:
+        if not from_card:
+            raise
+        raise ConfigError("steps", f"{e.message} (the model card's default; fix the card or pass it)") from e

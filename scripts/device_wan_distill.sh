@@ -85,7 +85,7 @@ CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0} python3 cli.py export --checkpoi
 
 echo "== sample the exported student"
 CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0} python3 cli.py sample wan --dit-path "$WORK/run/exported.safetensors" --vae-path "$WORK/vae" \
-  --text-encoder-path "$WORK/umt5" --prompt "A red fox running through fresh snow, cinematic" --num-steps 4 \
+  --text-encoder-path "$WORK/umt5" --prompt "A red fox running through fresh snow, cinematic" --steps 4 \
   "${SIZE[@]}" --device $DEVICE --save-path "$SAVE/student.mp4" 2>&1 | tee "$SAVE/sample.log"
 
 python3 - "$SAVE" <<'EOF'

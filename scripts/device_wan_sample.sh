@@ -63,7 +63,7 @@ print(f"random checkpoints written in {time.perf_counter() - t0:.1f} s "
 result = sample(SampleConfig(
     model="wan2.1-t2v-1.3b", dit_path=work / "dit.safetensors", vae_path=work / "vae.safetensors",
     text_encoder_path=work / "umt5", prompt="A red fox running through fresh snow, cinematic",
-    num_samples=2, num_steps=4, sigma_max=80.0, resolution="480p", aspect_ratio="16:9", num_frames=81,
+    num_samples=2, steps=4, sigma_max=80.0, resolution="480p", aspect_ratio="16:9", num_frames=81,
     seed=0, device="cuda", save_path=save / "student.mp4"), console=console)
 steps = result.extra["step_seconds"]
 summary = {

@@ -36,10 +36,10 @@ def test_digits_commands_on_cuda(tmp_path):
               "--report-settings.teacher-steps", "2"])
     assert (tmp_path / "eval" / "metrics.json").is_file()
 
-    cuda = sample_digits(DigitsSampleConfig(device="cuda", checkpoint=run / "student_ema.safetensors", num_steps=2,
+    cuda = sample_digits(DigitsSampleConfig(device="cuda", checkpoint=run / "student_ema.safetensors", steps=2,
                                             save_path=tmp_path / "gpu.npz"))
     cli.main(["sample", "--device", "cpu", "--checkpoint", str(run / "student_ema.safetensors"),
-              "--num-steps", "2", "--save-path", str(tmp_path / "cpu.npz")])
+              "--steps", "2", "--save-path", str(tmp_path / "cpu.npz")])
     import numpy as np
 
     a, b = np.load(tmp_path / "gpu.npz")["clips"], np.load(tmp_path / "cpu.npz")["clips"]

@@ -12,7 +12,7 @@ import pytest
 import rcm
 
 ROOT = Path(rcm.__file__).resolve().parent
-APPLICATIONS = ("rcm.digits", "rcm.wan", "rcm.bench", "rcm.sample")
+APPLICATIONS = ("rcm.digits", "rcm.wan", "rcm.bench", "rcm.sample", "rcm.pipeline")
 
 
 def _modules() -> dict[str, Path]:
@@ -90,7 +90,7 @@ def test_top_level_is_packages_and_at_most_four_modules():
     assert len(modules) <= 4, modules
 
 
-ROOMS = ("rcm/__init__.py", "rcm/optim.py", "rcm/media.py", "rcm/timing.py", "rcm/sample.py", "rcm/train",
+ROOMS = ("rcm/__init__.py", "rcm/optim.py", "rcm/media.py", "rcm/timing.py", "rcm/sample.py", "rcm/pipeline", "rcm/train",
          "rcm/checkpoint", "rcm/digits", "rcm/wan", "rcm/bench", "rcm/parallel/fsdp.py", "cli.py")
 
 

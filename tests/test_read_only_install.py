@@ -29,7 +29,7 @@ COMMANDS = [
      "--device", "cpu", *TINY_REPORT],
     ["eval", "--runs", "runs/digits-rcm", "--device", "cpu", *TINY_REPORT],
     ["sample", "--steps", "2", "--device", "cpu"],
-    ["sample", "--checkpoint", "runs/digits-rcm/student_ema.safetensors", "--num-steps", "1", "--save-path",
+    ["sample", "--checkpoint", "runs/digits-rcm/student_ema.safetensors", "--steps", "1", "--save-path",
      "student.gif", "--device", "cpu"],
     ["study", "--methods", "scm", "--snapshots", "2", "--batch-size", "2", "--num-per-class", "2", "--num-real",
      "20", "--teacher-steps", "1", "--student-steps", "1", "--threads", "1", "--device", "cpu"],

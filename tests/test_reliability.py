@@ -303,8 +303,9 @@ def test_a_kill_during_export_leaves_no_partial_file_and_the_rerun_exports_the_s
         assert bool(_temporaries(exports)) == (point != "after-rename"), point
     cli.main([*export, str(target)])
     _assert_same_export(target, exports / "uninterrupted.safetensors")
-    assert not _temporaries(exports) and sorted(p.name for p in exports.iterdir()) == [
-        "old.safetensors", "student.safetensors", "uninterrupted.safetensors"]
+    assert not _temporaries(exports) and sorted(p.name for p in exports.iterdir()) == [  # with each's model card
+        "old.card.json", "old.safetensors", "student.card.json", "student.safetensors", "uninterrupted.card.json",
+        "uninterrupted.safetensors"]
 
 
 def test_nonfinite_run_stops_with_status_1_and_keeps_checkpoints(teacher, tmp_path, monkeypatch, capsys):

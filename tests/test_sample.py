@@ -55,7 +55,7 @@ def cli_main():
 
 
 def _field(flag: str) -> str:
-    """A flag in a pattern (``--num-steps``) as the field a ConfigError names (``num_steps``)."""
+    """A flag in a pattern (``--sigma-max``) as the field a ConfigError names (``sigma_max``)."""
     import re
 
     return re.sub(r"--([a-z-]+)", lambda m: m[1].replace("-", "_"), flag)
@@ -77,7 +77,7 @@ def test_wan_student_cli_writes_playable_mp4s(wan_files, tmp_path, cli_main):
     out = tmp_path / "out.mp4"
     cli_main(["sample", "wan", "--dit-path", str(wan_files / "student.safetensors"),
               "--vae-path", str(wan_files / "vae"), "--text-encoder-path", str(wan_files / "umt5"),
-              "--prompt", "a cat surfing", "--num-samples", "2", "--num-steps", "2", "--num-frames", str(FRAMES),
+              "--prompt", "a cat surfing", "--num-samples", "2", "--steps", "2", "--num-frames", str(FRAMES),
               "--height", str(HEIGHT), "--width", str(WIDTH), "--seed", "3", "--device", "cpu",
               "--save-path", str(out)])  # fmt: skip
     videos = []
@@ -88,7 +88,7 @@ def test_wan_student_cli_writes_playable_mp4s(wan_files, tmp_path, cli_main):
         videos.append(frames.astype(np.float32))
     assert np.abs(videos[0] - videos[1]).mean() > 1  # seeds 3 and 4: different samples
     # sample i alone, with seed + i, is the same video (same frames: the same H.264 stream)
-    again = sample_wan(wan_args(wan_files, prompt="a cat surfing", num_steps=2, seed=4, save_path=tmp_path / "again.mp4"))
+    again = sample_wan(wan_args(wan_files, prompt="a cat surfing", steps=2, seed=4, save_path=tmp_path / "again.mp4"))
     assert again.paths == [tmp_path / "again.mp4"] and again.kind == "student"
     assert np.array_equal(read_video(again.paths[0])[0].astype(np.float32), videos[1])
 
@@ -108,8 +108,8 @@ def test_wan_teacher_with_cfg_writes_a_gif(wan_files, tmp_path):
     (dict(text_encoder_path="nowhere/umt5"), "--text-encoder-path"),
     (dict(prompt="  "), "--prompt"),
     (dict(num_frames=8), "--num-frames"),
-    (dict(num_steps=5), "--num-steps"),
-    (dict(num_steps=0), "--num-steps"),
+    (dict(steps=5), "--steps"),
+    (dict(steps=0), "--steps"),
     (dict(sigma_max=0.0), "--sigma-max"),
     (dict(sigma_max=-80.0), "--sigma-max"),
     (dict(kind="teacher", guidance=-1.0), "--guidance"),
@@ -182,12 +182,12 @@ def digits_files(tmp_path_factory):
 def test_digits_student_every_format(digits_files, tmp_path, cli_main):
     spec = demo.DEMO_SPEC
     cli_main(["sample", "--checkpoint", str(digits_files / "student.safetensors"), "--labels", "3", "1", "4",
-              "--num-steps", "2", "--save-path", str(tmp_path / "s.npz")])  # fmt: skip
+              "--steps", "2", "--save-path", str(tmp_path / "s.npz")])  # fmt: skip
     data = np.load(tmp_path / "s.npz")
     assert data["clips"].shape == (3, spec.frames, spec.size, spec.size) and data["clips"].dtype == np.float32
     assert 0 <= data["clips"].min() and data["clips"].max() <= 1
     assert data["labels"].tolist() == [3, 1, 4]
-    args = dict(checkpoint=digits_files / "student.safetensors", num_samples=4, num_steps=1)
+    args = dict(checkpoint=digits_files / "student.safetensors", num_samples=4, steps=1)
     png = sample_digits(DigitsSampleConfig(**args, save_path=tmp_path / "s.png")).paths[0]
     img = iio.imread(png)
     assert img.ndim == 2 and img.shape[0] > 4 * spec.size and img.shape[1] > spec.frames * spec.size
@@ -205,7 +205,7 @@ def test_digits_teacher_and_kind_inference(digits_files, tmp_path):
     assert np.load(result.paths[0])["clips"].shape[0] == 2
     with pytest.raises(ValueError, match="--kind"):
         sample_digits(DigitsSampleConfig(checkpoint=digits_files / "unknown.safetensors", save_path=tmp_path / "u.npz"))
-    forced = sample_digits(DigitsSampleConfig(checkpoint=digits_files / "unknown.safetensors", kind="student", num_steps=1,
+    forced = sample_digits(DigitsSampleConfig(checkpoint=digits_files / "unknown.safetensors", kind="student", steps=1,
                                  num_samples=1, save_path=tmp_path / "u.npz"))  # fmt: skip
     assert forced.kind == "student"
 
@@ -214,7 +214,7 @@ def test_digits_teacher_and_kind_inference(digits_files, tmp_path):
     (dict(checkpoint="nope.safetensors"), "--checkpoint"),
     (dict(labels=(3, 12)), "--labels"),
     (dict(labels=(1, 2), num_samples=3), "--num-samples"),
-    (dict(num_steps=7), "--num-steps"),
+    (dict(steps=7), "--steps"),
     (dict(sigma_max=float("nan")), "--sigma-max"),
     (dict(save_path="x.jpg"), "--save-path"),
     (dict(kind="teacher", guidance=-0.5), "--guidance"),
@@ -232,9 +232,9 @@ def test_wan_compiled_sampling_matches_eager(wan_files, tmp_path):
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()  # graphs cached by an earlier test of the same shapes would not count as new
-    eager = sample_wan(wan_args(wan_files, num_steps=2, save_path=tmp_path / "eager.mp4"))
+    eager = sample_wan(wan_args(wan_files, steps=2, save_path=tmp_path / "eager.mp4"))
     graphs = counters["stats"]["unique_graphs"]
-    compiled = sample_wan(wan_args(wan_files, num_steps=2, save_path=tmp_path / "compiled.mp4", compile=True))
+    compiled = sample_wan(wan_args(wan_files, steps=2, save_path=tmp_path / "compiled.mp4", compile=True))
     assert counters["stats"]["unique_graphs"] > graphs  # the blocks really ran compiled
     a, b = (read_video(r.paths[0])[0].astype(np.float32) for r in (eager, compiled))
     assert a.shape == b.shape and a.std() > 0

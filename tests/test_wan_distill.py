@@ -71,10 +71,20 @@ def test_distill_resumes_exactly_exports_and_samples(wan, tmp_path):
     # the export samples with `rcm sample`, found to be a student from its metadata
     out = tmp_path / "video.mp4"
     cli.main(["sample", "wan", "--dit-path", str(a / "student_ema.safetensors"), "--vae-path",
-              str(files / "vae"), "--text-encoder-path", str(files / "umt5"), "--prompt", "a cat", "--num-steps", "2",
+              str(files / "vae"), "--text-encoder-path", str(files / "umt5"), "--prompt", "a cat", "--steps", "2",
               "--num-frames", "9", "--height", "16", "--width", "32", "--device", "cpu", "--save-path", str(out)])
     frames = iio.imread(out, index=None, plugin="FFMPEG")
     assert frames.shape == (9, 16, 32, 3) and frames.std() > 0
+    # its model card: the teacher, the run, the sampler settings of its samples; the pipeline's defaults
+    import rcm.pipeline
+
+    card = json.loads((a / "student_ema.card.json").read_text())
+    assert card["family"] == "wan" and card["method"] == "rcm" and card["iterations"] == 5
+    assert card["teacher"] == str(files / "teacher.safetensors") and card["metrics"] == {}
+    assert card["sampling"]["steps"] == 2 and card["sampling"]["evaluated_steps"] == [1, 2]
+    assert card["sampling"]["mid_times"]["4"] == [1.5, 1.4, 1.0]
+    pipe = rcm.pipeline.load(a / "student_ema.safetensors", vae_path=files / "vae", text_encoder_path=files / "umt5")
+    assert pipe.kind == "student" and pipe.sampling() == (2, card["sampling"]["sigma_max"])
 
 
 def test_help_shows_every_reference_default_for_each_size(capsys):
@@ -199,7 +209,7 @@ def test_torchrun_cp2_matches_one_process_and_its_dcp_checkpoint_exports_and_sam
         torch.testing.assert_close(exported["cp2"][k], v, rtol=1e-4, atol=1e-6)
     video = tmp_path / "cp2.mp4"
     cli.main(["sample", "wan", "--dit-path", str(tmp_path / "cp2.safetensors"), "--vae-path",
-              str(files / "vae"), "--text-encoder-path", str(files / "umt5"), "--prompt", "a cat", "--num-steps", "2",
+              str(files / "vae"), "--text-encoder-path", str(files / "umt5"), "--prompt", "a cat", "--steps", "2",
               "--num-frames", "5", "--height", "16", "--width", "32", "--device", "cpu", "--save-path", str(video)])
     assert iio.imread(video, index=None, plugin="FFMPEG").shape == (5, 16, 32, 3)
 

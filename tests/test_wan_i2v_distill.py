@@ -136,7 +136,7 @@ def test_distill_two_experts_exports_a_two_expert_student_that_samples(i2v, tmp_
     out = tmp_path / "video.mp4"
     cli.main(["sample", "wan", "--dit-path", str(run / "student_ema"), "--vae-path", str(files / "vae"),
               "--text-encoder-path", str(files / "umt5"), "--prompt", "a cat", "--image", str(files / "first.png"),
-              "--num-steps", "4", "--num-frames", "9", "--height", "32", "--width", "64", "--device", "cpu",
+              "--steps", "4", "--num-frames", "9", "--height", "32", "--width", "64", "--device", "cpu",
               "--save-path", str(out)])
     assert iio.imread(out, index=None).shape == (9, 32, 64, 3)
 

@@ -47,9 +47,9 @@ def run_cli(args, capsys):
 @pytest.mark.parametrize("dit, extra", [
     ("i2v", ["--kind", "teacher", "--steps", "2", "--guidance", "3", "--sampler", "euler",
              "--image-encoder-path", "clip"]),
-    ("i2v_student.safetensors", ["--num-steps", "2", "--image-encoder-path", "clip"]),
+    ("i2v_student.safetensors", ["--steps", "2", "--image-encoder-path", "clip"]),
     ("experts", ["--steps", "3"]),
-    ("experts_student", ["--num-steps", "4"]),
+    ("experts_student", ["--steps", "4"]),
 ])  # fmt: skip
 def test_i2v_and_two_expert_models_sample_to_mp4(files, tmp_path, capsys, dit, extra):
     extra = [str(files / e) if e == "clip" else e for e in extra]
@@ -79,7 +79,7 @@ def test_ti2v_given_frame_is_exact_in_every_sampler(files):
     assert torch.equal(given, vae.encode(image[:, :, None]))  # the image alone encodes to latent frame 0
     noise = torch.randn(1, 48, 3, HEIGHT // 16, WIDTH // 16, generator=torch.Generator().manual_seed(0))
     context = torch.randn(1, 8, 32)
-    for kwargs in (dict(kind="student", num_steps=3), dict(kind="teacher", steps=3, guidance=1.0),
+    for kwargs in (dict(kind="student", steps=3), dict(kind="teacher", steps=3, guidance=1.0),
                    dict(kind="teacher", steps=2, sampler="euler", guidance=2.0, negative_context=torch.zeros(1, 8, 32))):
         out = sample_wan_latent(dit, context, noise, generator=torch.Generator().manual_seed(1), condition=condition,
                                 **kwargs)
@@ -98,7 +98,7 @@ def test_two_expert_student_steps_go_to_the_expert_of_their_time(files):
     vae = load_vae(files / "vae")
     condition = wan_image_condition(experts.config, vae, read_image(files / "first.png", HEIGHT, WIDTH), FRAMES)
     noise = torch.randn(1, 16, 3, HEIGHT // 8, WIDTH // 8)
-    sample_wan_latent(experts, torch.randn(1, 8, 32), noise, kind="student", num_steps=4,
+    sample_wan_latent(experts, torch.randn(1, 8, 32), noise, kind="student", steps=4,
                       generator=torch.Generator().manual_seed(0), condition=condition)
     assert calls == ["high", "high", "low", "low"]
 

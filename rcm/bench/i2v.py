@@ -150,7 +150,7 @@ def bench_sample_part(cfg: BenchI2VConfig, family: str, device, dtype, console, 
         if mode == "compiled":
             compile_blocks(net, cfg.compile_backend)
         run = lambda progress=None: sample_wan_latent(  # noqa: E731
-            net, context, noise, kind="student", num_steps=cfg.student_steps, generator=torch.Generator(device).manual_seed(0),
+            net, context, noise, kind="student", steps=cfg.student_steps, generator=torch.Generator(device).manual_seed(0),
             condition=condition, progress=progress)
         with console.status(f"{family} {mode}: warm-up"):
             t0 = time.perf_counter()

@@ -81,7 +81,7 @@ def bench_sample(cfg: BenchSampleConfig) -> dict:
         from rcm.models.vae import WanVAE
 
         vae = WanVAE().to(device=device, dtype=dtype).eval().requires_grad_(False)
-    runs = [(f"student {n} step{'s' if n > 1 else ''}", dict(kind="student", num_steps=n)) for n in cfg.student_steps]
+    runs = [(f"student {n} step{'s' if n > 1 else ''}", dict(kind="student", steps=n)) for n in cfg.student_steps]
     runs.append((f"teacher {cfg.teacher_steps} steps CFG {cfg.guidance:g}",
                  dict(kind="teacher", steps=cfg.teacher_steps, guidance=cfg.guidance, negative_context=negative)))
     results: dict = {"model": cfg.model, "tokens": shape.tokens, "device": _device_name(device),
@@ -94,7 +94,7 @@ def bench_sample(cfg: BenchSampleConfig) -> dict:
         rows = {}
         # warm-up (compile): a 2-step student and a 2-step guided teacher
         t0 = time.perf_counter()
-        sample_wan_latent(net, context, noise, kind="student", num_steps=2, generator=torch.Generator().manual_seed(0))
+        sample_wan_latent(net, context, noise, kind="student", steps=2, generator=torch.Generator().manual_seed(0))
         sample_wan_latent(net, context, noise, kind="teacher", steps=2, guidance=cfg.guidance,
                           negative_context=negative, generator=torch.Generator().manual_seed(0))
         _sync(device)

@@ -155,6 +155,9 @@ def _export(cfg: ExportConfig, path: Path) -> Path:
     else:
         _write_folder(_wan_network(weights, network, f"the {cfg.model} network of {path}", cfg.layout), out,
                       cfg.layout, metadata)
+    from rcm.checkpoint.card import export_card  # a student's model card beside it (rcm.checkpoint.card)
+
+    export_card(out, path, None if path.is_dir() else saved, cfg.model)
     print(f"{cfg.model} of {path} → {out}{'' if cfg.layout == 'rcm' else f' ({cfg.layout} layout)'} "
           f"({sum(v.numel() for v in weights.values()) / 1e6:,.1f}M parameters)")
     return out

@@ -117,6 +117,19 @@ class DigitsTask:
     def export(self, ema: nn.Module, path: Path, metadata: dict) -> None:
         save_model(ema, path, metadata)  # atomic: a crash mid-export leaves the previous export (or none)
 
+    def card(self, summary: dict) -> dict:
+        """The model card's facts (``rcm.checkpoint.card``): the teacher, the sampler settings the report
+        evaluates the student with, and its rows of the report (``summary["rows"]``) as metrics."""
+        from rcm.digits.model import TEACHER_PATH
+
+        rep, method = self.cfg.report_settings, self.cfg.method
+        mids = {n: (rep.mid_times[: n - 1] if rep.mid_times is not None else presets.student_mid_times(n))
+                for n in presets.STUDENT_MID_TIMES}  # fmt: skip
+        metrics = {r["name"]: r for r in summary.get("rows", []) if str(r.get("name", "")).startswith(f"{method}@")}
+        return {"family": "digits", "teacher": str(self.cfg.teacher or TEACHER_PATH), "metrics": metrics,
+                "sampling": {"steps": max(rep.student_steps, default=4), "sigma_max": rep.sigma_max,
+                             "mid_times": mids, "evaluated_steps": list(rep.student_steps)}}  # fmt: skip
+
     def report(self, teacher: nn.Module, ema: nn.Module, run_dir: Path, console) -> dict:
         if not self.cfg.report:
             return {}

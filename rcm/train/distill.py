@@ -19,6 +19,7 @@ import torch
 from rcm import ConfigError, check_count, check_threads, out_of_memory_as
 from rcm.checkpoint import checkpointer
 from rcm.checkpoint.atomic import atomic_write_bytes
+from rcm.checkpoint.card import write_card
 from rcm.checkpoint.fingerprint import settings_record
 from rcm.checkpoint.run_folder import claimed_folder
 from rcm.losses import RCMConfig
@@ -202,6 +203,9 @@ def _distill_locked(task: Task, cfg: DistillConfig, run: Run, run_dir: Path) -> 
     describe_network = getattr(task, "network_metadata", None)  # optional: what `rcm export` writes beside the weights
     if describe_network is not None:
         record["network"] = describe_network(state.student)
+    describe_card = getattr(task, "card", None)  # optional: the model card's facts (rcm.checkpoint.card)
+    if describe_card is not None:
+        record["card"] = describe_card({})  # so that `rcm export` of any checkpoint writes the card too
     ckpt = checkpointer(run_dir / "checkpoints", mesh, keep=cfg.loop.keep_checkpoints)
     if cfg.resume and resume(state, task, ckpt, record) is not None:
         if state.iteration > cfg.loop.iterations:  # exporting would hand out the later weights as the shorter run's
@@ -269,4 +273,7 @@ def _distill_locked(task: Task, cfg: DistillConfig, run: Run, run_dir: Path) -> 
     console.print(f"student (EMA) → {student_path}   training took {train_seconds:.1f} s"
                   + (f", {train_seconds / len(steps):.2f} s/iteration" if steps else ""))
     summary.update(task.report(teacher, ema.eval(), run_dir, console))
+    if describe_card is not None:  # the exported student's card, with the report's metrics where it has them
+        card = describe_card(summary)
+        summary["card"] = str(write_card(student_path, **card, method=cfg.method, iterations=state.iteration))
     return summary

@@ -81,13 +81,14 @@ def read_image(path, height: int, width: int, *, field: str = "image") -> Tensor
 
 @torch.no_grad()
 def sample_wan_latent(dit, context: Tensor, noise: Tensor, *, kind: str, generator: torch.Generator,
-                      num_steps: int = 4, sigma_max: float | None = None, sampler: str = "unipc", steps: int = presets.TEACHER_STEPS,
+                      steps: int | None = None, sigma_max: float | None = None, mid_times=None, sampler: str = "unipc",
                       guidance: float = presets.GUIDANCE, shift: float = presets.SHIFT, negative_context: Tensor | None = None,
                       condition=None, progress=None) -> Tensor:
     """One batch of Wan latents (float32, normalized VAE space) from ``noise [B, C, T, h, w]``.
 
-    Student: ``num_steps`` consistency steps from σ_max (default 80), re-noised from ``generator``.
-    Teacher: ``steps`` of UniPC/Euler over the shift-``shift`` schedule from σ_max (default 5000),
+    Student: ``steps`` (default 4) consistency steps from σ_max (default 80) through ``mid_times`` (default
+    the reference's 1.5, 1.4, 1.0), re-noised from ``generator``.
+    Teacher: ``steps`` (default 50) of UniPC/Euler over the shift-``shift`` schedule from σ_max (default 5000),
     CFG ``guidance`` against ``negative_context`` (the image conditioning stays in both passes).
     ``condition``: the image's ``FrameCondition`` (``rcm.models.wan_image``), imposed on every state and
     network call; ``dit`` may be a ``WanExperts`` (each step to its expert). ``progress(i, n)`` after
@@ -98,13 +99,14 @@ def sample_wan_latent(dit, context: Tensor, noise: Tensor, *, kind: str, generat
     )  # fmt: skip
 
     if kind == "student":
-        times = consistency_times(num_steps, sigma_max=presets.STUDENT_SIGMA_MAX if sigma_max is None else sigma_max)
+        times = consistency_times(4 if steps is None else steps, mid_times=mid_times,
+                                  sigma_max=presets.STUDENT_SIGMA_MAX if sigma_max is None else sigma_max)
         out = sample_consistency(student_denoiser(dit, context, condition=condition), noise, times, generator=generator,
                                  progress=progress)
     elif kind == "teacher":
         velocity = teacher_velocity(dit, context, guidance=guidance, negative_context=negative_context,
                                     condition=condition)
-        times = shifted_flow_times(steps, shift=shift, sigma_max=presets.TEACHER_SIGMA_MAX if sigma_max is None else sigma_max)
+        times = shifted_flow_times(presets.TEACHER_STEPS if steps is None else steps, shift=shift, sigma_max=presets.TEACHER_SIGMA_MAX if sigma_max is None else sigma_max)
         run = {"unipc": sample_unipc, "euler": sample_euler}[sampler]
         out = run(velocity, noise, times, progress=progress)
     else:

@@ -327,7 +327,7 @@ class WanTask:
                                  for i in range(len(prompts))]).to(device)
             generator = torch.Generator(device=device).manual_seed(0)
             latents[steps] = sample_wan_latent(ema, contexts, noise, kind="student", generator=generator,
-                                               num_steps=steps, sigma_max=cfg.sigma_max, condition=condition).cpu()
+                                               steps=steps, sigma_max=cfg.sigma_max, condition=condition).cpu()
         record = {"iteration": iteration, "prompts": prompts, "seconds": 0.0, "files": []}
         images = {}  # each video's middle frame, for the run's log sinks
         if is_rank0():
@@ -381,6 +381,19 @@ class WanTask:
             return folder
         save_dit(export, path, metadata=metadata)  # atomic (never half a file)
         return path
+
+    def card(self, summary: dict) -> dict:
+        """The model card's facts (``rcm.checkpoint.card``): the teacher and the few-step sampler settings
+        the periodic samples use (the reference's mid-times); no metrics (the Wan run has no report)."""
+        from rcm.samplers.schedules import DEFAULT_MID_TIMES
+
+        cfg = self.cfg
+        sigma_max = presets.STUDENT_SIGMA_MAX if cfg is None else cfg.sigma_max
+        steps = (1, 2, 4) if cfg is None else cfg.sample_steps
+        teacher = None if cfg is None or cfg.teacher is None else str(cfg.teacher)
+        return {"family": "wan", "teacher": teacher, "metrics": {},
+                "sampling": {"steps": max(steps), "sigma_max": sigma_max, "evaluated_steps": list(steps),
+                             "mid_times": {n: DEFAULT_MID_TIMES[: n - 1] for n in range(1, len(DEFAULT_MID_TIMES) + 2)}}}
 
     def report(self, teacher: nn.Module, ema: nn.Module, run_dir: Path, console) -> dict:
         return {}  # the periodic samples (and the final ones) are the report
