@@ -122,7 +122,7 @@ def test_a_folder_export_replaces_an_earlier_one_and_refuses_other_folders(wan_r
     _export(tmp_path, checkpoint, "official", "--dtype", "keep", "--model", "student")
     _export(tmp_path, checkpoint, "official", "--dtype", "keep")
     assert all(torch.equal(v, source[k]) for k, v in load_dit(out).state_dict().items())
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporaries, no lock left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "out.card.json"]  # the card; no temporaries, no lock
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("mine")

@@ -90,7 +90,9 @@ def export_card(out: Path, checkpoint: Path, saved: dict | None, network: str) -
     if network == "fake_score":
         return None
     config = (saved or {}).get("config") or {}
-    fingerprint, recorded = config.get("fingerprint") or {}, dict(config.get("card") or {})
+    fingerprint, recorded = config.get("fingerprint"), config.get("card")
+    fingerprint = fingerprint if isinstance(fingerprint, dict) else {}  # a hand-made checkpoint's may be anything
+    recorded = dict(recorded) if isinstance(recorded, dict) else {}
     train = (saved or {}).get("train") or {}
     iterations = train.get("iteration") if isinstance(train, dict) else None
     if iterations is None and (m := re.search(r"step_(\d+)", Path(checkpoint).name)):
