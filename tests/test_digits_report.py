@@ -14,7 +14,7 @@ from rcm.samplers import consistency_times
 def test_student_mid_times_per_step_count():
     assert presets.student_mid_times(1) == ()
     assert presets.student_mid_times(2) == (0.8,)
-    assert presets.student_mid_times(4) == (1.3, 1.0, 0.6)
+    assert presets.student_mid_times(4) == (0.8, 0.6, 0.4)
     for steps in presets.STUDENT_MID_TIMES:  # every preset is a valid, decreasing schedule
         consistency_times(steps, sigma_max=presets.STUDENT_SIGMA_MAX, mid_times=presets.student_mid_times(steps))
     with pytest.raises(ValueError, match="steps"):

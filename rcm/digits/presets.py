@@ -8,9 +8,12 @@ networks, the sCM tangent warmed up over 100 iterations, one student step per tw
 Student mid-times per step count (``STUDENT_MID_TIMES``): the reference's (1.5, 1.4, 1.0) are tuned for
 Wan; this 1.2M-parameter student re-noises far too much at t = 1.5. 2 steps: t_mid 0.8 beat 1.0 and 1.2
 for every setting of the H200 search (docs/study.md; rCM at λ_DMD 8, 2,000 iterations, selection seed 1:
-frame FD 2.79 / 3.73 / 5.36). 4 steps: (1.3, 1.0, 0.6) was chosen over (1.5, 1.4, 1.0) and (1.0, 0.8, 0.5)
-in an earlier search at λ_DMD 1 for the least digit switching (0.41 vs 0.67 / 0.52; frame FD 3.74 vs
-5.48 / 3.13) and was not searched again. 3 steps, (1.3, 0.9), is an interpolation that was never measured.
+frame FD 2.79 / 3.73 / 5.36). 4 steps: (0.8, 0.6, 0.4) replaced (1.3, 1.0, 0.6), which had been chosen at
+λ_DMD 1: on the CPU default's rCM student (selection seed 1) it was better on frame FD, accuracy and
+switching (8.58 / 0.886 / 0.44 vs 11.13 / 0.879 / 0.48) and it kept FD@4 below FD@2; lower times gave
+lower FD still but lower accuracy and more switching ((0.6, 0.4, 0.2): 7.03 / 0.861 / 0.55), higher ones
+worse FD ((1.0, 0.7, 0.4): 9.02) (`scripts/digits_midtimes.py`, docs/study.md). 3 steps, (0.8, 0.5), is
+an interpolation that was never measured.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ TEACHER_SHIFT = 1.0
 TEACHER_SIGMA_MAX = 5000.0
 STUDENT_SIGMA_MAX = 80.0
 STUDENT_STEPS = (1, 2, 4)  # the student step counts reported
-STUDENT_MID_TIMES = {1: (), 2: (0.8,), 3: (1.3, 0.9), 4: (1.3, 1.0, 0.6)}  # TrigFlow times (see above)
+STUDENT_MID_TIMES = {1: (), 2: (0.8,), 3: (0.8, 0.5), 4: (0.8, 0.6, 0.4)}  # TrigFlow times (see above)
 FPS = 8  # an 8-frame clip plays in one second
 
 # CPU threads of every digits command (--threads; 0: torch's default, one per core). The 1.2M-parameter model's
