@@ -26,7 +26,8 @@ import torch
 
 from rcm import MAX_SAMPLING_STEPS, ConfigError, PathArgumentError, check_count, check_number, check_seed
 
-__all__ = ["SampleResult", "SampleSettings", "card_sampling", "check_steps", "read_model_card", "sampling_defaults", "existing_path", "numbered", "resolve_device", "result_json"]
+__all__ = ["DEFAULT_STUDENT_STEPS", "MAX_STUDENT_STEPS", "SampleResult", "SampleSettings", "card_sampling", "check_steps",
+           "existing_path", "numbered", "read_model_card", "resolve_device", "result_json", "sampling_defaults"]
 
 Device = Literal["auto", "cpu", "cuda"]
 
@@ -84,8 +85,6 @@ class SampleSettings:
     threads: int = 0
     """CPU threads (torch.set_num_threads); 0: torch's default (digits: 1)."""
 
-    MAX_STUDENT_STEPS = MAX_STUDENT_STEPS
-    DEFAULT_STUDENT_STEPS = DEFAULT_STUDENT_STEPS
     TEACHER_ONLY = ("sampler", "guidance", "shift")  # a student has none of these
 
     def check(self, kind: str) -> None:

@@ -8,7 +8,7 @@ sampling defaults from it (explicit arguments win; no card: the application's de
 
     {"format": "rcm-model-card", "version": 1, "kind": "student", "family": "digits",
      "teacher": "rcm/assets/digits_teacher.safetensors", "method": "rcm", "iterations": 400,
-     "sampling": {"steps": 4, "sigma_max": 80.0, "mid_times": {"1": [], "2": [0.8], "4": [1.3, 1.0, 0.6]}},
+     "sampling": {"steps": 4, "sigma_max": 80.0, "mid_times": {"1": [], "2": [0.8], "4": [0.8, 0.6, 0.4]}},
      "metrics": {"rcm@2": {"frame_acc": 0.82, ...}}}
 """
 

@@ -21,7 +21,7 @@ from rcm.digits import presets
 from rcm.digits.data import NUM_CLASSES, clip_grid, to_unit
 from rcm.digits.model import DEMO_SPEC
 from rcm.media import tile_clips, write_image, write_video
-from rcm.sample import Device, SampleResult, SampleSettings, existing_path, resolve_device
+from rcm.sample import DEFAULT_STUDENT_STEPS, Device, SampleResult, SampleSettings, existing_path, resolve_device
 from rcm.timing import progress_bar
 
 SUFFIXES = (".png", ".gif", ".mp4", ".npz")
@@ -84,7 +84,8 @@ class DigitsPipeline:
             self.model = digits_model.load_model(path, device=self.device)
         except (ValueError, RuntimeError) as e:  # keys or shapes that do not match the recorded architecture
             raise ConfigError("checkpoint", str(e)) from e
-        self.last_steps: int | None = None
+        self.last_steps: int | None = None  # what the last generate used (rcm sample reports them)
+        self.last_labels: Tensor | None = None
 
     def sampling(self, steps: int | None = None, sigma_max: float | None = None) -> tuple[int, float]:
         """(steps, sigma_max) this pipeline samples with: the arguments, else the model card's, else the
@@ -94,7 +95,7 @@ class DigitsPipeline:
         student = self.kind == "student"
         return sampling_defaults(
             self.kind, self.card, steps=steps, sigma_max=sigma_max,
-            default_steps=SampleSettings.DEFAULT_STUDENT_STEPS if student else presets.TEACHER_STEPS,
+            default_steps=DEFAULT_STUDENT_STEPS if student else presets.TEACHER_STEPS,
             default_sigma_max=presets.STUDENT_SIGMA_MAX if student else presets.TEACHER_SIGMA_MAX)  # fmt: skip
 
     def generate(self, labels=None, *, steps: int | None = None, seed: int = 0, num_samples: int | None = None,
@@ -107,6 +108,7 @@ class DigitsPipeline:
         the presets'. The noise is drawn on the CPU from ``seed``. ``progress(i, n)`` after each step."""
         from rcm.checkpoint.card import card_mid_times
         from rcm.digits import model as digits_model
+
         labels = [] if labels is None else [int(y) for y in labels]
         if any(not 0 <= y < NUM_CLASSES for y in labels):
             raise ConfigError("labels", f"must be digits 0..{NUM_CLASSES - 1}, got {labels}")

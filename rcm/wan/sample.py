@@ -37,7 +37,7 @@ from rich.console import Console
 from rcm import ConfigError, check_memory, use_threads
 from rcm.media import write_video
 from rcm.models.text_encoder import WAN_NEGATIVE_PROMPT
-from rcm.sample import SampleResult, SampleSettings, existing_path, numbered
+from rcm.sample import DEFAULT_STUDENT_STEPS, SampleResult, SampleSettings, existing_path, numbered
 from rcm.timing import progress_bar, sync
 from rcm.wan import presets
 from rcm.wan.pipeline import decode_videos, image_mode, read_image, resolve_device, sample_wan_latent, video_size
@@ -201,7 +201,7 @@ class WanPipeline:
         student = self.kind == "student"
         return sampling_defaults(
             self.kind, self.card, steps=steps, sigma_max=sigma_max,
-            default_steps=SampleSettings.DEFAULT_STUDENT_STEPS if student else presets.TEACHER_STEPS,
+            default_steps=DEFAULT_STUDENT_STEPS if student else presets.TEACHER_STEPS,
             default_sigma_max=presets.STUDENT_SIGMA_MAX if student else presets.TEACHER_SIGMA_MAX)  # fmt: skip
 
     def generate(self, prompt: str, *, steps: int | None = None, seed: int = 0, num_samples: int = 1,

@@ -27,7 +27,7 @@ from rcm.checkpoint import atomic_write_bytes
 from rcm.losses import RCMConfig
 from rcm.optim import OptimizerConfig
 from rcm.parallel import ParallelConfig
-from rcm.sample import SampleSettings
+from rcm.sample import MAX_STUDENT_STEPS
 from rcm.train import DistillConfig, LoopConfig, distill, is_rank0, method_config, start_run
 from rcm.wan import presets
 from rcm.models.trigflow import FrameCondition
@@ -95,8 +95,8 @@ class WanDistillConfig(DistillConfig):
             raise ConfigError("sigma_max", f"must be > 0, got {self.sigma_max}")
         if self.num_sample_prompts < 0:
             raise ConfigError("num_sample_prompts", f"must be >= 0, got {self.num_sample_prompts}")
-        if not self.sample_steps or any(not 1 <= n <= SampleSettings.MAX_STUDENT_STEPS for n in self.sample_steps):
-            raise ConfigError("sample_steps", f"must be student step counts in 1..{SampleSettings.MAX_STUDENT_STEPS}, "
+        if not self.sample_steps or any(not 1 <= n <= MAX_STUDENT_STEPS for n in self.sample_steps):
+            raise ConfigError("sample_steps", f"must be student step counts in 1..{MAX_STUDENT_STEPS}, "
                                               f"got {self.sample_steps}")
         for name in ("teacher", "data", "vae_path", "negative_embedding"):
             path = getattr(self, name)
