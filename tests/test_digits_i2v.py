@@ -18,17 +18,8 @@ from rcm.digits.i2v import (
     load_i2v_teacher,
     sample_i2v_student,
 )
-from rcm.digits.model import DEMO_SPEC, build_model, model_metadata, save_model
+from rcm.digits.model import DEMO_SPEC, model_metadata
 from rcm.models import WanExperts
-
-
-@pytest.fixture(scope="module")
-def tiny_teacher(tmp_path_factory):
-    path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
-    model = build_model("digits-dit-tiny")
-    torch.nn.init.normal_(model.dit.head.head.weight, std=0.05, generator=torch.Generator().manual_seed(3))
-    save_model(model, path, {"kind": "teacher"})
-    return path
 
 
 def clips(n=4, seed=0):

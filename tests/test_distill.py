@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import cli
-from rcm.digits.model import build_model, load_model, save_model
+from rcm.digits.model import load_model
 
 
 @pytest.fixture(autouse=True)
@@ -15,15 +15,6 @@ def user_cache(tmp_path, monkeypatch):
     """Caches (teacher rows) go to a fresh user cache dir, never to the real one or the package."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     return tmp_path / "cache" / "rcm"
-
-
-@pytest.fixture(scope="module")
-def tiny_teacher(tmp_path_factory):
-    path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
-    model = build_model("digits-dit-tiny")
-    torch.nn.init.normal_(model.dit.head.head.weight, std=0.05, generator=torch.Generator().manual_seed(3))
-    save_model(model, path, {"kind": "teacher"})
-    return path
 
 
 def _distill(out, teacher, *extra):

@@ -6,11 +6,9 @@ import math
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import cli
-from rcm.digits.model import build_model, save_model
 from rcm.train.plots import LOG_LINE, PANEL
 from rcm.train.sinks import scalar_tag
 
@@ -20,15 +18,6 @@ ITERATIONS = 6
 @pytest.fixture(autouse=True)
 def user_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-
-
-@pytest.fixture(scope="module")
-def tiny_teacher(tmp_path_factory):
-    path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
-    model = build_model("digits-dit-tiny")
-    torch.nn.init.normal_(model.dit.head.head.weight, std=0.05, generator=torch.Generator().manual_seed(3))
-    save_model(model, path, {"kind": "teacher"})
-    return path
 
 
 def _distill(out, teacher, *extra, iterations=ITERATIONS):
