@@ -147,3 +147,23 @@ def out_of_memory_as(field: str, hint: str = ""):
             raise
         first = " ".join(str(e).split())[:160]
         raise ConfigError(field, f"out of memory ({first}){'; ' + hint if hint else ''}") from e
+
+
+def lazy_exports(package: str, exports: dict[str, str]):
+    """A package's ``__getattr__`` and ``__dir__`` (PEP 562) for names its ``__init__`` re-exports: ``exports``
+    maps each name to the submodule defining it, imported on first use. So importing a light submodule (a
+    package's config) does not import the package's torch code, and `rcm ... --help` needs no torch."""
+    import importlib
+    import sys
+
+    def __getattr__(name: str):
+        if name not in exports:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(exports[name]), name)
+        setattr(sys.modules[package], name, value)  # found directly from now on
+        return value
+
+    def __dir__() -> list[str]:
+        return sorted(set(vars(sys.modules[package])) | set(exports))
+
+    return __getattr__, __dir__

@@ -2,34 +2,11 @@
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from rcm import ConfigError
-
-
-@dataclass(frozen=True)
-class OptimizerConfig:
-    """AdamW with a linear learning-rate warmup (the reference: factor 1e-6 → 1 over `warmup` steps of
-    this optimizer, then constant)."""
-
-    lr: float = 2e-6
-    betas: tuple[float, float] = (0.0, 0.999)
-    weight_decay: float = 0.01
-    eps: float = 1e-8
-    warmup: int = 100
-
-    def __post_init__(self):
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ConfigError("lr", f"must be a positive number, got {self.lr}")
-        if not all(0 <= b < 1 for b in self.betas):
-            raise ConfigError("betas", f"must lie in [0, 1), got {self.betas}")
-        for name, ok in (("weight_decay", self.weight_decay >= 0), ("eps", self.eps > 0), ("warmup", self.warmup >= 0)):
-            if not ok:
-                raise ConfigError(name, f"must be {'> 0' if name == 'eps' else '>= 0'}, got {getattr(self, name)}")
+from rcm.train.config import OptimizerConfig
 
 
 class MasterWeightAdamW(torch.optim.AdamW):

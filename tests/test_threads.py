@@ -50,7 +50,7 @@ def test_sample_sets_threads_and_checks_them(tmp_path, restore_threads, capsys):
 
 def test_the_fingerprint_records_the_effective_count(restore_threads):
     from rcm.digits.task import DigitsDistillConfig
-    from rcm.train.distill import start_run
+    from rcm.train.driver import start_run
 
     cfg = DigitsDistillConfig(report=False)
     start_run(cfg)

@@ -19,7 +19,7 @@ an interpolation that was never measured.
 from __future__ import annotations
 
 from rcm.losses import DMDConfig, RCMConfig, SCMConfig
-from rcm.optim import OptimizerConfig
+from rcm.train.config import OptimizerConfig
 
 # sampling
 TEACHER_STEPS = 50

@@ -23,7 +23,7 @@ from rcm.digits.model import (DEMO_SPEC, TeacherSampling, architecture_metadata,
                               save_model)
 from rcm.losses import RCMConfig
 from rcm.media import write_image
-from rcm.optim import OptimizerConfig
+from rcm.train.config import OptimizerConfig
 from rcm.sample import Device, resolve_device
 from rcm.train import DistillConfig, LoopConfig, Run, distill, is_rank0, start_run
 

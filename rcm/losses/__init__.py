@@ -6,6 +6,7 @@ parameter dicts through ``torch.func.functional_call``), tensors, the random dra
 ``torch.Generator``, and a frozen config; it returns a per-sample loss [B] and a small dict of
 detached diagnostics. Nothing holds state.
 """
+from rcm import lazy_exports
 from rcm.losses.config import (
     RCM_PRESETS,
     ConfigError,
@@ -15,25 +16,17 @@ from rcm.losses.config import (
     SCMConfig,
     UniformShiftTime,
 )
-from rcm.losses.dmd import backward_simulation, dmd_loss, fake_score_loss, rollout_times
-from rcm.losses.ema import ema_update_, power_ema_beta, power_ema_gamma
-from rcm.losses.experts import expert_boundary_loss
-from rcm.losses.objectives import (
-    critic_iteration_count,
-    critic_loss,
-    is_student_iteration,
-    rcm_phase,
-    rollout_steps,
-    student_iteration_count,
-    student_losses,
-)
-from rcm.losses.scm import (
-    normalize_tangent,
-    scm_jvp,
-    scm_loss,
-    scm_target,
-    tangent_warmup_ratio,
-)
+
+# the loss functions (torch) are imported on first use: the configs above are all a command's help needs
+__getattr__, __dir__ = lazy_exports(__name__, {
+    **dict.fromkeys(["backward_simulation", "dmd_loss", "fake_score_loss", "rollout_times"], "rcm.losses.dmd"),
+    **dict.fromkeys(["ema_update_", "power_ema_beta", "power_ema_gamma"], "rcm.losses.ema"),
+    "expert_boundary_loss": "rcm.losses.experts",
+    **dict.fromkeys(["critic_iteration_count", "critic_loss", "is_student_iteration", "rcm_phase", "rollout_steps",
+                     "student_iteration_count", "student_losses"], "rcm.losses.objectives"),
+    **dict.fromkeys(["normalize_tangent", "scm_jvp", "scm_loss", "scm_target", "tangent_warmup_ratio"],
+                    "rcm.losses.scm"),
+})
 
 __all__ = [
     "ConfigError",

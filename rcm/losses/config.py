@@ -19,11 +19,11 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any, Union
 
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING
 
-from rcm.losses.common import check_count, draw_normal, draw_uniform
-from rcm.models.trigflow import rf_to_trig, shift_rf_time
+if TYPE_CHECKING:  # the configs import no torch (a command's help builds them); sampling imports it when used
+    import torch
+    from torch import Tensor
 
 __all__ = [
     "ConfigError",
@@ -84,6 +84,11 @@ class LogNormalTime:
         _check_real(self, "p_std", minimum=0, strict=True)
 
     def sample(self, batch_size: int, generator: torch.Generator | None, device="cpu") -> Tensor:
+        import torch
+
+        from rcm.losses.common import check_count, draw_normal
+        from rcm.models.trigflow import rf_to_trig
+
         batch_size = check_count(batch_size, "batch_size", 1)
         n = draw_normal((batch_size,), generator, device, name="t").to(torch.float64)
         sigma = torch.exp(self.p_mean + self.p_std * n)
@@ -103,6 +108,11 @@ class UniformShiftTime:
         _check_real(self, "shift", minimum=0, strict=True)
 
     def sample(self, batch_size: int, generator: torch.Generator | None, device="cpu") -> Tensor:
+        import torch
+
+        from rcm.losses.common import check_count, draw_uniform
+        from rcm.models.trigflow import rf_to_trig, shift_rf_time
+
         batch_size = check_count(batch_size, "batch_size", 1)
         u = draw_uniform(batch_size, generator, device).to(torch.float64)
         return rf_to_trig(shift_rf_time(u, self.shift))

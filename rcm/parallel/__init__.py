@@ -10,37 +10,21 @@ Sharded checkpoints (DCP, any world size) are the checkpointer's DCP backend: ``
 
 The model file knows nothing of parallelism: everything is applied from outside.
 """
-from rcm.parallel.activation_checkpoint import apply_activation_checkpointing
-from rcm.parallel.compile import compile_blocks
-from rcm.parallel.context_parallel import (
-    UlyssesAttention,
-    all_to_all,
-    apply_context_parallel,
-    gather_sequence,
-    heads_to_sequence,
-    sequence_to_heads,
-    split_sequence,
-)
-from rcm.parallel.fsdp import (
-    full_model_state_dict,
-    gathered_first_term,
-    gathered_for_jvp,
-    grads_finite,
-    load_full_model_state_dict,
-    mixed_precision_policy,
-    parallelize,
-    materialize_train_state,
-    shard_train_state,
-)
-from rcm.parallel.mesh import (
-    MESH_DIMS,
-    ParallelConfig,
-    ParallelMesh,
-    broadcast_from_cp_leader,
-    build_mesh,
-    init_distributed,
-    rank_seed,
-)
+from rcm import lazy_exports
+from rcm.parallel.config import ParallelConfig
+
+# imported on first use (torch): importing the package, or its torch-free config, stays light
+__getattr__, __dir__ = lazy_exports(__name__, {
+    "apply_activation_checkpointing": "rcm.parallel.activation_checkpoint",
+    "compile_blocks": "rcm.parallel.compile",
+    **dict.fromkeys(["UlyssesAttention", "all_to_all", "apply_context_parallel", "gather_sequence",
+                     "heads_to_sequence", "sequence_to_heads", "split_sequence"], "rcm.parallel.context_parallel"),
+    **dict.fromkeys(["full_model_state_dict", "gathered_first_term", "gathered_for_jvp",
+                     "grads_finite", "load_full_model_state_dict", "materialize_train_state",
+                     "mixed_precision_policy", "parallelize", "shard_train_state"], "rcm.parallel.fsdp"),
+    **dict.fromkeys(["MESH_DIMS", "ParallelMesh", "broadcast_from_cp_leader", "build_mesh",
+                     "init_distributed", "rank_seed"], "rcm.parallel.mesh"),
+})
 
 __all__ = [
     "MESH_DIMS",

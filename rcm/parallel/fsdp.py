@@ -30,7 +30,8 @@ from torch.distributed.tensor import DTensor
 from rcm.models.wan import WanDiT
 from rcm.parallel.activation_checkpoint import apply_activation_checkpointing
 from rcm.parallel.context_parallel import apply_context_parallel
-from rcm.parallel.mesh import ParallelConfig, ParallelMesh
+from rcm.parallel.config import ParallelConfig
+from rcm.parallel.mesh import ParallelMesh
 
 __all__ = ["gathered_first_term", "gathered_for_jvp", "grads_finite", "mixed_precision_policy", "parallelize", "shard_train_state"]
 

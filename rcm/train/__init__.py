@@ -8,27 +8,26 @@ Everything a resumed run needs (models, optimizers, schedulers, EMA, counters, e
 position) is in the checkpoint, so a run killed at any point and resumed continues exactly as if never
 stopped. ``distill`` is the one driver of every application; it imports no application and no command.
 
+    config.py   what a run is given, torch-free: LoopConfig, OptimizerConfig, the method, the log sinks,
+                DistillConfig (what every application's config extends)
     step.py     TrainState, init_state, train_step, the Task protocol
-    loop.py     LoopConfig, run_loop and its callbacks (JSON log, checkpoints), resume
+    loop.py     run_loop and its callbacks (JSON log, checkpoints), resume
     sinks.py    the other log sinks (`--log`): TensorBoard, W&B
     plots.py    the one line plotter: a run's log.png (`rcm plot`), the study's plot
-    distill.py  DistillConfig (what every application's config extends), start_run, distill
+    driver.py   start_run and distill, the one driver of every application
 """
 
-from rcm.optim import MasterWeightAdamW, OptimizerConfig
-from rcm.train.distill import DistillConfig, Run, distill, start_run
-from rcm.train.loop import Callback, Checkpoints, JsonLog, LoopConfig, loop_callbacks, resume, run_loop
-from rcm.train.step import (
-    Method,
-    NonFiniteError,
-    Task,
-    TrainState,
-    ema_step_count,
-    init_state,
-    is_rank0,
-    method_config,
-    train_step,
-)
+from rcm import lazy_exports
+from rcm.train.config import DistillConfig, LoopConfig, Method, OptimizerConfig, method_config
+
+# imported on first use (torch): importing the package, or its torch-free config, stays light
+__getattr__, __dir__ = lazy_exports(__name__, {
+    "MasterWeightAdamW": "rcm.optim",
+    **dict.fromkeys(["Run", "distill", "start_run"], "rcm.train.driver"),
+    **dict.fromkeys(["Callback", "Checkpoints", "JsonLog", "loop_callbacks", "resume", "run_loop"], "rcm.train.loop"),
+    **dict.fromkeys(["NonFiniteError", "Task", "TrainState", "ema_step_count", "init_state",
+                     "is_rank0", "train_step"], "rcm.train.step"),
+})
 
 __all__ = [
     "Callback",

@@ -5,33 +5,17 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from rcm import MAX_ITERATIONS, check_count, check_seed
 from rcm.checkpoint.fingerprint import mismatch_message
 from rcm.checkpoint import Checkpointer, atomic_write_bytes, checkpointer
 from rcm.losses import RCMConfig, power_ema_gamma
+from rcm.train.config import LoopConfig
 from rcm.train.step import Task, TrainState, is_rank0, train_step
 
 
-@dataclass
-class LoopConfig:
-    """How long to train and how often to save."""
 
-    iterations: int = 400
-    checkpoint_every: int = 100
-    keep_checkpoints: int = 2
-    log_every: int = 10
-    max_nonfinite_steps: int = 5
-    seed: int = 0
-
-    def __post_init__(self):
-        for name, low in (("iterations", 0), ("checkpoint_every", 1), ("keep_checkpoints", 1), ("log_every", 1),
-                          ("max_nonfinite_steps", 1)):
-            check_count(name, getattr(self, name), low, MAX_ITERATIONS)
-        check_seed("seed", self.seed)
 
 
 # A callback sees the state after each iteration and that iteration's logs (it may add to them); a

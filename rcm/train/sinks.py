@@ -15,33 +15,21 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 
 from rcm import ConfigError
+from rcm.train.config import SINK_PACKAGES
 from rcm.train.step import TrainState, is_rank0
 
-LogSink = Literal["jsonl", "tensorboard", "wandb"]
-DEFAULT_SINKS: tuple[LogSink, ...] = ("jsonl", "tensorboard")
-_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}  # sink -> the package it needs
 _NOT_SCALARS = ("iteration", "phase")
-
-
-def check_sinks(field: str, sinks: tuple[str, ...]) -> None:
-    """A ``ConfigError`` on ``field`` for an unknown or repeated sink."""
-    for sink in sinks:
-        if sink not in ("jsonl", *_PACKAGES):
-            raise ConfigError(field, f"unknown log sink {sink!r}; choose from jsonl, {', '.join(_PACKAGES)}")
-    if len(set(sinks)) != len(sinks):
-        raise ConfigError(field, f"names a sink twice: {' '.join(sinks)}")
 
 
 def check_sink_packages(field: str, sinks: tuple[str, ...]) -> None:
     """A ``ConfigError`` on ``field`` for a sink whose package is not installed. Called when a run starts,
     not when a config is built: building the default config (`rcm --help`) must not need the packages."""
     for sink in sinks:
-        package = _PACKAGES.get(sink)
+        package = SINK_PACKAGES.get(sink)
         if package and importlib.util.find_spec(package) is None:
             raise ConfigError(field, f"{sink} logging needs the {package} package (pip install {package}), "
                                      f"which is not installed")

@@ -6,16 +6,14 @@ and the ``Task`` protocol an application implements."""
 from __future__ import annotations
 
 import copy
-import dataclasses
 import functools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 
-from rcm import ConfigError
 from rcm.losses import (
     RCMConfig,
     critic_loss,
@@ -26,23 +24,12 @@ from rcm.losses import (
     student_iteration_count,
     student_losses,
 )
-from rcm.optim import OptimizerConfig, build_optimizer
+from rcm.optim import build_optimizer
+from rcm.train.config import OptimizerConfig
 from rcm.parallel import gathered_first_term, grads_finite
 from rcm.timing import phase
 
-Method = Literal["rcm", "scm", "dmd2"]
 
-
-def method_config(method: Method, base: RCMConfig) -> RCMConfig:
-    """The loss settings of a method: rCM as given; sCM without the DMD term; DMD2 without the sCM term."""
-    if method == "rcm":
-        return base
-    if method == "scm":
-        return dataclasses.replace(base, dmd=dataclasses.replace(base.dmd, loss_scale=0.0))
-    if method == "dmd2":
-        scm = dataclasses.replace(base.scm, loss_scale=0.0, tangent_warmup=0)
-        return dataclasses.replace(base, scm=scm)
-    raise ConfigError("method", f"must be one of rcm, scm, dmd2; got {method!r}")
 
 
 def ema_step_count(k: int, loss: RCMConfig) -> int:

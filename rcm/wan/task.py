@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from rcm import ConfigError
 from rcm.checkpoint import atomic_write_bytes
 from rcm.losses import RCMConfig
-from rcm.optim import OptimizerConfig
+from rcm.train.config import OptimizerConfig
 from rcm.parallel import ParallelConfig
 from rcm.sample import MAX_STUDENT_STEPS
 from rcm.train import DistillConfig, LoopConfig, distill, is_rank0, method_config, start_run

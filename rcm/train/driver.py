@@ -7,89 +7,29 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
-from rcm import ConfigError, check_count, check_threads, out_of_memory_as
+from rcm import ConfigError, out_of_memory_as
 from rcm.checkpoint import checkpointer
 from rcm.checkpoint.atomic import atomic_write_bytes
 from rcm.checkpoint.card import write_card
-from rcm.checkpoint.fingerprint import settings_record
 from rcm.checkpoint.run_folder import claimed_folder
 from rcm.losses import RCMConfig
-from rcm.optim import OptimizerConfig
-from rcm.parallel import ParallelConfig
 from rcm.timing import progress_bar, sync
-from rcm.train.loop import LoopConfig, loop_callbacks, resume, run_loop
+from rcm.train.config import DistillConfig, method_config
+from rcm.train.loop import loop_callbacks, resume, run_loop
 from rcm.train.plots import plot_run_log
-from rcm.train.sinks import DEFAULT_SINKS, LogSink, LogSinks, check_sink_packages, check_sinks
-from rcm.train.step import Method, Task, TrainState, init_state, is_rank0, method_config
+from rcm.train.sinks import LogSinks, check_sink_packages
+from rcm.train.step import Task, TrainState, init_state, is_rank0
 
 
-@dataclass
-class DistillConfig:
-    """What every distillation run is given; an application's config extends it (with its presets)."""
 
-    method: Method = "rcm"
-    """rcm, or scm / dmd2 alone (for comparison)."""
-    out_dir: Path | None = None
-    """run folder; default runs/<model>-<method>."""
-    resume: bool = True
-    """continue from out_dir's latest checkpoint if there is one."""
-    batch_size: int = 1
-    """samples per data-parallel rank and iteration."""
-    loop: LoopConfig = field(default_factory=LoopConfig)
-    loss: RCMConfig = field(default_factory=RCMConfig)
-    student_optim: OptimizerConfig = field(default_factory=OptimizerConfig)
-    critic_optim: OptimizerConfig = field(default_factory=OptimizerConfig)
-    ema_sigma_rel: float = 0.1
-    """σ_rel of the power-function EMA (the exported student)."""
-    sample_every: int = 0
-    """write EMA-student samples every this many iterations (and at the end); 0: only at the end."""
-    threads: int = 0
-    """torch.set_num_threads; 0 keeps torch's default."""
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    """used when launched by torchrun."""
-    log: tuple[LogSink, ...] = DEFAULT_SINKS
-    """where the logs go (rank 0): jsonl (log.jsonl, and log.png at the end), tensorboard (<run>/tensorboard),
-    wandb (<run>/wandb, offline unless WANDB_MODE is set; needs the wandb package)."""
-
-    # Settings that do not change a run's trajectory (its length, outputs, reporting, layout): a run
-    # resumes across changes of these. Of `loop`, only the seed is part of the fingerprint.
-    NOT_FINGERPRINTED: ClassVar[tuple[str, ...]] = ("out_dir", "resume", "threads", "parallel", "sample_every",
-                                                      "log")
-
-    @property
-    def model(self) -> str:
-        raise NotImplementedError
-
-    def __post_init__(self):
-        check_count("batch_size", self.batch_size, 1, 2**31 - 1)  # an application checks it against memory
-        if not (self.ema_sigma_rel > 0 and math.isfinite(self.ema_sigma_rel)):
-            raise ConfigError("ema_sigma_rel", f"must be > 0, got {self.ema_sigma_rel}")
-        check_count("sample_every", self.sample_every, 0)
-        check_threads("threads", self.threads)
-        check_sinks("log", self.log)
-        method_config(self.method, self.loss)
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.out_dir) if self.out_dir is not None else Path("runs") / f"{self.model}-{self.method}"
-
-    def fingerprint(self) -> dict:
-        """Everything that changes the trajectory, flat (dotted field names), as a resumed run must match it:
-        files (the teacher) by their content digest, not their spelling; the effective CPU thread count,
-        since a different count changes float sums (and so the trajectory) on the CPU."""
-        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in self.NOT_FINGERPRINTED}
-        fields["loop"] = {"seed": self.loop.seed}
-        fields["threads"] = torch.get_num_threads()
-        return settings_record(fields)
 
 
 @dataclass
