@@ -15,8 +15,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
+from rcm import lazy_exports
 from rcm.checkpoint.atomic import CheckpointError, atomic_write_bytes
-from rcm.checkpoint.local import LATEST, list_checkpoints, load_file, load_latest, save_checkpoint
+
+# imported on first use (torch): the command configs that import this package need no torch
+__getattr__, __dir__ = lazy_exports(__name__, {
+    **dict.fromkeys(["LATEST", "list_checkpoints", "load_file", "load_latest", "save_checkpoint"], "rcm.checkpoint.local"),
+})
 
 __all__ = [
     "LATEST",
@@ -51,9 +56,13 @@ class LocalCheckpointer:
         self.folder, self.keep = Path(folder), keep
 
     def save(self, state, extra: dict) -> Path:
+        from rcm.checkpoint.local import save_checkpoint
+
         return save_checkpoint(self.folder, state.iteration, {"train": state.state_dict(), **extra}, keep=self.keep)
 
     def load_latest(self, state, check: Check) -> tuple[dict, Path] | None:
+        from rcm.checkpoint.local import load_latest
+
         found = load_latest(self.folder)
         if found is None:
             return None

@@ -12,12 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import torch
-
 from rcm import ConfigError, PathArgumentError, check_output_file
-
 from rcm.checkpoint.atomic import atomic_write_bytes, atomic_write_with, temporary_path
-from rcm.checkpoint.local import LATEST, list_checkpoints, load_file
 
 # what a folder export holds (save_dit / save_wan_experts): an existing folder of only these is replaced
 _FOLDER_EXPORT_NAMES = {"config.json", "diffusion_pytorch_model.safetensors", "model_index.json",
@@ -80,6 +76,7 @@ def check_export_folder(out: Path, layout: str) -> None:
 def _newest(folder: Path) -> Path:
     """The checkpoint `latest` names in a run's checkpoints/ folder, else the newest complete one."""
     from rcm.checkpoint.dcp import list_sharded_checkpoints
+    from rcm.checkpoint.local import LATEST, list_checkpoints  # here, not at the top: `rcm export --help` needs no torch
 
     found = sorted(list_checkpoints(folder) + list_sharded_checkpoints(folder), key=lambda p: p.name)
     pointer = folder / LATEST
@@ -125,9 +122,11 @@ def _check_layout_fits(cfg: ExportConfig, network: dict, path: Path) -> None:
 
 
 def _export(cfg: ExportConfig, path: Path) -> Path:
+    import torch
     from safetensors.torch import save
 
     from rcm.checkpoint.dcp import read_checkpoint_model
+    from rcm.checkpoint.local import load_file
 
     if path.is_dir() and not (path / ".metadata").is_file():
         path = _newest(path)
@@ -166,6 +165,8 @@ def _export(cfg: ExportConfig, path: Path) -> Path:
 def _wan_network(weights: dict, network: dict, what: str, layout: str):
     """The checkpoint's network as a ``WanDiT`` (or ``WanExperts``) holding ``weights`` (no copy, dtypes kept);
     a ConfigError naming ``layout`` when it is not one."""
+    import torch
+
     from rcm.models import WanDiT, WanExperts, infer_wan_config, load_state_dict_strict, wan_config_from_json
     from rcm.models.wan_loading import EXPERT_BOUNDARY_KEY
 
