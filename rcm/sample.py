@@ -20,23 +20,40 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
-
-import torch
+from typing import TYPE_CHECKING, Literal
 
 from rcm import MAX_SAMPLING_STEPS, ConfigError, PathArgumentError, check_count, check_number, check_seed
 
-__all__ = ["DEFAULT_STUDENT_STEPS", "MAX_STUDENT_STEPS", "SampleResult", "SampleSettings", "card_sampling", "check_steps",
-           "existing_path", "numbered", "read_model_card", "resolve_device", "result_json", "sampling_defaults"]
+__all__ = ["DEFAULT_STUDENT_STEPS", "MAX_STUDENT_STEPS", "SampleResult", "SampleSettings", "card_sampling", "check_device",
+           "check_steps", "config_devices", "existing_path", "numbered", "read_model_card", "resolve_device", "result_json", "sampling_defaults"]
+
+if TYPE_CHECKING:
+    import torch
 
 Device = Literal["auto", "cpu", "cuda"]
+
+
+def check_device(name: str) -> str:
+    """A ``--device`` value spelled right (auto, cpu, cuda), without importing torch: what a config checks
+    when it is built; whether CUDA is there is checked when the command resolves it (``resolve_device``)."""
+    if name not in ("auto", "cpu", "cuda"):
+        raise ConfigError("device", f"must be auto, cpu or cuda, got {name!r}")
+    return name
+
+
+def config_devices(name: str) -> set[str]:
+    """The devices a config checks its first allocations against when it is built: the CPU, and the GPU when
+    ``cuda`` is named (checked to exist then, importing torch). ``auto`` is resolved when the command runs
+    (``resolve_device``): a command's help builds its default config, and must not import torch for that."""
+    return {"cpu", str(resolve_device(name))} if check_device(name) == "cuda" else {"cpu"}
 
 
 def resolve_device(name: str) -> torch.device:
     """A ``--device`` value (auto, cpu, cuda) as a device: auto = cuda when available; under torchrun
     (LOCAL_RANK set) the rank's own GPU. A missing GPU asked for by name is an error naming the field."""
-    if name not in ("auto", "cpu", "cuda"):
-        raise ConfigError("device", f"must be auto, cpu or cuda, got {name!r}")
+    check_device(name)
+    import torch  # here, not at the top: the sampling configs (and so `rcm sample --help`) need no torch
+
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device", "cuda was asked for but no CUDA device is available")
     if name == "cpu" or not torch.cuda.is_available():

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import cli
-from rcm.wan.task import WAN_DISTILL_PRESETS, wan_defaults_table
+from rcm.wan.config import WAN_DISTILL_PRESETS, wan_defaults_table
 from tests.test_synth import make_wan_files, synth_args
 
 

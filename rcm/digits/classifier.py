@@ -8,22 +8,21 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from rcm import check_count, check_memory, check_number, check_output_file, check_seed, check_threads, out_of_memory_as, use_threads
-from rcm.digits import presets
-from rcm.digits.data import NUM_CLASSES, ClipBatches, ClipSpec, DigitClips
+from rcm.digits.config import TrainClassifierConfig
+from rcm import out_of_memory_as, use_threads
+from rcm.digits.data import NUM_CLASSES, ClipBatches, DigitClips
 from rcm.timing import progress_bar
 from rcm.checkpoint.atomic import atomic_write_with
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 CLASSIFIER_PATH = ASSETS / "digits_classifier.safetensors"
-
 
 
 class DigitClassifier(nn.Module):
@@ -82,37 +81,6 @@ def save_classifier(model: DigitClassifier, path: str | Path, metadata: dict | N
 def load_classifier(path: str | Path | None = None) -> DigitClassifier:
     """The shipped classifier (or one saved by ``train_classifier``), in eval mode."""
     return load_small_model(DigitClassifier, Path(path) if path is not None else CLASSIFIER_PATH)
-
-
-@dataclass
-class TrainClassifierConfig:
-    """Recipe of the shipped evaluator classifier."""
-
-    out: Path = Path("runs/classifier.safetensors")  # the shipped copy: rcm/assets/digits_classifier.safetensors
-    steps: int = 1500
-    batch_size: int = 64
-    lr: float = 2e-3
-    weight_decay: float = 0.01
-    seed: int = 0
-    width: int = 32
-    feature_dim: int = 64
-    spec: ClipSpec = field(default_factory=ClipSpec)
-    num_test: int = 1000  # held-out clips for the accuracy reported at the end
-    log_every: int = 100
-    threads: int = presets.THREADS
-    """CPU threads (torch.set_num_threads; 0: torch's default)."""
-
-    def __post_init__(self):
-        check_count("steps", self.steps, 1)
-        for name in ("batch_size", "width", "feature_dim", "num_test", "log_every"):
-            check_count(name, getattr(self, name), 1, 2**31 - 1)
-        for name, n in (("batch_size", self.batch_size), ("num_test", self.num_test)):
-            check_memory(name, self.spec.batch_bytes(n), f"{n:,} clips")
-        check_number("lr", self.lr, 0, low_open=True)
-        check_number("weight_decay", self.weight_decay, 0)
-        check_seed("seed", self.seed)
-        check_output_file("out", self.out)
-        check_threads("threads", self.threads)
 
 
 @torch.no_grad()

@@ -21,42 +21,14 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from rcm import ConfigError, check_count
+from rcm.digits.config import ClipSpec, DIGIT_SIZE, NUM_CLASSES
 
-NUM_CLASSES = 10
-DIGIT_SIZE = 8
 TEST_FRACTION = 0.2
 SPLIT_SEED = 0  # fixed: the split is part of the dataset's definition, not of a run
-
-
-@dataclass(frozen=True)
-class ClipSpec:
-    """Shape and motion of the clips."""
-
-    frames: int = 8
-    size: int = 16
-    min_speed: float = 0.5  # pixels per frame
-    max_speed: float = 1.5
-
-    def __post_init__(self):
-        check_count("size", self.size, DIGIT_SIZE, 2**16)  # the canvas holds a digit
-        check_count("frames", self.frames, 1, 2**16)
-        if not (0 <= self.min_speed <= self.max_speed and math.isfinite(self.max_speed)):
-            raise ConfigError("min_speed", f"need 0 <= min_speed <= max_speed, got {self.min_speed}, {self.max_speed}")
-
-    def batch_bytes(self, n: int) -> int:
-        """Bytes of ``n`` float32 clips: the first big tensor of anything that draws a batch."""
-        return 4 * n * math.prod(self.shape)
-
-    @property
-    def shape(self) -> tuple[int, int, int, int]:
-        """Per-clip shape ``(C, T, H, W)``."""
-        return (1, self.frames, self.size, self.size)
 
 
 @functools.lru_cache(maxsize=None)

@@ -17,7 +17,6 @@ the user cache (``$XDG_CACHE_HOME/rcm`` or ``~/.cache/rcm``) or the shipped read
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,8 +25,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from rcm import (MAX_SAMPLING_STEPS, ConfigError, PathArgumentError, check_count, check_memory, check_number,
-                 check_seed, check_threads, use_threads)
+from rcm.digits.config import DigitsReport, EvalRunsConfig
+from rcm import (ConfigError, PathArgumentError, use_threads)
 from rcm.checkpoint.atomic import atomic_write_bytes
 import torch.nn as nn
 
@@ -45,7 +44,7 @@ from rcm.digits.model import (
 )
 from rcm.digits.metrics import frechet_distance, frame_metrics, real_reference
 from rcm.media import tile_clips, write_image, write_video
-from rcm.sample import Device, resolve_device
+from rcm.sample import resolve_device
 
 # A generator maps requested labels [n] and a torch.Generator to clips [n, 1, T, H, W] in [-1, 1].
 ClipGenerator = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
@@ -191,42 +190,6 @@ def markdown_table(rows: list[dict]) -> str:
 # the distill report and `rcm eval`
 
 
-@dataclass(frozen=True)
-class DigitsReport:
-    """What the final report samples and scores."""
-
-    student_steps: tuple[int, ...] = presets.STUDENT_STEPS
-    teacher_steps: tuple[int, ...] = (1, 2, 4, presets.TEACHER_STEPS)
-    num_per_class: int = 20  # clips per class scored for each generator
-    num_real: int = 500  # held-out real clips: the reference of frame FD, diversity and speed
-    sigma_max: float = presets.STUDENT_SIGMA_MAX
-    mid_times: tuple[float, ...] | None = None
-    """students' TrigFlow mid-times, the first steps−1 used at each step count; None: the digits presets' per
-    step count (presets.STUDENT_MID_TIMES); 1.5 1.4 1.0 is the reference's (Wan) choice."""
-    seed: int = 0
-
-    def __post_init__(self):  # checked when the command starts, not after training
-        check_count("num_per_class", self.num_per_class, 2)  # diversity compares two or more clips of a digit
-        check_count("num_real", self.num_real, 20)
-        for name, n in (("num_per_class", self.num_per_class * NUM_CLASSES), ("num_real", self.num_real)):
-            check_memory(name, DEMO_SPEC.batch_bytes(n), f"{n:,} scored clips")  # each generator's, held at once
-        if not self.student_steps and not self.teacher_steps:  # one may be empty: a teacher-only report, say
-            raise ConfigError("teacher_steps", "must name at least one step count (or give --student-steps)")
-        for name in ("student_steps", "teacher_steps"):
-            for n in getattr(self, name):
-                check_count(name, n, 1, MAX_SAMPLING_STEPS)
-        check_number("sigma_max", self.sigma_max, 0, low_open=True)
-        if self.mid_times is not None and any(not (math.isfinite(t) and 0 < t < math.pi / 2) for t in self.mid_times):
-            raise ConfigError("mid_times", f"must be TrigFlow times in (0, π/2), got {list(self.mid_times)}")
-        check_seed("seed", self.seed)
-        for steps in self.student_steps:
-            if self.mid_times is None and steps not in presets.STUDENT_MID_TIMES:
-                raise ConfigError("student_steps", f"the digits presets have mid-times for "
-                                  f"{sorted(presets.STUDENT_MID_TIMES)} steps, got {steps}; pass --report-settings.mid-times")
-            if self.mid_times is not None and len(self.mid_times) < steps - 1:
-                raise ConfigError("mid_times", f"{steps} steps need {steps - 1} mid-times, got {list(self.mid_times)}")
-
-
 def digits_generators(teacher: nn.Module, students: dict[str, nn.Module], report: DigitsReport,
                       teacher_sampling: TeacherSampling) -> dict:
     """Named `(labels, generator) -> clips` callables: the teacher at each step count, each student at each."""
@@ -349,38 +312,6 @@ def digits_report(teacher: nn.Module, students: dict[str, nn.Module], out_dir: P
     (out_dir / "metrics.json").write_text(json.dumps({"rows": rows, **meta}, indent=2, default=str) + "\n")
     (out_dir / "metrics.md").write_text(markdown_table(rows))
     return rows
-
-
-@dataclass
-class EvalRunsConfig:
-    """Score the teacher and the students of finished `rcm distill` runs (or student files) side by side.
-
-    The comparison table of the README: `rcm distill --method scm; rcm distill --method dmd2; rcm distill;
-    rcm eval` (each run resumes if it already exists).
-    """
-
-    runs: tuple[Path, ...] = (Path("runs/digits-scm"), Path("runs/digits-dmd2"), Path("runs/digits-rcm"))
-    """the students: finished `rcm distill` run folders (their student_ema.safetensors, named by the run's method)
-    or digits student .safetensors files, e.g. from `rcm export` (named by the method in their metadata, else by
-    the file's name without .safetensors)."""
-    teacher: Path | None = None  # None: the shipped teacher
-    out_dir: Path = Path("runs/eval")
-    guidance: float = TeacherSampling().guidance  # the teacher's CFG weight, as the demo distills with
-    report_settings: DigitsReport = field(default_factory=DigitsReport)
-    reuse_teacher_rows: bool = False
-    """False: sample the teacher afresh (and refresh the user cache of teacher rows)."""
-    device: Device = "auto"
-    """auto: cuda when available, else cpu."""
-    threads: int = presets.THREADS
-    """CPU threads (torch.set_num_threads; 0: torch's default)."""
-
-    def __post_init__(self):
-        check_threads("threads", self.threads)
-        students(self.runs)  # a missing student or a damaged config.json is named now, not after the teacher was sampled
-        if self.teacher is not None and not Path(self.teacher).is_file():
-            raise PathArgumentError("teacher", f"no file at {self.teacher}")
-        check_number("guidance", self.guidance, 0)
-        resolve_device(self.device)
 
 
 def distill_command(run: Path) -> str:

@@ -22,15 +22,13 @@ from __future__ import annotations
 import copy
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
-from rcm import MAX_SAMPLING_STEPS, ConfigError, PathArgumentError, check_count, check_memory, check_number, check_output_file, check_seed, check_threads
-from rcm.digits import presets
+from rcm.digits.config import DigitsI2VDistillConfig, FinetuneI2VConfig, I2VReport
 from rcm.digits.classifier import classifier_accuracy, load_classifier
 from rcm.digits.data import ClipBatches, DigitClips, clip_grid
 from rcm.digits.model import (
@@ -42,7 +40,7 @@ from rcm.digits.model import (
     null_labels,
     save_model,
 )
-from rcm.digits.task import DigitsDistillConfig, DigitsTask
+from rcm.digits.task import DigitsTask
 from rcm.media import write_image
 from rcm.models import WanExperts
 from rcm.models.trigflow import RF_TIMESTEP_SCALE, FrameCondition
@@ -53,7 +51,6 @@ GIVEN_FRAMES = 1
 # The samplers impose the given frame with torch.where, so it comes back bit-exact in the clip's dtype;
 # the bound leaves room only for a cast (fp32 clips through fp64 samplers and back).
 GIVEN_FRAME_BOUND = 1e-6
-BOUNDARY = 0.875  # the two-expert teacher's switch, Wan2.2 T2V A14B's RF boundary
 
 
 def first_frame_condition(clips: Tensor) -> FrameCondition:
@@ -79,37 +76,6 @@ def i2v_flow_loss(model: nn.Module, x0: Tensor, labels: Tensor, generator: torch
     timestep = torch.where(condition.mask, 0.0, RF_TIMESTEP_SCALE * rho).expand(len(x0), 1, x0.shape[2], 1, 1)
     v = model(x, timestep, labels)
     return (v - (noise - x0))[:, :, GIVEN_FRAMES:].pow(2).mean()
-
-
-@dataclass
-class FinetuneI2VConfig:
-    """Fine-tune the shipped digits teacher into the image-to-video teacher (first frame given)."""
-
-    teacher: Path | None = None
-    """the T2V teacher to start from; default the shipped one."""
-    out: Path = Path("runs/digits_i2v_teacher.safetensors")
-    """where to write the I2V teacher (the shipped copy: rcm/assets/digits_i2v_teacher.safetensors; never
-    written by default: the package may be read-only)."""
-    steps: int = 300
-    batch_size: int = 32
-    lr: float = 1e-4
-    label_dropout: float = 0.1
-    """the probability of the null label (keeps classifier-free guidance working)."""
-    seed: int = 0
-    threads: int = presets.THREADS
-    """CPU threads (torch.set_num_threads; 0: torch's default)."""
-
-    def __post_init__(self):
-        check_count("steps", self.steps, 1)
-        check_count("batch_size", self.batch_size, 1, 2**31 - 1)
-        check_memory("batch_size", DEMO_SPEC.batch_bytes(self.batch_size), f"a batch of {self.batch_size:,} clips")
-        check_number("lr", self.lr, 0, low_open=True)
-        check_number("label_dropout", self.label_dropout, 0, 1, high_open=True)
-        check_seed("seed", self.seed)
-        check_threads("threads", self.threads)
-        if self.teacher is not None and not Path(self.teacher).is_file():
-            raise PathArgumentError("teacher", f"no file at {self.teacher}")
-        check_output_file("out", self.out)
 
 
 def finetune_i2v_teacher(cfg: FinetuneI2VConfig, log=print) -> nn.Module:
@@ -185,34 +151,6 @@ def sample_i2v_student(model: nn.Module, clips: Tensor, labels: Tensor, generato
 # the report
 
 
-@dataclass(frozen=True)
-class I2VReport:
-    """What the I2V report samples and scores: held-out clips whose first frame is given."""
-
-    num_clips: int = 100
-    teacher_steps: int = 16
-    student_steps: tuple[int, ...] = (1, 2, 4)
-    sigma_max: float = 80.0
-    seed: int = 0
-    num_real: int = 1000
-    """held-out real clips of the per-frame metrics' reference (``rcm.digits.metrics.real_reference``)."""
-    real_seed: int = 1234
-
-    def __post_init__(self):  # checked when the command starts, not after training
-        if self.num_clips < 20:  # class-balanced: two clips of each digit at least
-            raise ConfigError("num_clips", f"must be >= 20 (the per-frame diversity compares two clips of a digit), "
-                                           f"got {self.num_clips}")
-        if self.num_real < 20:
-            raise ConfigError("num_real", f"must be >= 20, got {self.num_real}")
-        check_count("num_clips", self.num_clips, 1, 2**31 - 1)
-        check_memory("num_clips", DEMO_SPEC.batch_bytes(self.num_clips), f"{self.num_clips:,} scored clips")
-        check_count("teacher_steps", self.teacher_steps, 1, MAX_SAMPLING_STEPS)
-        if not self.student_steps or any(not 1 <= n <= 4 for n in self.student_steps):
-            raise ConfigError("student_steps", f"must be step counts in 1..4, got {list(self.student_steps)}")
-        check_number("sigma_max", self.sigma_max, 0, low_open=True)
-        check_seed("seed", self.seed)
-
-
 def i2v_metrics(out: Tensor, given: Tensor, labels: Tensor, classifier: nn.Module) -> dict:
     """given_frame_error: max |out − given| on the given frame; accuracy: the clip classifier's accuracy
     for the given clip's label (the digit kept); continuity: mean |frame 1 − frame 0| (how far the first
@@ -280,29 +218,6 @@ def i2v_report(teacher: nn.Module, students: dict[str, nn.Module], out_dir: Path
 
 # --------------------------------------------------------------------------------------------
 # distillation: the digits task with the first frame given
-
-
-@dataclass
-class DigitsI2VDistillConfig(DigitsDistillConfig):
-    """Distill the image-to-video digits teacher (first frame given) with rCM (or sCM / DMD2 alone).
-
-    ``--experts two``: a two-expert teacher, the I2V teacher twice switched at ``--boundary``, distilled into
-    one student per expert (each initialised from its expert; the rollout crosses from one to the other)."""
-
-    teacher: Path | None = None
-    """the I2V teacher; default the shipped one (rcm/assets/digits_i2v_teacher.safetensors)."""
-    experts: Literal["one", "two"] = "one"
-    boundary: float = BOUNDARY
-    """RF time of the experts' switch (--experts two)."""
-    i2v_report: I2VReport = field(default_factory=I2VReport)
-    model: Literal["digits-i2v"] = "digits-i2v"
-
-    NOT_FINGERPRINTED: ClassVar[tuple[str, ...]] = (*DigitsDistillConfig.NOT_FINGERPRINTED, "i2v_report")
-
-    def __post_init__(self):
-        super().__post_init__()
-        if not 0.0 < self.boundary < 1.0:
-            raise ConfigError("boundary", f"must be an RF time in (0, 1), got {self.boundary}")
 
 
 class DigitsI2VTask(DigitsTask):

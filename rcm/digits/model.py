@@ -23,6 +23,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from rcm.digits.config import DEMO_SPEC
 from rcm.digits import presets
 from rcm.digits.data import NUM_CLASSES, ClipSpec
 from rcm.models.wan import WanConfig, WanDiT
@@ -32,7 +33,6 @@ ASSETS = Path(__file__).resolve().parents[1] / "assets"
 TEACHER_PATH = ASSETS / "digits_teacher.safetensors"
 NULL_LABEL = NUM_CLASSES  # label 10: "no class", the CFG negative
 
-DEMO_SPEC = ClipSpec(frames=8, size=16)
 
 DEMO_MODELS: dict[str, WanConfig] = {
     # The shipped teacher. Patch (1, 4, 4): 8 × 4 × 4 = 128 tokens per 8×16×16 clip. With Wan's

@@ -53,6 +53,7 @@ LOSS = RCMConfig(
     student_update_freq=3,
 )
 EMA_SIGMA_REL = 0.1
+I2V_BOUNDARY = 0.875  # the two-expert I2V teacher's switch: Wan2.2 T2V A14B's RF boundary
 
 
 def student_mid_times(steps: int) -> tuple[float, ...]:

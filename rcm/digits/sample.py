@@ -10,37 +10,21 @@ the clips themselves (.npz: [N, T, H, W] in [0, 1] and the labels).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from rcm.digits.config import DigitsSampleConfig
 from rcm import ConfigError, check_memory, use_threads
 from rcm.digits import presets
 from rcm.digits.data import NUM_CLASSES, clip_grid, to_unit
 from rcm.digits.model import DEMO_SPEC
 from rcm.media import tile_clips, write_image, write_video
-from rcm.sample import DEFAULT_STUDENT_STEPS, Device, SampleResult, SampleSettings, existing_path, resolve_device
+from rcm.sample import DEFAULT_STUDENT_STEPS, SampleResult, SampleSettings, existing_path, resolve_device
 from rcm.timing import progress_bar
 
 SUFFIXES = (".png", ".gif", ".mp4", ".npz")
-
-
-@dataclass
-class DigitsSampleConfig(SampleSettings):
-    """Sample the digits teacher or a distilled digits student."""
-
-    checkpoint: Path | None = None
-    """a digits model (rcm.digits.model.save_model safetensors); default the shipped teacher."""
-    labels: tuple[int, ...] = ()
-    """classes 0..9 to sample; default 0..9 cycled over num_samples."""
-    save_path: Path | None = None
-    """.png (grid), .gif, .mp4 or .npz (clips in [0,1] [N,T,H,W] + labels); default samples.png."""
-    device: Device = "auto"
-    """auto: cuda when available, else cpu (the noise is drawn on the CPU: a seed gives the same clips)."""
-    threads: int = presets.THREADS
-    """CPU threads (torch.set_num_threads; 0: torch's default)."""
 
 
 def _digits_kind(kind: str, meta: dict, path: Path) -> str:

@@ -15,97 +15,20 @@ iterations, a line per method@steps, the teacher at 50 and 4 steps as dashed lev
 from __future__ import annotations
 
 import json
-import math
 import multiprocessing
-from dataclasses import dataclass, field, replace
-from functools import reduce
 from pathlib import Path
 
-from rcm import MAX_SAMPLING_STEPS, ConfigError, check_count, check_memory, check_number, check_seed, check_threads
-from rcm.losses import RCMConfig
+from rcm.digits.config import StudyConfig
 from rcm.checkpoint.atomic import atomic_write_bytes
-from rcm.digits import presets
-from rcm.digits.evaluate import (COLUMNS, DigitsReport, EvalConfig, digits_report, evaluate, markdown_table,
+from rcm.digits.evaluate import (COLUMNS, DigitsReport, digits_report, evaluate, markdown_table,
                                  print_table)
-from rcm.digits.model import DEMO_SPEC, TeacherSampling, load_teacher, sample_student
+from rcm.digits.model import TeacherSampling, load_teacher, sample_student
 from rcm.digits.task import DigitsDistillConfig, DigitsTask
-from rcm.sample import Device, resolve_device
-from rcm.train import LoopConfig, distill, start_run
+from rcm.sample import resolve_device
+from rcm.train import distill, start_run
 from rcm.train.plots import Line, Panel, draw_panels, write_png
 
-METHODS = ("rcm", "dmd2", "scm")
 METRICS = [key for key, _, _ in COLUMNS if key != "sec_per_sample"]
-
-
-@dataclass
-class StudyConfig:
-    """Distill the digits teacher with each method at equal budgets and score each one's EMA student at
-    1/2/4 steps at several iterations; write a table (markdown + json) and a plot."""
-
-    out_dir: Path = Path("runs/study")
-    methods: tuple[str, ...] = METHODS
-    snapshots: tuple[int, ...] = (500, 1000, 2000, 3000, 5000, 7500, 10000)
-    """iterations at which each method's EMA student is scored; the last one is the run's length."""
-    batch_size: int = 64
-    lr: float = 1e-4
-    """learning rate of student and critic (the same for every method)."""
-    student_steps: tuple[int, ...] = presets.STUDENT_STEPS
-    teacher_steps: tuple[int, ...] = (4, presets.TEACHER_STEPS)
-    """teacher rows of the table and dashed levels of the plot."""
-    num_per_class: int = 20
-    num_real: int = 500
-    seed: int = 0
-    """the report seed: noise of every scored sample."""
-    checkpoint_every: int = 500
-    device: Device = "auto"
-    concurrent: bool = False
-    """run the methods as concurrent processes (on one GPU: the small model leaves it mostly idle)."""
-    threads: int = presets.THREADS
-    """CPU threads per process (torch.set_num_threads; 0: torch's default)."""
-    loss: RCMConfig = field(default_factory=lambda: presets.LOSS)
-    """loss settings shared by every method (each method then drops the term it lacks: sCM has no DMD term,
-    DMD2 no sCM term); e.g. --loss.dmd.loss-scale, --loss.student-update-freq."""
-    ema_sigma_rel: float = presets.EMA_SIGMA_REL
-
-    def __post_init__(self):
-        if not self.methods or any(m not in METHODS for m in self.methods) or len(set(self.methods)) != len(self.methods):
-            raise ConfigError("methods", f"must be distinct names among {', '.join(METHODS)}, got {list(self.methods)}")
-        if not self.snapshots or any(s < 1 for s in self.snapshots) or list(self.snapshots) != sorted(set(self.snapshots)):
-            raise ConfigError("snapshots", f"must be increasing iterations >= 1, got {list(self.snapshots)}")
-        for steps in self.student_steps:
-            if steps not in presets.STUDENT_MID_TIMES:
-                raise ConfigError("student_steps", f"the digits presets have mid-times for "
-                                  f"{sorted(presets.STUDENT_MID_TIMES)} steps, got {steps}")
-        check_count("snapshots", self.snapshots[-1], 1)
-        for name in ("batch_size", "checkpoint_every"):
-            check_count(name, getattr(self, name), 1, 2**31 - 1)
-        check_count("num_per_class", self.num_per_class, 2, 2**31 - 1)  # the diversity compares two clips of a digit
-        check_count("num_real", self.num_real, 20)
-        for n in self.teacher_steps:
-            check_count("teacher_steps", n, 1, MAX_SAMPLING_STEPS)
-        check_number("lr", self.lr, 0, low_open=True)
-        check_seed("seed", self.seed)
-        check_threads("threads", self.threads)
-        device = resolve_device(self.device)
-        for where in {"cpu", str(device)}:  # clips are made on the CPU, then moved
-            check_memory("batch_size", DEMO_SPEC.batch_bytes(self.batch_size), f"a batch of {self.batch_size:,} clips",
-                         where)
-        for name, n in (("num_per_class", self.num_per_class * 10), ("num_real", self.num_real)):
-            check_memory(name, DEMO_SPEC.batch_bytes(n), f"{n:,} scored clips")
-        self.distill_config(self.methods[0])  # the shared run settings (loss, EMA) are checked now, not after a run
-
-    def distill_config(self, method: str) -> DigitsDistillConfig:
-        """The method's run: the digits defaults with the study's budget and settings, no final report."""
-        optim = replace(presets.OPTIMIZER, lr=self.lr)
-        every = reduce(math.gcd, self.snapshots)
-        return DigitsDistillConfig(
-            method=method, out_dir=Path(self.out_dir) / method, batch_size=self.batch_size,
-            loop=LoopConfig(iterations=self.snapshots[-1], checkpoint_every=min(self.checkpoint_every, every)),
-            student_optim=optim, critic_optim=replace(optim), report=False, sample_every=every,
-            device=self.device, threads=self.threads, loss=self.loss, ema_sigma_rel=self.ema_sigma_rel)
-
-    def eval_config(self) -> EvalConfig:
-        return EvalConfig(num_per_class=self.num_per_class, num_real=self.num_real, seed=self.seed, spec=DEMO_SPEC)
 
 
 class StudyTask(DigitsTask):

@@ -8,62 +8,20 @@ accuracy, digit switching, shape and motion consistency, stray ink, frame FD, di
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
-from rcm import ConfigError, check_memory
+from rcm.digits.config import DigitsDistillConfig
 from rcm.digits import presets
 from rcm.digits.data import ClipBatches, clip_grid
-from rcm.digits.evaluate import DigitsReport, digits_report
+from rcm.digits.evaluate import digits_report
 from rcm.digits.model import (DEMO_SPEC, TeacherSampling, architecture_metadata, load_teacher, null_labels, sample_student,
                               save_model)
-from rcm.losses import RCMConfig
 from rcm.media import write_image
-from rcm.train.config import OptimizerConfig
-from rcm.sample import Device, resolve_device
-from rcm.train import DistillConfig, LoopConfig, Run, distill, is_rank0, start_run
-
-
-@dataclass
-class DigitsDistillConfig(DistillConfig):
-    """Distill the shipped digits teacher into a 1-4 step student with rCM (or sCM / DMD2 alone).
-
-    With no arguments: rCM (on CUDA when available, else the CPU), writing samples, metrics.json and the
-    per-frame table to --out-dir. Re-running the same command resumes from the last checkpoint."""
-
-    teacher: Path | None = None
-    """the teacher; default the shipped one (rcm/assets/digits_teacher.safetensors)."""
-    batch_size: int = presets.BATCH_SIZE
-    loop: LoopConfig = field(default_factory=lambda: LoopConfig(iterations=presets.ITERATIONS,
-                                                                checkpoint_every=presets.CHECKPOINT_EVERY))
-    loss: RCMConfig = field(default_factory=lambda: presets.LOSS)
-    student_optim: OptimizerConfig = field(default_factory=lambda: presets.OPTIMIZER)
-    critic_optim: OptimizerConfig = field(default_factory=lambda: presets.OPTIMIZER)
-    ema_sigma_rel: float = presets.EMA_SIGMA_REL
-    threads: int = presets.THREADS
-    """CPU threads (torch.set_num_threads; 0: torch's default); one is fastest for this small model."""
-    report: bool = True
-    """sample and score teacher and student at the end."""
-    report_settings: DigitsReport = field(default_factory=DigitsReport)
-    device: Device = "auto"
-    """auto: cuda when available, else cpu (clips are made on the CPU; batches move to the device)."""
-    model: Literal["digits"] = "digits"
-
-    NOT_FINGERPRINTED: ClassVar[tuple[str, ...]] = (*DistillConfig.NOT_FINGERPRINTED, "report", "report_settings",
-                                                    "device")
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.teacher is not None and not Path(self.teacher).is_file():
-            raise ConfigError("teacher", f"no file at {self.teacher}")
-        device = resolve_device(self.device)  # cuda asked for without CUDA: an error naming --device
-        for where in {"cpu", str(device)}:  # clips are made on the CPU, then moved
-            check_memory("batch_size", DEMO_SPEC.batch_bytes(self.batch_size), f"a batch of {self.batch_size:,} clips",
-                         where)
+from rcm.sample import resolve_device
+from rcm.train import Run, distill, is_rank0, start_run
 
 
 class DigitsTask:

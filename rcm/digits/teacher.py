@@ -12,76 +12,18 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from rcm import ConfigError, check_count, check_memory, check_number, check_output_file, check_seed, check_threads, out_of_memory_as
-from rcm.digits import presets
-from rcm.digits.data import ClipBatches, ClipSpec
-from rcm.sample import Device, resolve_device
+from rcm.digits.config import TrainTeacherConfig
+from rcm import ConfigError, out_of_memory_as
+from rcm.digits.data import ClipBatches
+from rcm.sample import resolve_device
 from rcm.timing import progress_bar
-from rcm.digits.model import DEMO_MODELS, DEMO_SPEC, NULL_LABEL, build_model, save_model
-
-
-
-@dataclass
-class TrainTeacherConfig:
-    """Recipe of the shipped teacher (rectified flow, label dropout for CFG, EMA)."""
-
-    out_dir: Path = Path("runs/teacher")
-    export: Path | None = None  # where the final EMA weights go; None: out_dir/teacher.safetensors
-    model: str = "digits-dit"
-    steps: int = 4000
-    batch_size: int = 32
-    lr: float = 1e-3
-    warmup: int = 200
-    min_lr_ratio: float = 0.05  # cosine decay to lr·min_lr_ratio
-    weight_decay: float = 0.01
-    betas: tuple[float, float] = (0.9, 0.99)
-    grad_clip: float = 1.0
-    ema_decay: float = 0.999
-    label_dropout: float = 0.1
-    rho_mean: float = 0.0  # logit-normal ρ: sigmoid(N(rho_mean, rho_std²))
-    rho_std: float = 1.0
-    seed: int = 0
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
-    log_every: int = 50
-    resume: bool = True
-    threads: int = presets.THREADS
-    """CPU threads (torch.set_num_threads; 0: torch's default)."""
-    device: Device = "auto"
-    """auto: cuda when available, else cpu (clips are made on the CPU; batches move to the device)."""
-    spec: ClipSpec = field(default_factory=lambda: DEMO_SPEC)
-
-    def __post_init__(self):  # every setting, before a folder is made or a network built
-        if self.model not in DEMO_MODELS:
-            raise ConfigError("model", f"unknown demo model {self.model!r}; valid names: {', '.join(DEMO_MODELS)}")
-        check_count("steps", self.steps, 0)
-        check_count("warmup", self.warmup, 0)
-        for name in ("batch_size", "checkpoint_every", "keep_checkpoints", "log_every"):
-            check_count(name, getattr(self, name), 1, 2**31 - 1)
-        check_number("lr", self.lr, 0, low_open=True)
-        check_number("min_lr_ratio", self.min_lr_ratio, 0, 1)
-        check_number("weight_decay", self.weight_decay, 0)
-        if len(self.betas) != 2 or not all(math.isfinite(b) and 0 <= b < 1 for b in self.betas):
-            raise ConfigError("betas", f"must be two numbers in [0, 1), got {self.betas}")
-        check_number("grad_clip", self.grad_clip, 0, low_open=True)
-        check_number("ema_decay", self.ema_decay, 0, 1, high_open=True)
-        check_number("label_dropout", self.label_dropout, 0, 1, high_open=True)
-        check_number("rho_mean", self.rho_mean)
-        check_number("rho_std", self.rho_std, 0, low_open=True)
-        check_seed("seed", self.seed)
-        check_threads("threads", self.threads)
-        if self.export is not None:
-            check_output_file("export", self.export)
-        device = resolve_device(self.device)
-        for where in {"cpu", str(device)}:  # clips are made on the CPU, then moved
-            check_memory("batch_size", self.spec.batch_bytes(self.batch_size), f"a batch of {self.batch_size:,} clips",
-                         where)
+from rcm.digits.model import NULL_LABEL, build_model, save_model
 
 
 def rectified_flow_loss(model: nn.Module, x0: Tensor, labels: Tensor, generator: torch.Generator,

@@ -26,12 +26,10 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
-import tyro
 from rich.console import Console
 
 from rcm import ConfigError, check_memory, use_threads
@@ -39,56 +37,11 @@ from rcm.media import write_video
 from rcm.models.text_encoder import WAN_NEGATIVE_PROMPT
 from rcm.sample import DEFAULT_STUDENT_STEPS, SampleResult, SampleSettings, existing_path, numbered
 from rcm.timing import progress_bar, sync
+from rcm.wan.config import WanSampleConfig, WanSampleModel
 from rcm.wan import presets
 from rcm.wan.pipeline import decode_videos, image_mode, read_image, resolve_device, sample_wan_latent, video_size
 
-WanSampleModel = Literal["wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "wan2.1-i2v-14b", "wan2.2-ti2v-5b", "wan2.2-t2v-a14b",
-                         "wan2.2-i2v-a14b", "wan"]
 TWO_EXPERT_MODELS = ("wan2.2-t2v-a14b", "wan2.2-i2v-a14b")
-
-
-@dataclass
-class WanSampleConfig(SampleSettings):
-    """Sample a Wan teacher or distilled student: text to video, or image to video with --image."""
-
-    model: tyro.conf.Fixed[WanSampleModel] = "wan2.1-t2v-1.3b"
-    """a named Wan architecture (wan2.2-*-a14b: per expert); wan: the architecture read from the DiT files."""
-    dit_path: Path | None = None
-    """DiT: official .safetensors/.pth/sharded folder, diffusers transformer/ folder, or rCM .pt; two experts:
-    the folder holding high_noise_model/ + low_noise_model/ (or diffusers transformer/ + transformer_2/)."""
-    image: Path | None = None
-    """the first frame (PNG, JPEG, ...), scaled to cover the video size and centre-cropped. Required by
-    image-to-video DiTs (Wan2.1 I2V-14B, Wan2.2 I2V-A14B); optional for Wan2.2 TI2V-5B; not for T2V DiTs."""
-    image_encoder_path: Path | None = None
-    """the CLIP image encoder of Wan2.1 I2V-14B (models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth or a
-    transformers image_encoder/ folder); only for DiTs with image cross-attention."""
-    vae_path: Path | None = None
-    """VAE: Wan2.1_VAE.pth or a diffusers vae/ folder."""
-    text_encoder_path: Path | None = None
-    """umT5: models_t5_umt5-xxl-enc-bf16.pth, a transformers folder, or a diffusers pipeline root."""
-    tokenizer_path: Path | None = None
-    """umT5 tokenizer folder; default found next to the text encoder."""
-    prompt: str = ""
-    """the text to generate a video of."""
-    negative_prompt: str | None = None
-    """a guided teacher's CFG negative prompt (default Wan's); an error with a student or at guidance <= 1."""
-    resolution: Literal["480p", "720p"] | None = None
-    """video size: 480p (832x480 at 16:9; the default) or 720p (1280x720); an error with --height/--width."""
-    aspect_ratio: Literal["16:9", "9:16", "1:1"] | None = None
-    """aspect ratio (default 16:9; 1:1 is 624x624 / 960x960); an error with --height/--width."""
-    height: int | None = None
-    """explicit video height (in place of --resolution/--aspect-ratio; a multiple of 16)."""
-    width: int | None = None
-    """explicit video width (in place of --resolution/--aspect-ratio; a multiple of 16)."""
-    num_frames: int = presets.NUM_FRAMES
-    """video frames, 1 + 4k."""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    """auto = cuda when available; bf16 on CUDA, fp32 on the CPU ."""
-    vae_chunk_size: int = 1
-    """latent frames per VAE decode chunk (1: Wan's schedule, least memory)."""
-    compile: bool = False
-    """torch.compile each DiT block (inductor): 4-step 480p sampling 2.08 s instead of 2.92 s on an H100,
-    after a one-off compile (docs/benchmarks.md)."""
 
 
 def _wan_kind(kind: str, dit_path: Path) -> str:

@@ -28,9 +28,8 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Literal
 
 import torch
 from torch import Tensor
@@ -38,77 +37,10 @@ from torch import Tensor
 from rcm import MAX_SAMPLING_STEPS, ConfigError, PathArgumentError, check_count, check_memory, check_seed, check_threads
 from rcm.checkpoint import atomic_write_bytes
 from rcm.timing import progress_bar
-from rcm.wan import presets
+from rcm.wan.config import SynthConfig
 from rcm.wan.data import INDEX_NAME, LATENT_FORMAT, NEGATIVE_NAME, LatentDataset, encode_shard, trim_embedding
-from rcm.models.text_encoder import TEXT_LEN, WAN_NEGATIVE_PROMPT
 from rcm.wan.pipeline import resolve_device
 from rcm.wan.synth_inputs import file_sha256, list_videos, read_prompts, read_video  # noqa: F401 (read_video: public here too)
-
-
-@dataclass
-class SynthConfig:
-    """Write a Wan latent dataset (latents + umT5 embeddings + prompts, in shards) for `rcm distill`."""
-
-    out_dir: Path
-    """the dataset folder (created; re-running the same command finishes an interrupted run)."""
-    prompts: Path | None = None
-    """prompt list: .txt (one per line) or .jsonl ("prompt" key); with --teacher: teacher samples; with
-    --videos: the prompts of the videos in name order (when there is no .txt beside a video)."""
-    videos: Path | None = None
-    """a folder of .mp4/.gif videos to encode with the VAE (--vae-path)."""
-    latents: Path | None = None
-    """existing latents to re-shard: a folder of the reference's webdataset tars or an rcm synth dataset."""
-    teacher: Path | None = None
-    """the teacher DiT (any layout `rcm sample` reads, or a two-expert folder) that samples the --prompts."""
-    images: Path | None = None
-    """image to video: a folder of first frames, the i-th by name for the i-th prompt (needs --vae-path; an I2V
-    or TI2V teacher); each is scaled to cover the video size and centre-cropped."""
-    image_encoder_path: Path | None = None
-    """the CLIP image encoder, for a Wan2.1 I2V teacher with --images or --first-frame."""
-    first_frame: bool = False
-    """with --videos: image to video, each video's first frame its given image, as --teacher takes it."""
-    text_encoder_path: Path | None = None
-    """umT5 (official .pth, transformers folder or pipeline root)."""
-    tokenizer_path: Path | None = None
-    """umT5 tokenizer folder; default found next to the text encoder."""
-    vae_path: Path | None = None
-    """the Wan VAE, for --videos and --images (and the latent size of a Wan2.2-VAE teacher)."""
-    negative_prompt: str = WAN_NEGATIVE_PROMPT
-    """the CFG negative prompt (Wan's default), sampled against and stored for training."""
-    num_frames: int = presets.NUM_FRAMES
-    """video frames, 1 + 4k (81: 21 latent frames)."""
-    height: int = presets.WAN_SIZES["480p"]["16:9"][0]
-    """video height, a multiple of 16."""
-    width: int = presets.WAN_SIZES["480p"]["16:9"][1]
-    """video width, a multiple of 16."""
-    sampler: Literal["euler", "unipc"] = presets.SYNTH_SAMPLER
-    """teacher sampler (the released data: Euler)."""
-    steps: int = presets.SYNTH_STEPS
-    """teacher sampling steps."""
-    shift: float = presets.SYNTH_SHIFT
-    """schedule shift."""
-    guidance: float = presets.GUIDANCE
-    """CFG weight against the negative prompt (> 1 guides)."""
-    sigma_max: float = presets.TEACHER_SIGMA_MAX
-    """starting noise level."""
-    samples_per_prompt: int = 1
-    """teacher samples per prompt (different noise)."""
-    seed: int = 0
-    """sample i uses noise seeded seed + i."""
-    shard_size: int = 16
-    """samples per shard file."""
-    batch_size: int = 1
-    """samples per teacher forward."""
-    text_len: int = TEXT_LEN
-    """umT5 tokens kept when there is no --teacher to take it from (Wan: 512)."""
-    latent_dtype: Literal["float32", "bfloat16"] = "float32"
-    """storage dtype of the latents."""
-    embed_dtype: Literal["float32", "bfloat16"] = "bfloat16"
-    """storage dtype of the text embeddings (umT5 runs in bf16 in Wan)."""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    """auto = cuda when available (bf16 there, fp32 on the CPU); under torchrun, this rank's GPU."""
-    threads: int = 0
-    """torch.set_num_threads; 0 keeps torch's default."""
 
 
 def _check(cfg: SynthConfig) -> str:

@@ -14,146 +14,20 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Literal
 
 import torch
-import tyro
 from torch import Tensor, nn
 
 from rcm import ConfigError
 from rcm.checkpoint import atomic_write_bytes
-from rcm.losses import RCMConfig
-from rcm.train.config import OptimizerConfig
-from rcm.parallel import ParallelConfig
-from rcm.sample import MAX_STUDENT_STEPS
-from rcm.train import DistillConfig, LoopConfig, distill, is_rank0, method_config, start_run
+from rcm.train import distill, is_rank0, method_config, start_run
+from rcm.wan.config import WanDistillConfig
 from rcm.wan import presets
 from rcm.models.trigflow import FrameCondition
 from rcm.wan.data import LatentBatches, LatentDataset, pad_embeddings, trim_embedding
 from rcm import PathArgumentError
 from rcm.wan.pipeline import decode_videos, resolve_device, sample_wan_latent
-
-WanModel = Literal["wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "wan"]
-_D = presets.DISTILL["wan2.1-t2v-1.3b"]  # the field defaults: the 1.3B recipe
-
-
-@dataclass
-class WanDistillConfig(DistillConfig):
-    """rCM distillation of a Wan2.1 T2V teacher on a latent dataset (`rcm synth`). Defaults: the reference's
-    recipe for this size (docs/method.md §5.1). bf16 compute with fp32 master weights on CUDA, fp32 on the
-    CPU; under torchrun FSDP2 (+ CP, activation checkpointing: --parallel.*). Re-running resumes."""
-
-    model: tyro.conf.Fixed[WanModel] = "wan2.1-t2v-1.3b"
-    """the architecture (wan: read from the teacher file, with the 1.3B recipe)."""
-    teacher: Path | None = None
-    """the teacher DiT: official / diffusers / rCM layout, or a two-expert folder (Wan2.2 A14B) (required)."""
-    data: Path | None = None
-    """the dataset: an `rcm synth` folder (`--images`: image to video), or a folder of the reference's
-    webdataset tars (required)."""
-    max_latent_frames: int = _D["max_latent_frames"]
-    """latent frames trained on (the reference's state_t: 20 for 1.3B, 21 for 14B); shorter data is used whole."""
-    loop: LoopConfig = field(default_factory=lambda: LoopConfig(iterations=_D["iterations"],
-                                                                checkpoint_every=_D["checkpoint_every"]))
-    loss: RCMConfig = field(default_factory=lambda: _D["loss"])
-    student_optim: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=_D["student_lr"]))
-    critic_optim: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=_D["critic_lr"]))
-    sigma_max: float = _D["sigma_max"]
-    """σ_max of the student's few-step sampler (periodic samples; 80 for 1.3B, 200 for 14B)."""
-    sample_every: int = _D["sample_every"]
-    """write EMA-student samples every this many iterations (and at the end); 0: only at the end."""
-    sample_steps: tuple[int, ...] = (1, 2, 4)
-    """student steps of the periodic samples."""
-    num_sample_prompts: int = 2
-    """the dataset's first prompts, sampled each time."""
-    vae_path: Path | None = None
-    """the Wan VAE: decode the periodic samples to MP4 (without it only their latents are written)."""
-    negative_embedding: Path | None = None
-    """the CFG negative-prompt embedding (default: the dataset's; the reference's neg_embed .pt works)."""
-    precision: Literal["auto", "bfloat16", "float32"] = "auto"
-    """network compute dtype: auto = bf16 on CUDA (fp32 master weights), fp32 on the CPU."""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    """auto = cuda when available; under torchrun, each rank's GPU."""
-    export_dtype: Literal["bfloat16", "float32"] = "bfloat16"
-    """dtype of the exported EMA student (the released rCM students are bf16)."""
-    compile: bool = False
-    """torch.compile each DiT block (inductor; the JVP pass stays eager): 1.33x faster 1.3B student iterations
-    on an H100 (docs/benchmarks.md). One process only for now."""
-    parallel: ParallelConfig = field(default_factory=lambda: ParallelConfig(activation_checkpointing=True))
-    """used when launched by torchrun (activation checkpointing applies to one process too)."""
-
-    NOT_FINGERPRINTED: ClassVar[tuple[str, ...]] = (
-        *DistillConfig.NOT_FINGERPRINTED, "device", "sample_steps", "num_sample_prompts", "vae_path", "export_dtype",
-        "compile")
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.max_latent_frames < 1:
-            raise ConfigError("max_latent_frames", f"must be >= 1, got {self.max_latent_frames}")
-        if not self.sigma_max > 0:
-            raise ConfigError("sigma_max", f"must be > 0, got {self.sigma_max}")
-        if self.num_sample_prompts < 0:
-            raise ConfigError("num_sample_prompts", f"must be >= 0, got {self.num_sample_prompts}")
-        if not self.sample_steps or any(not 1 <= n <= MAX_STUDENT_STEPS for n in self.sample_steps):
-            raise ConfigError("sample_steps", f"must be student step counts in 1..{MAX_STUDENT_STEPS}, "
-                                              f"got {self.sample_steps}")
-        for name in ("teacher", "data", "vae_path", "negative_embedding"):
-            path = getattr(self, name)
-            if path is not None and not Path(path).exists():
-                raise PathArgumentError(name, f"no such file or folder: {path}")
-
-
-def distill_preset(model: str) -> WanDistillConfig:
-    """The reference's recipe for a size (docs/method.md §5.1), from ``presets.DISTILL``."""
-    if model not in presets.DISTILL:
-        raise ConfigError("model", f"must be one of {', '.join(presets.DISTILL)}; got {model!r}")
-    d = presets.DISTILL[model]
-    return WanDistillConfig(model=model, loss=d["loss"], max_latent_frames=d["max_latent_frames"],
-                            loop=LoopConfig(iterations=d["iterations"], checkpoint_every=d["checkpoint_every"]),
-                            student_optim=OptimizerConfig(lr=d["student_lr"]),
-                            critic_optim=OptimizerConfig(lr=d["critic_lr"]), sigma_max=d["sigma_max"],
-                            sample_every=d["sample_every"])
-
-
-WAN_DISTILL_PRESETS: dict[str, WanDistillConfig] = {m: distill_preset(m) for m in presets.WAN_MODELS}
-
-
-def _time_dist(d) -> str:
-    if hasattr(d, "p_mean"):
-        return f"LogNormal({d.p_mean:g}, {d.p_std:g})"
-    return f"UniformShift({d.shift:g})"
-
-
-def wan_defaults_table() -> str:
-    """The per-size defaults of `rcm distill wan2.1-*`, rendered from ``WAN_DISTILL_PRESETS`` (so the help
-    text and docs cannot drift from what runs)."""
-    sizes = ("wan2.1-t2v-1.3b", "wan2.1-t2v-14b")
-    p = [WAN_DISTILL_PRESETS[s] for s in sizes]
-    rows = [
-        ("student LR / fake-score LR", lambda c: f"{c.student_optim.lr:g} / {c.critic_optim.lr:g}"),
-        ("Adam betas, weight decay, eps", lambda c: f"({c.student_optim.betas[0]:g}, {c.student_optim.betas[1]:g}), "
-                                                    f"{c.student_optim.weight_decay:g}, {c.student_optim.eps:g}"),
-        ("LR warmup (linear from 1e-6)", lambda c: f"{c.student_optim.warmup} steps"),
-        ("batch per data-parallel rank", lambda c: str(c.batch_size)),
-        ("loss scale sCM / DMD", lambda c: f"{c.loss.scm.loss_scale:g} / {c.loss.dmd.loss_scale:g}"),
-        ("p_G / p_D", lambda c: f"{_time_dist(c.loss.scm.time_dist)} / {_time_dist(c.loss.dmd.time_dist)}"),
-        ("teacher CFG (sCM / DMD)", lambda c: f"{c.loss.scm.guidance:g} / {c.loss.dmd.guidance:g}"),
-        ("tangent warmup", lambda c: str(c.loss.scm.tangent_warmup)),
-        ("student update freq", lambda c: str(c.loss.student_update_freq)),
-        ("max simulation steps (fake)", lambda c: str(c.loss.dmd.max_simulation_steps)),
-        ("latent frames (state_t)", lambda c: str(c.max_latent_frames)),
-        ("sigma_max (sampling)", lambda c: f"{c.sigma_max:g}"),
-        ("EMA", lambda c: f"power, sigma_rel {c.ema_sigma_rel:g}"),
-        ("max_iter, checkpoint every", lambda c: f"{c.loop.iterations:,}, {c.loop.checkpoint_every}"),
-        ("activation checkpointing", lambda c: "on" if c.parallel.activation_checkpointing else "off"),
-        ("FSDP shard / CP (reference)", lambda c: presets.REFERENCE_SHARDING[c.model]),
-        ("grad clip", lambda c: "off"),
-        ("optimizer", lambda c: "AdamW, fp32 master weights"),
-    ]
-    lines = [f"| | {sizes[0]} | {sizes[1]} |", "|---|---|---|"]
-    lines += [f"| {name} | {f(p[0])} | {f(p[1])} |" for name, f in rows]
-    return "\n".join(lines)
 
 
 def read_negative_embedding(path: Path) -> Tensor:
