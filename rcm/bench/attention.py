@@ -21,16 +21,13 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
-from typing import Callable, Iterable, Literal, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 
-DEFAULT_SHAPES = [(1, 12, 32760, 128), (2, 24, 4096, 128), (1, 40, 32760, 128), (1, 24, 4096, 64)]
+from rcm.bench.config import ALL, DEFAULT_INCLUDE, DEFAULT_SHAPES, BenchAttentionConfig
+
 DATASHEET_BF16_TFLOPS = 989.0  # dense bf16, H100 / H200 SXM
-ALL = ("ours_jvp", "ours_fwd_bwd", "triton_fwd_bwd", "sdpa_fwd_bwd", "matmul", "jvp_flash_attention",
-       "sdpa_math_jvp")
-DEFAULT_INCLUDE = ("ours_jvp", "ours_fwd_bwd", "triton_fwd_bwd", "sdpa_fwd_bwd", "matmul")
 _DT = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -390,45 +387,6 @@ def _print(rows: list[dict], dtype: str) -> None:
     print("|" + "---|" * len(cols))
     for r in rows:
         print("| " + " | ".join(_fmt(r.get(key), spec) for key, _, spec in cols) + " |")
-
-
-BenchRow = Literal[ALL]
-
-
-@dataclass
-class BenchAttentionConfig:
-    """Time the attention op against SDPA and a matmul on the same inputs (needs CUDA for real figures;
-    on the CPU it runs a tiny smoke version under the Triton interpreter)."""
-
-    shapes: tuple[str, ...] = tuple(",".join(map(str, s)) for s in DEFAULT_SHAPES)
-    """B,H,L,D each. Head dims D: multiples of 8 from 8 to 256 (the op); our Triton kernels take 64, 128 and
-    256, other dims run the reference backend."""
-    dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
-    include: tuple[BenchRow, ...] = DEFAULT_INCLUDE
-    out_json: Optional[str] = None
-
-    def __post_init__(self):
-        self.parsed_shapes()  # before any kernel is compiled or timed
-
-    def parsed_shapes(self) -> list[tuple[int, int, int, int]]:
-        from rcm import ConfigError, check_memory
-        from rcm.kernels.ops import MAX_HEAD_DIM, TRITON_HEAD_DIMS
-
-        shapes = []
-        for entry in self.shapes:
-            parts = entry.split(",")
-            if len(parts) != 4 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
-                raise ConfigError("shapes", f"{entry!r} is not B,H,L,D with four positive integers")
-            shape = tuple(int(p) for p in parts)
-            if shape[3] % 8 or shape[3] > MAX_HEAD_DIM:
-                raise ConfigError("shapes", f"head dim {shape[3]} in {entry!r} is not supported: the op takes multiples "
-                                            f"of 8 from 8 to {MAX_HEAD_DIM}, our Triton kernels "
-                                            f"{', '.join(map(str, TRITON_HEAD_DIMS))}")
-            # q, k, v, the output and its gradient: five tensors of the shape, in fp32 at most
-            check_memory("shapes", 5 * 4 * math.prod(shape), f"attention at {entry}",
-                         "cuda" if torch.cuda.is_available() else "cpu")
-            shapes.append(shape)
-        return shapes
 
 
 def bench_attention(cfg: BenchAttentionConfig) -> list[dict]:

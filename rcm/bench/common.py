@@ -14,7 +14,6 @@ from __future__ import annotations
 import gc
 import math
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
@@ -22,8 +21,6 @@ from rcm import ConfigError, check_count, check_memory
 
 from rcm.models.wan import WAN_CONFIGS, WanConfig, WanDiT
 
-WanModel = Literal["wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "wan-tiny"]
-Mode = Literal["eager", "compiled"]
 WAN_FRAME_RATE_DIVISOR = 4  # the VAE's causal temporal factor: frames = 1 + 4 (T − 1)
 
 
@@ -150,7 +147,6 @@ def peak_gib(device: torch.device) -> float | None:
 def reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-
 
 
 def console():

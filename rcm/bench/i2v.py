@@ -26,68 +26,25 @@ from __future__ import annotations
 import copy
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 
-from rcm import ConfigError
+from rcm.bench.config import BenchI2VConfig
 from rcm.bench.common import (
-    Mode, WanShape, console as _console, device_name as _device_name, forward_flops, free as _free,
+    WanShape, console as _console, device_name as _device_name, forward_flops, free as _free,
     gpu_settings as _gpu_settings, peak_gib as _peak_gib, phase_flops, random_dit_on, reset_peak as _reset_peak,
 )  # fmt: skip
 from rcm.models.wan import WAN_CONFIGS, WAN_EXPERT_BOUNDARIES
 from rcm.timing import sync as _sync
 from rcm.wan.pipeline import resolve_device
 
-Part = Literal["sample-ti2v", "sample-a14b", "step-ti2v"]
-PARTS: tuple[Part, ...] = ("sample-ti2v", "sample-a14b", "step-ti2v")
 
 # (DiT config, height, width, VAE spatial factor) of each family, full size and in miniature
 SHAPES = {
     "480p": {"ti2v": ("wan2.2-ti2v-5b", 480, 832, 16), "a14b": ("wan2.2-i2v-a14b", 480, 832, 8)},
     "tiny": {"ti2v": ("wan-tiny-ti2v", 64, 64, 16), "a14b": ("wan-tiny-i2v-experts", 64, 64, 8)},
 }
-
-
-@dataclass
-class BenchI2VConfig:
-    """Time 4-step sampling of TI2V-5B- and A14B-shaped DiTs and one rCM iteration of the 5B shape, with
-    the first frame given (random weights, bf16 on the GPU), eager and compiled."""
-
-    config: Literal["480p", "tiny"] = "480p"
-    """480p: the real shapes (one H200); tiny: miniature shapes that run on the CPU (tests)."""
-    parts: tuple[Part, ...] = PARTS
-    """which parts to run (each is independent)."""
-    modes: tuple[Mode, ...] = ("eager", "compiled")
-    num_frames: int = 81
-    """video frames, 1 + 4k (81: 21 latent frames)."""
-    student_steps: int = 4
-    rollout_steps: int = 2
-    """DMD rollout steps of the timed rCM iteration."""
-    optimizer: Literal["sgd", "adamw"] = "sgd"
-    """step-ti2v: sgd (bf16 weights, no state: fits one GPU) or adamw (fp32 masters and moments: the recipe)."""
-    activation_checkpointing: bool = True
-    device: Literal["auto", "cuda", "cpu"] = "auto"
-    out: Path | None = None
-    """write the results as JSON here."""
-    seed: int = 0
-    compile_backend: str = "inductor"
-
-    def __post_init__(self):
-        if not self.parts or len(set(self.parts)) != len(self.parts):
-            raise ConfigError("parts", f"must name each part at most once, got {self.parts}")
-        if not self.modes or len(set(self.modes)) != len(self.modes):
-            raise ConfigError("modes", f"must name eager and/or compiled once each, got {self.modes}")
-        # eager first: compiling is in place (the compiled mode reuses the eager mode's networks)
-        self.modes = tuple(m for m in ("eager", "compiled") if m in self.modes)
-        if self.num_frames < 1 or (self.num_frames - 1) % 4:
-            raise ConfigError("num_frames", f"must be 1 + 4k (1, 5, ..., 81), got {self.num_frames}")
-        if not 1 <= self.student_steps <= 4:
-            raise ConfigError("student_steps", f"must be in 1..4, got {self.student_steps}")
-        if not 1 <= self.rollout_steps <= 4:
-            raise ConfigError("rollout_steps", f"must be in 1..4 (max_simulation_steps), got {self.rollout_steps}")
 
 
 def i2v_shape(cfg: BenchI2VConfig, family: str) -> WanShape:

@@ -5,55 +5,18 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 
-from rcm import MAX_SAMPLING_STEPS, ConfigError, check_count, check_number, check_seed
+from rcm.bench.config import BenchSampleConfig
 
-from rcm.bench.common import Mode, WanModel, console as _console, device_name as _device_name, gpu_settings as _gpu_settings, random_dit, wan_shape, check_shape_fits
+from rcm.bench.common import console as _console, device_name as _device_name, gpu_settings as _gpu_settings, random_dit, wan_shape
 from rcm.timing import sync as _sync
-from rcm.wan import presets
 from rcm.wan.pipeline import resolve_device
 
 # ------------------------------------------------------------------------------------------------------------
 # bench sample
-
-
-@dataclass
-class BenchSampleConfig:
-    """Seconds per video: 1/2/4-step student sampling and 50-step CFG teacher sampling, DiT only and with
-    the VAE decode (random weights)."""
-
-    model: WanModel = "wan2.1-t2v-1.3b"
-    resolution: Literal["480p", "720p"] = "480p"
-    num_frames: int = presets.NUM_FRAMES
-    height: int | None = None
-    width: int | None = None
-    student_steps: tuple[int, ...] = (1, 2, 4)
-    teacher_steps: int = presets.TEACHER_STEPS
-    guidance: float = presets.GUIDANCE
-    modes: tuple[Mode, ...] = ("eager", "compiled")
-    decode: bool = True  # also time the VAE decode (random real-size Wan VAE)
-    device: Literal["auto", "cuda", "cpu"] = "auto"
-    json_path: Path | None = None
-    seed: int = 0
-    compile_backend: str = "inductor"  # torch.compile backend of the compiled mode
-
-    def __post_init__(self):
-        if not self.student_steps or any(not 1 <= s <= 4 for s in self.student_steps):
-            raise ConfigError("student_steps", f"must be in 1..4, got {self.student_steps}")
-        if self.teacher_steps < 1:
-            raise ConfigError("teacher_steps", f"must be >= 1, got {self.teacher_steps}")
-        if not self.modes or len(set(self.modes)) != len(self.modes):
-            raise ConfigError("modes", f"must name eager and/or compiled once each, got {self.modes}")
-        check_count("teacher_steps", self.teacher_steps, 1, MAX_SAMPLING_STEPS)
-        check_number("guidance", self.guidance, 0)
-        check_seed("seed", self.seed)
-        check_shape_fits(wan_shape(self.model, self.resolution, self.num_frames, self.height, self.width),
-                         resolve_device(self.device))
 
 
 def bench_sample(cfg: BenchSampleConfig) -> dict:

@@ -14,67 +14,26 @@ import copy
 import json
 import time
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Literal
 
 import torch
 
-from rcm import ConfigError, PathArgumentError, check_count, check_seed
+from rcm.bench.config import BenchStepConfig
+from rcm import ConfigError, PathArgumentError
 import torch.distributed as dist
 
 from rcm.bench.common import (
-    Mode, WanModel, WanShape, console as _console, device_name as _device_name, free as _free,
+    WanShape, console as _console, device_name as _device_name, free as _free,
     gpu_settings as _gpu_settings, peak_gib as _peak_gib, phase_flops, random_dit, reset_peak as _reset_peak, wan_shape,
-    check_shape_fits,
 )  # fmt: skip
 from rcm.models.wan import WanDiT
 from rcm.parallel import ParallelConfig
-from rcm.wan import presets
 from rcm.timing import sync as _sync
 from rcm.wan.pipeline import resolve_device
 
 # ------------------------------------------------------------------------------------------------------------
 # bench step
-
-
-@dataclass
-class BenchStepConfig:
-    """Time one rCM student iteration and one critic iteration of a Wan2.1 DiT, eager and compiled."""
-
-    model: WanModel = "wan2.1-t2v-1.3b"
-    resolution: Literal["480p", "720p"] = "480p"
-    num_frames: int = presets.NUM_FRAMES
-    height: int | None = None  # explicit size (overrides --resolution), a multiple of 16
-    width: int | None = None
-    batch_size: int = 1
-    modes: tuple[Mode, ...] = ("eager", "compiled")
-    repeats: int = 2  # timed iterations of each kind, after one warm-up (compile) iteration
-    rollout_steps: int = 2  # DMD rollout length of the timed iterations (training cycles 1..4)
-    activation_checkpointing: bool = True  # recompute each block in the backward (needed to fit 480p/81 frames)
-    device: Literal["auto", "cuda", "cpu"] = "auto"
-    profile: Path | None = None  # write a Chrome trace of one compiled student iteration here, print top kernels
-    json_path: Path | None = None  # write the results as JSON
-    seed: int = 0
-    compile_backend: str = "inductor"  # torch.compile backend of the compiled mode
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    """under torchrun: FSDP2 / CP layout (--parallel.cp 2 ...); activation checkpointing follows the flag above."""
-    compare: Path | None = None
-    """a JSON of an earlier run (e.g. one GPU) to compare with: first-iteration losses, step times, scaling."""
-
-    def __post_init__(self):
-        if self.repeats < 1:
-            raise ConfigError("repeats", f"must be >= 1, got {self.repeats}")
-        if not 1 <= self.rollout_steps <= 4:
-            raise ConfigError("rollout_steps", f"must be in 1..4 (max_simulation_steps), got {self.rollout_steps}")
-        if not self.modes or len(set(self.modes)) != len(self.modes):
-            raise ConfigError("modes", f"must name eager and/or compiled once each, got {self.modes}")
-        check_count("repeats", self.repeats, 1, 10**6)
-        check_seed("seed", self.seed)
-        shape = wan_shape(self.model, self.resolution, self.num_frames, self.height, self.width, self.batch_size)
-        check_shape_fits(shape, resolve_device(self.device))
-        if self.compare is not None:
-            read_comparison(self.compare)  # before minutes of benchmarking, not after
 
 
 def read_comparison(path: Path) -> dict:
