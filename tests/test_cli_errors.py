@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import cli
+from rcm import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -268,7 +268,7 @@ def test_help_is_not_an_error(capsys):
     (["distill", "--loop.iterations", "-5"], "--loop.iterations: must be >= 0, got -5"),
 ], ids=["truncated checkpoint", "corrupt resume", "parse error"])  # fmt: skip
 def test_real_process_prints_one_line(argv, fragment, files, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "cli", *_fill(argv, files, tmp_path)], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "rcm", *_fill(argv, files, tmp_path)], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 2, proc.stderr
     _check_one_line(proc.stderr, fragment)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import cli
+from rcm import cli
 from test_cli_errors import CASES as FIRST_CASES, _check_one_line, files  # noqa: F401 (a fixture)
 
 BIG = str(10**12)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-import cli
+from rcm import cli
 
 
 def _error(argv, capsys) -> str:

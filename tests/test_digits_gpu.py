@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-import cli
+from rcm import cli
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

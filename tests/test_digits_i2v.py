@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-import cli
+from rcm import cli
 from rcm.digits.i2v import (
     GIVEN_FRAME_BOUND,
     I2V_TEACHER_PATH,

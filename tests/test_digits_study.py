@@ -5,7 +5,7 @@ import json
 import pytest
 from PIL import Image
 
-import cli
+from rcm import cli
 
 
 @pytest.fixture(autouse=True)

@@ -6,7 +6,7 @@ import imageio.v2 as imageio
 import pytest
 import torch
 
-import cli
+from rcm import cli
 from rcm.digits.model import load_model
 
 

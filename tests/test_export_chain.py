@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-import cli
+from rcm import cli
 from rcm.digits.model import load_model
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import cli
+from rcm import cli
 from rcm.checkpoint.local import save_checkpoint
 from rcm.digits.model import build_model
 from rcm.digits.task import DigitsTask

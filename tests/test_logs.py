@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import cli
+from rcm import cli
 from rcm.train.plots import LOG_LINE, PANEL
 from rcm.train.sinks import scalar_tag
 

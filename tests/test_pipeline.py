@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-import cli
+from rcm import cli
 import rcm.pipeline
 from rcm import ConfigError
 from rcm.digits import model as demo

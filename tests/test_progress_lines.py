@@ -44,7 +44,7 @@ def test_distill_to_a_pipe_prints_progress_while_training(tmp_path):
 
     save_model(build_model("digits-dit-tiny"), tmp_path / "teacher.safetensors", {"kind": "teacher"})
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen([sys.executable, "-m", "cli", "distill", "--teacher", str(tmp_path / "teacher.safetensors"),
+    proc = subprocess.Popen([sys.executable, "-m", "rcm", "distill", "--teacher", str(tmp_path / "teacher.safetensors"),
                              "--out-dir", str(tmp_path / "run"), "--no-report", "--loop.iterations", "6",
                              "--threads", "1"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)  # fmt: skip

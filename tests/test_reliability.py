@@ -35,7 +35,7 @@ SEED = 8
 
 
 def _command(teacher: Path, out_dir: Path) -> list[str]:
-    return [sys.executable, "-m", "cli", "distill", "--teacher", str(teacher), "--out-dir", str(out_dir),
+    return [sys.executable, "-m", "rcm", "distill", "--teacher", str(teacher), "--out-dir", str(out_dir),
             "--no-report", "--batch-size", "4", "--threads", "1",
             "--loop.iterations", str(ITERATIONS), "--loop.checkpoint-every", "1", "--loop.log-every", "1",
             "--loss.scm.tangent-warmup", "2", "--loss.student-update-freq", "2",
@@ -238,7 +238,7 @@ KILL_IN_WRITE = """
             die()
 
     os.fsync, os.replace = fsync, replace
-    import cli
+    from rcm import cli
     cli.main(sys.argv[3:])
 """
 KILL_POINTS = ("mid-write", "before-rename", "after-rename")
@@ -268,7 +268,7 @@ def _run_killed_in_write(target: Path, point: str, argv: list[str], log: Path) -
 
 def test_a_kill_during_export_leaves_no_partial_file_and_the_rerun_exports_the_same(teacher, tmp_path):
     """The end-of-run export of `rcm distill` and `rcm export`, each killed at every point of its write."""
-    import cli
+    from rcm import cli
 
     def distill(out: Path) -> list[str]:
         command = _command(teacher, out)[3:]  # without "python -m cli"
@@ -311,7 +311,7 @@ def test_a_kill_during_export_leaves_no_partial_file_and_the_rerun_exports_the_s
 def test_nonfinite_run_stops_with_status_1_and_keeps_checkpoints(teacher, tmp_path, monkeypatch, capsys):
     """Every batch non-finite from iteration 3 on: step 3 is skipped, the run stops cleanly at the 2nd
     consecutive non-finite step (4); the checkpoint kept holds the weights of the last good step."""
-    import cli
+    from rcm import cli
     from rcm.digits.task import DigitsTask
 
     next_batch = DigitsTask.next_batch

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import cli
+from rcm import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,7 +43,7 @@ def _user_error(argv: list[str], capsys) -> str:
 def test_a_second_run_on_a_busy_folder_exits_2_and_the_first_equals_a_lone_run(teacher, tmp_path):
     out, lone = tmp_path / "run", tmp_path / "lone"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    first = subprocess.Popen([sys.executable, "-m", "cli", *_args(teacher, out, iterations=40)], cwd=ROOT, env=env,
+    first = subprocess.Popen([sys.executable, "-m", "rcm", *_args(teacher, out, iterations=40)], cwd=ROOT, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120
     while not (out / "log.jsonl").is_file():  # the first run holds the folder and is training
@@ -51,7 +51,7 @@ def test_a_second_run_on_a_busy_folder_exits_2_and_the_first_equals_a_lone_run(t
         assert time.monotonic() < deadline
         time.sleep(0.05)
     start = time.monotonic()
-    second = subprocess.run([sys.executable, "-m", "cli", *_args(teacher, out, iterations=40)], cwd=ROOT, env=env,
+    second = subprocess.run([sys.executable, "-m", "rcm", *_args(teacher, out, iterations=40)], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=120)
     assert second.returncode == 2, second.stderr
     assert time.monotonic() - start < 30

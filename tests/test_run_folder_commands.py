@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import cli
+from rcm import cli
 from rcm.checkpoint.lock import LOCK_NAME, RunFolderLock
 from rcm.checkpoint.run_folder import RUN_MARKER, claim_file, claim_folder
 
@@ -184,7 +184,7 @@ def _teacher_args(out: Path) -> list[str]:
 
 
 def _start(argv: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "cli", *argv], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "rcm", *argv], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)
 
 
@@ -218,7 +218,7 @@ def test_a_second_train_teacher_exits_2_and_the_first_equals_a_lone_run(lone_tea
     first.send_signal(signal.SIGSTOP)  # ... and stays in the middle of it, however slow the second's start
     try:
         start = time.monotonic()
-        second = subprocess.run([sys.executable, "-m", "cli", *_teacher_args(out)], cwd=ROOT, env=ENV,
+        second = subprocess.run([sys.executable, "-m", "rcm", *_teacher_args(out)], cwd=ROOT, env=ENV,
                                 capture_output=True, text=True, timeout=120)
         assert second.returncode == 2, second.stdout + second.stderr
         assert time.monotonic() - start < 30
@@ -254,7 +254,7 @@ def test_a_second_study_exits_2_and_the_first_finishes(tmp_path):
     _wait_for(out / "scm" / "config.json", first)  # the study holds its folder and its method's run trains
     first.send_signal(signal.SIGSTOP)
     try:
-        second = subprocess.run([sys.executable, "-m", "cli", *argv], cwd=ROOT, env=ENV, capture_output=True,
+        second = subprocess.run([sys.executable, "-m", "rcm", *argv], cwd=ROOT, env=ENV, capture_output=True,
                                 text=True, timeout=120)
         message = second.stderr.strip()
         assert second.returncode == 2 and "\n" not in message, second.stdout + second.stderr

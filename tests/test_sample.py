@@ -49,7 +49,7 @@ def wan_args(files, **kw):
 
 @pytest.fixture
 def cli_main():
-    import cli
+    from rcm import cli
 
     return cli.main
 

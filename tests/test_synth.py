@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-import cli
+from rcm import cli
 from rcm.wan.data import INDEX_NAME, LatentBatches, LatentDataset, pad_embeddings
 from rcm.models import save_dit
 from rcm.models.text_encoder import tiny_text_encoder

@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 import torch
 
-import cli
+from rcm import cli
 from rcm.digits import presets
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import cli
+from rcm import cli
 from rcm.wan.config import WAN_DISTILL_PRESETS, wan_defaults_table
 from tests.test_synth import make_wan_files, synth_args
 

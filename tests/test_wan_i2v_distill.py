@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-import cli
+from rcm import cli
 from rcm.models import load_wan_model
 from rcm.models.image_encoder import load_image_encoder
 from rcm.models.vae import load_vae

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-import cli
+from rcm import cli
 from rcm.models import load_wan_model
 from rcm.models.vae import load_vae
 from rcm.models.wan_image import wan_image_condition

@@ -22,7 +22,7 @@ from rcm.train.config import DistillConfig, LoopConfig, Method, OptimizerConfig,
 
 # imported on first use (torch): importing the package, or its torch-free config, stays light
 __getattr__, __dir__ = lazy_exports(__name__, {
-    "MasterWeightAdamW": "rcm.optim",
+    "MasterWeightAdamW": "rcm.train.optim",
     **dict.fromkeys(["Run", "distill", "start_run"], "rcm.train.driver"),
     **dict.fromkeys(["Callback", "Checkpoints", "JsonLog", "loop_callbacks", "resume", "run_loop"], "rcm.train.loop"),
     **dict.fromkeys(["NonFiniteError", "Task", "TrainState", "ema_step_count", "init_state",

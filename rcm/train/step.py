@@ -24,7 +24,7 @@ from rcm.losses import (
     student_iteration_count,
     student_losses,
 )
-from rcm.optim import build_optimizer
+from rcm.train.optim import build_optimizer
 from rcm.train.config import OptimizerConfig
 from rcm.parallel import gathered_first_term, grads_finite
 from rcm.timing import phase
