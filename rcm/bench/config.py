@@ -186,9 +186,6 @@ class BenchStepConfig:
         check_count("repeats", self.repeats, 1, 10**6)
         check_seed("seed", self.seed)
         from rcm.bench.common import check_shape_fits, wan_shape
-        from rcm.bench.step import read_comparison
 
         shape = wan_shape(self.model, self.resolution, self.num_frames, self.height, self.width, self.batch_size)
         check_shape_fits(shape, resolve_device(self.device))
-        if self.compare is not None:
-            read_comparison(self.compare)  # before minutes of benchmarking, not after

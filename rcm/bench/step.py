@@ -130,6 +130,8 @@ def _time_iteration(state, task, loss, iteration: int, device) -> tuple[float, d
 
 def bench_step(cfg: BenchStepConfig) -> dict:
     """Run the benchmark, print the table, return the results."""
+    if cfg.compare is not None:
+        read_comparison(cfg.compare)  # before minutes of benchmarking, not after
     from rcm.bench.attention import matmul_tflops
     from rcm.losses import RCM_PRESETS
     from rcm.parallel import apply_activation_checkpointing

@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, field, replace
 from functools import reduce
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import ClassVar, Literal
 
 from rcm import (MAX_SAMPLING_STEPS, ConfigError, PathArgumentError, check_count, check_memory, check_number,
                  check_output_file, check_seed, check_threads)
@@ -18,9 +18,6 @@ from rcm.digits import presets
 from rcm.losses.config import RCMConfig
 from rcm.sample import Device, SampleSettings, config_devices
 from rcm.train.config import DistillConfig, LoopConfig, OptimizerConfig
-
-if TYPE_CHECKING:
-    from rcm.digits.evaluate import EvalConfig
 
 NUM_CLASSES = 10
 
@@ -54,6 +51,19 @@ class ClipSpec:
 
 
 DEMO_SPEC = ClipSpec(frames=8, size=16)
+
+
+@dataclass
+class EvalConfig:
+    """How generators are evaluated (the same labels and noise seed for every generator)."""
+
+    num_per_class: int = 50
+    batch_size: int = 100
+    seed: int = 0
+    num_real: int = 1000  # held-out real clips (test split): the reference of frame FD, diversity, speed
+    real_seed: int = 1234
+    classifier: Path | None = None  # the frame classifier; None: the shipped one
+    spec: ClipSpec = field(default_factory=ClipSpec)
 
 
 @dataclass(frozen=True)
@@ -116,10 +126,7 @@ class EvalRunsConfig:
     """CPU threads (torch.set_num_threads; 0: torch's default)."""
 
     def __post_init__(self):
-        from rcm.digits.evaluate import students
-
-        check_threads("threads", self.threads)
-        students(self.runs)  # a missing student or a damaged config.json is named now, not after the teacher was sampled
+        check_threads("threads", self.threads)  # the students' files: when the command starts (eval_runs)
         if self.teacher is not None and not Path(self.teacher).is_file():
             raise PathArgumentError("teacher", f"no file at {self.teacher}")
         check_number("guidance", self.guidance, 0)
@@ -331,8 +338,6 @@ class StudyConfig:
             device=self.device, threads=self.threads, loss=self.loss, ema_sigma_rel=self.ema_sigma_rel)
 
     def eval_config(self) -> EvalConfig:
-        from rcm.digits.evaluate import EvalConfig
-
         return EvalConfig(num_per_class=self.num_per_class, num_real=self.num_real, seed=self.seed, spec=DEMO_SPEC)
 
 
@@ -366,11 +371,7 @@ class TrainTeacherConfig:
     """auto: cuda when available, else cpu (clips are made on the CPU; batches move to the device)."""
     spec: ClipSpec = field(default_factory=lambda: DEMO_SPEC)
 
-    def __post_init__(self):  # every setting, before a folder is made or a network built
-        from rcm.digits.model import DEMO_MODELS
-
-        if self.model not in DEMO_MODELS:
-            raise ConfigError("model", f"unknown demo model {self.model!r}; valid names: {', '.join(DEMO_MODELS)}")
+    def __post_init__(self):  # every setting, before a folder is made or a network built (the model name: train_teacher)
         check_count("steps", self.steps, 0)
         check_count("warmup", self.warmup, 0)
         for name in ("batch_size", "checkpoint_every", "keep_checkpoints", "log_every"):

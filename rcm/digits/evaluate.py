@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
-from rcm.digits.config import DigitsReport, EvalRunsConfig
+from rcm.digits.config import DigitsReport, EvalConfig, EvalRunsConfig
 from rcm import (ConfigError, PathArgumentError, use_threads)
 from rcm.checkpoint.atomic import atomic_write_bytes
 import torch.nn as nn
@@ -111,19 +111,6 @@ def clip_metrics(model: DigitClassifier, clips: torch.Tensor, labels: torch.Tens
 
 # --------------------------------------------------------------------------------------------
 # evaluating named generators
-
-
-@dataclass
-class EvalConfig:
-    """How generators are evaluated (the same labels and noise seed for every generator)."""
-
-    num_per_class: int = 50
-    batch_size: int = 100
-    seed: int = 0
-    num_real: int = 1000  # held-out real clips (test split): the reference of frame FD, diversity, speed
-    real_seed: int = 1234
-    classifier: Path | None = None  # the frame classifier; None: the shipped one
-    spec: ClipSpec = field(default_factory=ClipSpec)
 
 
 def data_generator(split: str = "train", spec: ClipSpec = ClipSpec()) -> ClipGenerator:
@@ -384,6 +371,7 @@ def eval_runs(cfg: EvalRunsConfig) -> list[dict]:
     (claimed for this process first: see ``rcm.checkpoint.run_folder``)."""
     from rcm.checkpoint.run_folder import claimed_folder
 
+    students(cfg.runs)  # a missing student or a damaged config.json is named now, not after the teacher was sampled
     with claimed_folder(cfg.out_dir, "eval", legacy=("metrics.json",)):
         return _eval_runs(cfg)
 

@@ -23,7 +23,7 @@ from rcm import ConfigError, out_of_memory_as
 from rcm.digits.data import ClipBatches
 from rcm.sample import resolve_device
 from rcm.timing import progress_bar
-from rcm.digits.model import NULL_LABEL, build_model, save_model
+from rcm.digits.model import DEMO_MODELS, NULL_LABEL, build_model, save_model
 
 
 def rectified_flow_loss(model: nn.Module, x0: Tensor, labels: Tensor, generator: torch.Generator,
@@ -67,6 +67,8 @@ def train_teacher(cfg: TrainTeacherConfig, console=None, stop_after: int | None 
 
     from rcm.checkpoint.run_folder import claimed_file, claimed_folder
 
+    if cfg.model not in DEMO_MODELS:  # here, not in the config: the model table imports torch (the help must not)
+        raise ConfigError("model", f"unknown demo model {cfg.model!r}; valid names: {', '.join(DEMO_MODELS)}")
     with ExitStack() as claims:
         claims.enter_context(claimed_folder(cfg.out_dir, "train-teacher", resume=cfg.resume, legacy=("checkpoints",)))
         if cfg.export is not None and Path(cfg.export).parent.resolve() != Path(cfg.out_dir).resolve():
