@@ -331,13 +331,21 @@ def test_out_of_memory_inside_a_run_names_the_flag():
         1 / 0
 
 
-def test_bench_step_compare_fails_before_benchmarking(files, tmp_path):
-    """The check runs when the config is built: nothing has been timed (no model built) when it fails."""
+def test_bench_step_compare_fails_before_benchmarking(files, tmp_path, monkeypatch):
+    """The check runs when the benchmark starts, before any network is built or timed (not in the config: it
+    would import the benchmark's code, and `rcm bench step --help` must not)."""
     from rcm import ConfigError
-    from rcm.bench.step import BenchStepConfig
+    from rcm.bench import step
+    from rcm.bench.config import BenchStepConfig
 
+    def no_network(*args, **kwargs):
+        raise AssertionError("a network was built before --compare was checked")
+
+    monkeypatch.setattr(step, "random_dit", no_network)
     (tmp_path / "r.json").write_text(json.dumps({"modes": {}}))
-    assert BenchStepConfig(model="wan-tiny", device="cpu", num_frames=5, height=32, width=32,
-                           compare=tmp_path / "r.json").compare is not None
+    with pytest.raises(AssertionError, match="network was built"):  # a good file: the benchmark goes on
+        step.bench_step(BenchStepConfig(model="wan-tiny", device="cpu", num_frames=5, height=32, width=32,
+                                        compare=tmp_path / "r.json"))
     with pytest.raises(ConfigError, match="compare"):
-        BenchStepConfig(model="wan-tiny", device="cpu", num_frames=5, height=32, width=32, compare=files / "notes.txt")
+        step.bench_step(BenchStepConfig(model="wan-tiny", device="cpu", num_frames=5, height=32, width=32,
+                                        compare=files / "notes.txt"))

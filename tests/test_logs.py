@@ -129,9 +129,9 @@ def test_plot_command_refuses_a_folder_without_a_log(tmp_path, capsys, make, fra
 
 
 def test_a_sink_without_its_package_is_refused_before_work(tmp_path, tiny_teacher, monkeypatch, capsys):
-    import rcm.train.sinks as sinks
+    from rcm.train.config import SINK_PACKAGES
 
-    monkeypatch.setitem(sinks._PACKAGES, "tensorboard", "rcm_no_such_package")
+    monkeypatch.setitem(SINK_PACKAGES, "tensorboard", "rcm_no_such_package")
     with pytest.raises(SystemExit) as exit_info:
         _distill(tmp_path / "run", tiny_teacher, "--log", "jsonl", "tensorboard")
     err = capsys.readouterr().err.strip()
