@@ -69,3 +69,26 @@ def test_study_concurrent_processes_match_one_after_the_other(tmp_path):
     a, b = (json.loads((tmp_path / d / "study.json").read_text())["rows"] for d in "ab")
     assert len(a) == 6 and [{k: v for k, v in r.items() if k != "sec_per_sample"} for r in a] == \
         [{k: v for k, v in r.items() if k != "sec_per_sample"} for r in b]
+
+
+def test_a_study_stopped_early_leaves_the_table_of_what_it_reached(tmp_path, monkeypatch):
+    """The table, the JSON and the plot are rewritten after every scored snapshot: interrupted right after the
+    first one (a lost machine, Ctrl-C), the study folder already holds that snapshot's rows and the teacher's."""
+    from rcm.digits import study
+
+    original = study.StudyTask.write_samples
+
+    def stop_after_first_snapshot(self, ema, iteration, run_dir, console):
+        original(self, ema, iteration, run_dir, console)
+        if (run_dir / "study" / f"{iteration}.json").is_file():
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(study.StudyTask, "write_samples", stop_after_first_snapshot)
+    out = tmp_path / "study"
+    with pytest.raises(SystemExit) as stopped:
+        _study(out, "--methods", "rcm")
+    assert stopped.value.code == 130
+    data = json.loads((out / "study.json").read_text())
+    assert [(r["name"], r["iteration"]) for r in data["rows"]] == [(f"rcm@{n}", 2) for n in (1, 2, 4)]
+    assert [t["name"] for t in data["teacher"]] == ["teacher@2"]
+    assert "rcm@4 @ 2 its" in (out / "study.md").read_text() and (out / "study.png").is_file()

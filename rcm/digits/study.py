@@ -5,9 +5,10 @@ budget and settings (batch, learning rate, EMA, iterations). While it trains, th
 callback hands the task the EMA student every ``gcd(snapshots)`` iterations; at each snapshot iteration
 the study's task samples the EMA at every step count on the report seed and scores it with every per-frame
 metric (``rcm.digits.metrics``), writing ``<out-dir>/<method>/study/<iteration>.json``. A rerun resumes each
-run from its last checkpoint and skips snapshots already scored. At the end: ``study.md`` and ``study.json``
-(a row per method@steps and snapshot, plus the teacher rows) and ``study.png`` (a panel per metric against
-iterations, a line per method@steps, the teacher at 50 and 4 steps as dashed levels).
+run from its last checkpoint and skips snapshots already scored. ``study.md`` and ``study.json`` (a row per
+method@steps and snapshot, plus the teacher rows, scored first) and ``study.png`` (a panel per metric against
+iterations, a line per method@steps, the teacher at 50 and 4 steps as dashed levels) are rewritten after every
+scored snapshot, so a study stopped early (a lost machine, an interrupt) leaves the table of what it reached.
 
     rcm study --device cuda --snapshots 500 1000 2500 5000 10000 --concurrent   # one GPU, 3 processes
 """
@@ -50,6 +51,7 @@ class StudyTask(DigitsTask):
                                             indent=1).encode())
         console.print(f"study: {self.cfg.method} at {iteration}: " + ", ".join(
             f"{r['name']} acc {r['frame_accuracy']:.3f} FD {r['frame_fd']:.2f}" for r in rows))
+        write_outputs(self.study)  # the table so far (other methods' processes may write it too: atomic writes)
 
 
 def run_method(study: StudyConfig, method: str) -> None:
@@ -79,6 +81,23 @@ def teacher_rows(study: StudyConfig) -> list[dict]:
                          write_media=False)
 
 
+TEACHER_ROWS = "teacher_rows.json"  # in the study folder: the teacher rows, scored once before training
+
+
+def write_outputs(study: StudyConfig) -> dict:
+    """``study.md``, ``study.json`` and ``study.png`` from every snapshot scored so far and the teacher rows."""
+    out = Path(study.out_dir)
+    rows = collect_rows(study)
+    teachers = json.loads((out / TEACHER_ROWS).read_text())
+    table = [{**r, "name": f"{r['name']} @ {r['iteration']} its"} for r in rows]
+    atomic_write_bytes(out / "study.md", markdown_table(table + teachers).encode())
+    atomic_write_bytes(out / "study.json", (json.dumps({"config": study.__dict__, "rows": rows, "teacher": teachers},
+                                                       indent=1, default=str) + "\n").encode())
+    plot_study(rows, teachers, out / "study.png")
+    return {"rows": rows, "teacher": teachers, "table": str(out / "study.md"), "plot": str(out / "study.png"),
+            "printed": table + teachers}
+
+
 def run_study(study: StudyConfig) -> dict:
     """`rcm study`: train every method (one after the other, or concurrently), then the table and the plot.
     The study folder is claimed for this process (each method's run folder by its own run)."""
@@ -93,6 +112,8 @@ def _run_study(study: StudyConfig) -> dict:
 
     out = Path(study.out_dir)
     atomic_write_bytes(out / "study_config.json", (json.dumps(study.__dict__, indent=2, default=str) + "\n").encode())
+    atomic_write_bytes(out / TEACHER_ROWS, json.dumps(teacher_rows(study), indent=1, default=str).encode())
+    write_outputs(study)
     if study.concurrent and len(study.methods) > 1:
         ctx = multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked child
         procs = [ctx.Process(target=run_method, args=(study, m), name=f"study-{m}") for m in study.methods]
@@ -107,15 +128,9 @@ def _run_study(study: StudyConfig) -> dict:
     else:
         for method in study.methods:
             run_method(study, method)
-    rows = collect_rows(study)
-    teachers = teacher_rows(study)
-    table = [{**r, "name": f"{r['name']} @ {r['iteration']} its"} for r in rows]
-    print_table(table + teachers, title="convergence study (report seed)", console=Console())
-    atomic_write_bytes(out / "study.md", markdown_table(table + teachers).encode())
-    atomic_write_bytes(out / "study.json", (json.dumps({"config": study.__dict__, "rows": rows, "teacher": teachers},
-                                                       indent=1, default=str) + "\n").encode())
-    plot_study(rows, teachers, out / "study.png")
-    return {"rows": rows, "teacher": teachers, "table": str(out / "study.md"), "plot": str(out / "study.png")}
+    result = write_outputs(study)
+    print_table(result.pop("printed"), title="convergence study (report seed)", console=Console())
+    return result
 
 
 # --------------------------------------------------------------------------------------------
