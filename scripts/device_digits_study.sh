@@ -20,6 +20,7 @@ else
     echo "starting the study ($(date -u +%T))"
     setsid nohup python3 -m rcm study --device cuda --concurrent --threads 1 --checkpoint-every 250 \
         --out-dir "$DIR" ${STUDY_ARGS:-} >>runs/study.log 2>&1 </dev/null &
+    echo $! > runs/study.pid  # setsid's child leads its own process group: FINISH stops that group alone
 fi
 end=$((SECONDS + WAIT))
 while [ $SECONDS -lt $end ] && pgrep -f "rcm study" >/dev/null; do
@@ -31,7 +32,7 @@ while [ $SECONDS -lt $end ] && pgrep -f "rcm study" >/dev/null; do
     echo
 done
 if [ -n "${FINISH:-}" ]; then
-    pkill -TERM -f "rcm study"; sleep 5
+    kill -TERM -- -"$(cat runs/study.pid)"; sleep 5  # the study's outputs so far are already written
     python3 scripts/digits_midtimes.py --runs rcm=$DIR/rcm dmd2=$DIR/dmd2 --steps 4 --seed 1 --out "$OUT/midtimes" \
         --candidates 1.3,1.0,0.6 1.2,0.8,0.4 1.0,0.6,0.3 1.1,0.9,0.7 0.8,0.6,0.4 1.4,1.1,0.8 2>&1 | tail -n 12
 fi
