@@ -118,6 +118,10 @@ class SampleSettings:
             check_number("sigma_max", self.sigma_max, 0, low_open=True)
         if self.fps is not None:
             check_count("fps", self.fps, 1, 1000)
+            if self.save_path is not None and Path(self.save_path).suffix.lower() == ".gif" and self.fps > 50:
+                # a GIF stores frame delays in 10 ms units, and browsers slow any delay under 20 ms to 100 ms
+                raise ConfigError("fps", f"a GIF plays at most 50 frames per second, got {self.fps}; write an .mp4 "
+                                         f"for more")
         if self.steps is not None:
             check_steps(kind, self.steps)
         if kind == "teacher":

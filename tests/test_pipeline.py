@@ -240,3 +240,16 @@ def test_wan_pipeline_takes_its_defaults_from_the_card(wan_files, tmp_path):
     assert torch.equal(by_card, load(plain).generate("a cat", steps=1, sigma_max=3.0, **size))
     assert not torch.equal(by_card, load(plain).generate("a cat", **size))  # 4 steps from 80: another video
     assert torch.equal(load(carded).generate("a cat", steps=4, sigma_max=80.0, **size), load(plain).generate("a cat", **size))
+
+
+def test_digits_gif_plays_at_the_fps_asked_for(digits_files, tmp_path, capsys):
+    """--fps is honoured, not capped at the clips' natural 8; a GIF past 50 fps (browsers slow delays under
+    20 ms to 100 ms) is refused, naming --fps."""
+    from PIL import Image
+
+    gif = tmp_path / "o.gif"
+    cli.main(["sample", "--checkpoint", str(digits_files / "teacher.safetensors"), "--save-path", str(gif),
+              "--steps", "1", "--num-samples", "2", "--fps", "20", "--device", "cpu"])
+    assert Image.open(gif).info["duration"] == 50  # ms per frame: 20 fps
+    _expect_usage_error(["sample", "--checkpoint", str(digits_files / "teacher.safetensors"), "--save-path",
+                         str(tmp_path / "fast.gif"), "--fps", "60"], capsys, "--fps: a GIF plays at most 50")

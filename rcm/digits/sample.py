@@ -164,7 +164,7 @@ def sample_digits(cfg: DigitsSampleConfig, console=None) -> SampleResult:
     elif suffix == ".npz":
         np.savez(save_path, clips=to_unit(clips)[:, 0].numpy().astype(np.float32), labels=labels.numpy())
     else:
-        write_video(save_path, tile_clips(clips), fps=min(cfg.fps or presets.FPS, presets.FPS))
+        write_video(save_path, tile_clips(clips), fps=cfg.fps or presets.FPS)
     console.print(f"{n} digit clips ({kind}, {pipe.last_steps} steps, labels {labels.tolist()}) in {seconds:.1f} s "
                   f"-> {save_path}")
     return SampleResult([save_path], kind, dit_seconds_per_step=seconds / pipe.last_steps)
