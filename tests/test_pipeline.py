@@ -253,3 +253,36 @@ def test_digits_gif_plays_at_the_fps_asked_for(digits_files, tmp_path, capsys):
     assert Image.open(gif).info["duration"] == 50  # ms per frame: 20 fps
     _expect_usage_error(["sample", "--checkpoint", str(digits_files / "teacher.safetensors"), "--save-path",
                          str(tmp_path / "fast.gif"), "--fps", "60"], capsys, "--fps: a GIF plays at most 50")
+
+
+def test_wan_pipeline_keep_loaded_loads_once_and_gives_the_same_videos(wan_files, monkeypatch):
+    """keep_loaded: the text encoder, VAE and DiT are loaded by the first generate only, and every call gives
+    exactly the videos of a pipeline that loads and frees them each time."""
+    import rcm.models
+    import rcm.models.text_encoder
+    import rcm.models.vae
+
+    loads = {"text": 0, "vae": 0, "dit": 0}
+
+    def counted(module, name, key, real_only=False):
+        original = getattr(module, name)
+
+        def wrapper(*args, **kwargs):
+            if not (real_only and str(kwargs.get("device")) == "meta"):  # the header check of __init__
+                loads[key] += 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, wrapper)
+
+    counted(rcm.models.text_encoder, "load_text_encoder", "text")
+    counted(rcm.models.vae, "load_vae", "vae")
+    counted(rcm.models, "load_wan_model", "dit", real_only=True)
+    kwargs = dict(vae_path=wan_files / "vae", text_encoder_path=wan_files / "umt5")
+    size = dict(steps=2, num_frames=FRAMES, height=HEIGHT, width=WIDTH)
+    held = rcm.pipeline.load(wan_files / "student.safetensors", keep_loaded=True, **kwargs)
+    first, second = held.generate("a cat", seed=1, **size), held.generate("a dog", seed=2, **size)
+    assert loads == {"text": 1, "vae": 1, "dit": 1}
+    fresh = rcm.pipeline.load(wan_files / "student.safetensors", **kwargs)
+    assert torch.equal(first, fresh.generate("a cat", seed=1, **size))
+    assert torch.equal(second, fresh.generate("a dog", seed=2, **size))
+    assert loads == {"text": 3, "vae": 3, "dit": 3}

@@ -19,7 +19,8 @@ student's mid-times; explicit arguments win. Arguments that do not apply to the 
   float32 on the CPU in [-1, 1] (``rcm.digits.data.to_unit`` maps them to [0, 1]).
 * Wan (``rcm.wan.sample.WanPipeline``): ``generate(prompt, ...)`` -> videos ``[N, frames, height, width, 3]``
   uint8 on the CPU. ``load`` checks every file (headers only); each ``generate`` loads the text encoder,
-  VAE and DiT in turn and frees each when done, so one network at a time is on the device.
+  VAE and DiT in turn and frees each when done, so one network at a time is on the device. For many calls,
+  ``load(..., keep_loaded=True)`` loads them once (compiles once) and keeps them on the device.
 """
 
 from __future__ import annotations
@@ -32,21 +33,24 @@ __all__ = ["load"]
 
 
 def load(path: str | Path | None = None, device: str = "cpu", *, model: str | None = None, kind: str = "auto",
-         vae_path=None, text_encoder_path=None, tokenizer_path=None, image_encoder_path=None, compile: bool = False):
+         vae_path=None, text_encoder_path=None, tokenizer_path=None, image_encoder_path=None, compile: bool = False,
+         keep_loaded: bool = False):
     """A pipeline for the checkpoint at ``path`` (see the module docstring).
 
     ``model``: "digits", a Wan name (``rcm sample``'s: "wan2.1-t2v-1.3b", ..., "wan": read from the files) or
     None: digits when ``path`` is None (the shipped teacher) or a digits file (its metadata records
     ``num_classes``), else "wan". ``device``: "cpu", "cuda" or "auto". ``kind``: "auto" (from the metadata),
     "student" or "teacher". Wan needs ``vae_path`` and ``text_encoder_path`` (``tokenizer_path``: default
-    found beside the encoder; ``image_encoder_path``: Wan2.1 I2V's CLIP; ``compile``: compile each DiT block).
+    found beside the encoder; ``image_encoder_path``: Wan2.1 I2V's CLIP; ``compile``: compile each DiT block;
+    ``keep_loaded``: load the networks once and keep them on the device across ``generate`` calls, instead of
+    loading and freeing them in each, the lowest-memory order).
     Bad arguments are ``ConfigError`` s naming the argument."""
     if model is None:
         model = "digits" if path is None or _is_digits_file(path) else "wan"
     if model == "digits":
         given = {k: v for k, v in dict(vae_path=vae_path, text_encoder_path=text_encoder_path,
                                        tokenizer_path=tokenizer_path, image_encoder_path=image_encoder_path,
-                                       compile=compile).items() if v}  # fmt: skip
+                                       compile=compile, keep_loaded=keep_loaded).items() if v}  # fmt: skip
         if given:
             raise ConfigError(next(iter(given)), "applies to Wan checkpoints; this is a digits model")
         from rcm.digits.sample import DigitsPipeline
@@ -56,7 +60,7 @@ def load(path: str | Path | None = None, device: str = "cpu", *, model: str | No
 
     return WanPipeline(path, model=model, device=device, kind=kind, vae_path=vae_path,
                        text_encoder_path=text_encoder_path, tokenizer_path=tokenizer_path,
-                       image_encoder_path=image_encoder_path, compile=compile)  # fmt: skip
+                       image_encoder_path=image_encoder_path, compile=compile, keep_loaded=keep_loaded)  # fmt: skip
 
 
 def _is_digits_file(path) -> bool:

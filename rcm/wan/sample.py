@@ -95,13 +95,16 @@ def _check_image_args(image, image_encoder_path, config, vae_config) -> Literal[
 
 class WanPipeline:
     """A Wan teacher or student (``rcm.pipeline.load``): ``generate(prompt)`` -> videos. ``__init__`` checks
-    every file (headers only: a wrong file fails before minutes of loading); each ``generate`` loads the
-    text encoder, VAE and DiT in the order that keeps device memory lowest (see the module docstring)."""
+    every file (headers only: a wrong file fails before minutes of loading). By default each ``generate``
+    loads the text encoder, VAE and DiT in the order that keeps device memory lowest and frees them (see the
+    module docstring): right for one call, as `rcm sample` makes. ``keep_loaded``: the first ``generate``
+    loads them (and compiles the DiT) and later calls reuse them, all three held on the device at once."""
 
     family = "wan"
 
     def __init__(self, dit_path, *, model: str = "wan", device: str = "cpu", kind: str = "auto", vae_path=None,
-                 text_encoder_path=None, tokenizer_path=None, image_encoder_path=None, compile: bool = False):
+                 text_encoder_path=None, tokenizer_path=None, image_encoder_path=None, compile: bool = False,
+                 keep_loaded: bool = False):
         from rcm.models import load_wan_model, open_state_dict, read_dit_config
         from rcm.models.wan import WAN_CONFIGS
         from rcm.models.wan_loading import expert_folders
@@ -111,7 +114,8 @@ class WanPipeline:
             raise ConfigError("model", f"must be one of {', '.join(WanSampleModel.__args__)}, got {model!r}")
         if kind not in ("auto", "student", "teacher"):
             raise ConfigError("kind", f"must be auto, student or teacher, got {kind!r}")
-        self.model, self.compile = model, compile
+        self.model, self.compile, self.keep_loaded = model, compile, keep_loaded
+        self._held: dict = {}  # with keep_loaded: "text", "vae", "dit" once loaded
         self.dit_path = existing_path("dit_path", dit_path)
         self.vae_path = existing_path("vae_path", vae_path)
         self.text_encoder_path = existing_path("text_encoder_path", text_encoder_path)
@@ -240,19 +244,24 @@ class WanPipeline:
         # 1. Text: encode, then free the encoder before anything else is on the device.
         t0 = time.perf_counter()
         with console.status("loading the text encoder and encoding the prompt"):
-            try:
-                encoder = load_text_encoder(self.text_encoder_path, tokenizer_path=self.tokenizer_path, dtype=dtype,
-                                            device=device, text_len=config.text_len)  # fmt: skip
-            except ValueError as e:
-                raise ConfigError("text_encoder_path", str(e)) from e
-            if encoder.dim != config.text_dim:
-                raise ConfigError("text_encoder_path", f"its width {encoder.dim} != the DiT's text_dim {config.text_dim}")
+            encoder = self._held.get("text")
+            if encoder is None:
+                try:
+                    encoder = load_text_encoder(self.text_encoder_path, tokenizer_path=self.tokenizer_path, dtype=dtype,
+                                                device=device, text_len=config.text_len)  # fmt: skip
+                except ValueError as e:
+                    raise ConfigError("text_encoder_path", str(e)) from e
+                if encoder.dim != config.text_dim:
+                    raise ConfigError("text_encoder_path", f"its width {encoder.dim} != the DiT's text_dim {config.text_dim}")
             context = encoder.encode([prompt], dtype=dtype)
             negative = encoder.encode([negative_prompt], dtype=dtype) if guided else None
-            encoder.offload()
-            del encoder
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            if self.keep_loaded:
+                self._held["text"] = encoder
+            else:
+                encoder.offload()
+                del encoder
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
         text_seconds = time.perf_counter() - t0
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -260,21 +269,27 @@ class WanPipeline:
         # 2. Weights. The VAE is small (0.25 GB in bf16); it is loaded first to fail early on a bad file. The
         #    image (I2V) is encoded with it (and CLIP, then freed) before the DiT is on the device.
         with console.status("loading the VAE" + (" and encoding the image" if image is not None else "")):
-            try:
-                vae = load_vae(self.vae_path, dtype=dtype, device=device)
-            except ValueError as e:
-                raise ConfigError("vae_path", str(e)) from e
+            vae = self._held.get("vae")
+            if vae is None:
+                try:
+                    vae = load_vae(self.vae_path, dtype=dtype, device=device)
+                except ValueError as e:
+                    raise ConfigError("vae_path", str(e)) from e
             _check_vae(config, vae.config, height, width)
             t0 = time.perf_counter()
             condition = None if image is None else _image_condition(config, vae, image, num_frames,
                                                                       self.image_encoder_path, device, dtype)
             image_seconds = time.perf_counter() - t0
-        with console.status("loading the DiT"):
-            dit = load_wan_model(self.dit_path, config=config, dtype=dtype, device=device).eval().requires_grad_(False)
-            if self.compile:
-                from rcm.parallel import compile_blocks
+        dit = self._held.get("dit")
+        if dit is None:
+            with console.status("loading the DiT"):
+                dit = load_wan_model(self.dit_path, config=config, dtype=dtype, device=device).eval().requires_grad_(False)
+                if self.compile:
+                    from rcm.parallel import compile_blocks
 
-                compile_blocks(dit)
+                    compile_blocks(dit)
+        if self.keep_loaded:
+            self._held |= {"vae": vae, "dit": dit}
         latent_shape = (1, *vae.config.latent_shape(num_frames, height, width))
         tokens = math.prod(latent_shape[2:]) // config.patch_numel
         experts = f"two experts (boundary {dit.boundary:g}), " if hasattr(dit, "boundary") else ""
@@ -305,7 +320,7 @@ class WanPipeline:
                     dit, context, noise, **{**run, "generator": generator}, negative_context=negative,
                     condition=condition, progress=tick).cpu())  # fmt: skip
         del dit
-        if device.type == "cuda":
+        if device.type == "cuda" and not self.keep_loaded:
             torch.cuda.empty_cache()
 
         # 4. Decode.
