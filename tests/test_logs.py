@@ -161,3 +161,33 @@ def test_scalar_tags_group_by_term_and_phase():
               "seconds_per_iteration": 0.1}
     assert [scalar_tag(k, record) for k in list(record)[2:]] == ["loss/scm", "scm/g_norm", "student/lr",
                                                                   "run/seconds_per_iteration"]
+
+
+def test_a_resumed_run_continues_its_wandb_run(tmp_path, tiny_teacher, monkeypatch):
+    """The W&B run id lives in the run folder: resuming passes the same id (resume="allow"), so the W&B run
+    goes on rather than a second one starting. wandb itself is stood in for (it is an optional extra)."""
+    import importlib.machinery
+    import sys
+    import types
+
+    inits, logged = [], []
+
+    class FakeRun:
+        def log(self, values, step):
+            logged.append((len(inits), step))
+
+        def finish(self):
+            pass
+
+    fake = types.ModuleType("wandb")
+    fake.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+    fake.init = lambda **kwargs: inits.append(kwargs) or FakeRun()
+    fake.Image = lambda image: image
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    run = tmp_path / "run"
+    _distill(run, tiny_teacher, "--log", "jsonl", "wandb", iterations=2)
+    _distill(run, tiny_teacher, "--log", "jsonl", "wandb", iterations=4)
+    assert len(inits) == 2 and inits[0]["id"] == inits[1]["id"] == (run / "wandb" / "rcm_run_id").read_text()
+    assert all(i["resume"] == "allow" and i["mode"] == "offline" for i in inits)
+    assert [step for call, step in logged if call == 2 and step > 2], logged  # the resumed run logged on

@@ -77,14 +77,27 @@ class TensorBoardSink:
 
 
 class WandbSink:
-    """Scalars and images as a W&B run under ``<run_dir>/wandb``; offline unless ``WANDB_MODE`` is set."""
+    """Scalars and images as a W&B run under ``<run_dir>/wandb``; offline unless ``WANDB_MODE`` is set. The
+    W&B run id is kept in the run folder (``wandb/rcm_run_id``), so a resumed run continues the same W&B run
+    instead of starting a new one."""
 
     def __init__(self, run_dir: Path, config: dict):
+        import secrets
+
         import wandb
 
+        from rcm.checkpoint.atomic import atomic_write_bytes
+
         self.wandb = wandb
-        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "rcm"), name=Path(run_dir).name,
-                              dir=str(run_dir), config=config, mode=os.environ.get("WANDB_MODE", "offline"))
+        id_file = Path(run_dir) / "wandb" / "rcm_run_id"
+        run_id = id_file.read_text().strip() if id_file.is_file() else ""
+        if not run_id:
+            run_id = secrets.token_hex(8)
+            id_file.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(id_file, run_id.encode())
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "rcm"), name=Path(run_dir).name, id=run_id,
+                              resume="allow", dir=str(run_dir), config=config,
+                              mode=os.environ.get("WANDB_MODE", "offline"))
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         self.run.log(values, step=step)
