@@ -89,6 +89,8 @@ def _train_teacher(cfg: TrainTeacherConfig, console, stop_after: int | None) -> 
     record = _config_record(cfg)
     resume_keys = {k: v for k, v in record.items() if k not in ("out_dir", "export", "resume", "threads", "device", "log_every",
                                                                  "checkpoint_every", "keep_checkpoints")}
+    # the effective CPU thread count changes float sums, so the trajectory: a resume must keep it (as distill's)
+    resume_keys["threads"] = torch.get_num_threads()
 
     device = resolve_device(cfg.device)
     model = build_model(cfg.model, seed=cfg.seed).to(device).train()
@@ -103,6 +105,8 @@ def _train_teacher(cfg: TrainTeacherConfig, console, stop_after: int | None) -> 
     found = load_latest(out_dir / "checkpoints") if cfg.resume else None
     if found is not None:
         saved, path = found
+        if "threads" not in saved["config"]:  # a run saved before the thread count was recorded
+            resume_keys.pop("threads")
         if saved["config"] != resume_keys:  # only the differing flags, briefly (never the whole config)
             from rcm.checkpoint.fingerprint import flatten, mismatch_message
 
