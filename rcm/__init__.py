@@ -18,7 +18,7 @@ MAX_SAMPLING_STEPS = 10_000  # sampler steps: 200x the default teacher's 50
 class ConfigError(ValueError):
     """A bad value of one configuration field: ``ConfigError("batch_size", "must be >= 1, got 0")``.
 
-    Library code names the field, not a command-line flag; ``cli.py`` turns the field (and where the
+    Library code names the field, not a command-line flag; ``rcm.cli`` turns the field (and where the
     config sits in the command's config) into the flag the user typed."""
 
     def __init__(self, field: str, message: str):

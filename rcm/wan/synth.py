@@ -2,7 +2,7 @@
 
     rcm synth --prompts prompts.txt --teacher Wan2.1-T2V-1.3B/ --text-encoder-path models_t5_umt5-xxl-enc-bf16.pth \\
         --out-dir data/wan-1.3b                        # teacher samples: Euler 100 steps, shift 3, CFG 5, σ_max 5000
-    torchrun --nproc-per-node 8 cli.py synth ...       # the same, shards spread over 8 GPUs
+    torchrun --nproc-per-node 8 -m rcm synth ...       # the same, shards spread over 8 GPUs
     rcm synth --videos clips/ --vae-path Wan2.1_VAE.pth --text-encoder-path ... --out-dir data/clips
     rcm synth --latents reference_tars/ --text-encoder-path ... --out-dir data/ref   # re-shard existing latents
     rcm synth --prompts p.txt --images firsts/ --teacher I2V_DIT --vae-path VAE ... # image to video (docs/i2v.md)
