@@ -194,7 +194,7 @@ def _torchrun_distill(out_dir, teacher, iterations):
 
     root = Path(__file__).resolve().parents[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "rcm", "distill",  # as docs/distill_wan.md launches it (the installed package, no checkout path) "--teacher", str(teacher), "--out-dir", str(out_dir),
+           "-m", "rcm", "distill", "--teacher", str(teacher), "--out-dir", str(out_dir),  # -m rcm: as the docs launch it
            "--batch-size", "2", "--loop.iterations", str(iterations), "--loop.checkpoint-every", "2",
            "--loop.log-every", "1", "--no-report", "--threads", "1",
            "--loss.scm.tangent-warmup", "2", "--loss.student-update-freq", "2"]
