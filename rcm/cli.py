@@ -1,6 +1,7 @@
 """rcm command line: tyro dataclass configs, one subcommand per job.
 
     rcm distill [digits]        distill the shipped digits teacher with rCM (the embedded default)
+    rcm distill digits-i2v      the same, image to video (the first frame given; --experts two: two experts)
     rcm distill wan2.1-t2v-1.3b | wan2.1-t2v-14b | wan
                                 distill a Wan2.1 teacher on an `rcm synth` dataset (the reference's recipe)
     rcm sample [digits]         sample the digits teacher or a distilled digits student
@@ -8,11 +9,13 @@
                | wan2.2-i2v-a14b | wan
                                 text (or image, --image) to video with a Wan teacher or distilled student
     rcm synth                   write a Wan latent dataset (teacher samples, videos or existing latents)
-    rcm export                  one network of a training checkpoint (any world size) as a safetensors file
+    rcm export                  one network of a training checkpoint (any world size) as a safetensors file,
+                                or a Wan DiT as an official / diffusers folder (--layout)
     rcm eval                    per-frame quality / consistency / diversity table of the teacher and finished runs
     rcm study                   convergence study: rCM, DMD2, sCM at equal budgets, scored at 1/2/4 steps vs iterations
     rcm plot RUN                a run's log.jsonl as RUN/log.png (a panel per loss term, g-norm, lr, ...)
     rcm train-teacher           train the digits teacher from scratch (how the shipped one was made)
+    rcm train-i2v-teacher       fine-tune it into the image-to-video digits teacher (how the shipped one was made)
     rcm train-classifier        train the digit-clip classifier used by `rcm eval` (how the shipped one was made)
     rcm bench attention         attention kernels side by side
     rcm bench step              one rCM training iteration of a Wan DiT, phase by phase, eager vs compiled

@@ -209,3 +209,23 @@ def test_a_reader_that_stops_early_gets_no_traceback():
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141
     assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_top_level_help_names_every_command():
+    """`rcm --help` is written by hand (it imports nothing): every command and subcommand must be in it, on its
+    command's lines (``rcm sample wan2.1-t2v-1.3b | ... | wan`` and their continuation lines)."""
+    import re
+
+    named: dict[str, set[str]] = {}
+    command = None
+    for line in cli.__doc__.splitlines():
+        if line.startswith("    rcm "):
+            words = re.findall(r"[\w.-]+", line[len("    rcm "):].split("   ")[0])  # before the description
+            command = words[0]
+            named.setdefault(command, set()).update(words[1:])
+        elif command and line.startswith(" " * 15 + "|"):
+            named[command].update(re.findall(r"[\w.-]+", line))
+    for words in _every_command():
+        assert words[0] in named, words
+        if len(words) == 2:
+            assert words[1] in named[words[0]], (words, sorted(named[words[0]]))
