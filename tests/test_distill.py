@@ -2,6 +2,8 @@
 
 import json
 
+import numpy as np
+
 import imageio.v2 as imageio
 import pytest
 import torch
@@ -40,6 +42,9 @@ def test_distill_writes_every_output_and_is_deterministic(tmp_path, tiny_teacher
     assert (run / "metrics.md").read_text().count("\n") == 2 + len(rows)
     gif = imageio.mimread(run / "samples.gif")
     assert len(gif) == 8  # one animation frame per clip frame
+    strip = np.asarray(gif[0])[:16]  # each generator's row is titled: dark text on a white strip
+    assert strip.mean() > 200 and strip.min() < 100
+    assert set((run / "samples_order.txt").read_text().split()) <= {r["name"] for r in rows}
     assert imageio.imread(run / "samples.png").ndim == 2
     student = load_model(run / "student_ema.safetensors")
     assert student.config == load_model(tiny_teacher).config

@@ -203,15 +203,17 @@ def _titled(image: np.ndarray, title: str, height: int = 14) -> np.ndarray:
 
 def write_samples(generators: dict, out_dir: Path, seed: int = 0) -> dict[str, Path]:
     """samples.png: one block per generator (titled), a row per digit 0-9, frames left to right; and an
-    animated samples.gif / samples.mp4 of the same clips (rows: generators, columns: digits)."""
+    animated samples.gif / samples.mp4 of the same clips (rows: generators, each titled; columns: digits)."""
     labels = torch.arange(NUM_CLASSES)
     rows = {name: gen(labels, torch.Generator().manual_seed(seed)).float().cpu() for name, gen in generators.items()}
     blocks = [_titled(clip_grid(clips, nrow=NUM_CLASSES, scale=3), name) for name, clips in rows.items()]
     gap = np.full((blocks[0].shape[0], 6), 255, dtype=np.uint8)
     paths = {"png": out_dir / "samples.png", "gif": out_dir / "samples.gif", "mp4": out_dir / "samples.mp4"}
     write_image(paths["png"], np.concatenate([x for b in blocks for x in (b, gap)][:-1], axis=1))
-    # a row of clips per generator, 6x pixels, mid-grey borders, padded to multiples of 16
-    frames = torch.cat([tile_clips(clips, scale=6, pad=1) for clips in rows.values()], dim=1)
+    # a row of clips per generator, 6x pixels, mid-grey borders, padded to multiples of 16, under a 16-pixel strip
+    # naming the generator (in every frame)
+    frames = np.concatenate([np.stack([_titled(frame, name, height=16) for frame in tile_clips(clips, scale=6, pad=1).numpy()])
+                             for name, clips in rows.items()], axis=1)
     fps = presets.FPS
     write_video(paths["gif"], frames, fps=fps)
     write_video(paths["mp4"], frames, fps=fps)
