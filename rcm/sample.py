@@ -24,8 +24,9 @@ from typing import TYPE_CHECKING, Literal
 
 from rcm import MAX_SAMPLING_STEPS, ConfigError, PathArgumentError, check_count, check_number, check_seed
 
-__all__ = ["DEFAULT_STUDENT_STEPS", "MAX_STUDENT_STEPS", "SampleResult", "SampleSettings", "card_sampling", "check_device",
-           "check_steps", "config_devices", "existing_path", "numbered", "read_model_card", "resolve_device", "result_json", "sampling_defaults"]
+__all__ = ["DEFAULT_STUDENT_STEPS", "MAX_STUDENT_STEPS", "SampleResult", "SampleSettings", "card_sampling",
+           "card_student_mid_times", "check_device", "check_steps", "config_devices", "existing_path", "numbered",
+           "read_model_card", "resolve_device", "result_json", "sampling_defaults"]
 
 if TYPE_CHECKING:
     import torch
@@ -204,6 +205,13 @@ def card_sampling(kind: str, card: dict | None) -> dict:
     if not card or card.get("kind", "student") != kind:
         return {}
     return card.get("sampling") or {}
+
+
+def card_student_mid_times(card: dict | None, steps: int) -> tuple[float, ...] | None:
+    """The mid-times the card of a student gives for a ``steps``-step sampler; None: none (the application's)."""
+    from rcm.checkpoint.card import card_mid_times
+
+    return card_mid_times({"sampling": card_sampling("student", card)}, steps)
 
 
 def sampling_defaults(kind: str, card: dict | None, *, steps: int | None, sigma_max: float | None,

@@ -64,3 +64,11 @@ def test_methods_run(tmp_path, tiny_teacher):
         _distill(tmp_path / method, tiny_teacher, "--method", method, "--no-report")
         phases = [json.loads(x)["phase"] for x in (tmp_path / method / "log.jsonl").read_text().splitlines()]
         assert phases == (["student"] * 4 if method == "scm" else ["student", "critic", "student", "critic"])
+
+
+def test_the_engine_config_alone_names_no_model():
+    """DistillConfig is what applications extend; used bare it says so instead of guessing a run folder."""
+    from rcm.train import DistillConfig
+
+    with pytest.raises(NotImplementedError, match="DigitsDistillConfig, WanDistillConfig"):
+        DistillConfig().run_dir

@@ -101,6 +101,11 @@ class DigitsReport:
             if self.mid_times is not None and len(self.mid_times) < steps - 1:
                 raise ConfigError("mid_times", f"{steps} steps need {steps - 1} mid-times, got {list(self.mid_times)}")
 
+    def student_mid_times(self, steps: int) -> tuple[float, ...]:
+        """The mid-times a ``steps``-step student is sampled with: the first steps−1 of ``mid_times``, else the
+        digits presets'."""
+        return tuple(self.mid_times[: steps - 1]) if self.mid_times is not None else presets.student_mid_times(steps)
+
 
 @dataclass
 class EvalRunsConfig:

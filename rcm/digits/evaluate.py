@@ -186,9 +186,9 @@ def digits_generators(teacher: nn.Module, students: dict[str, nn.Module], report
         gens[f"teacher@{steps}"] = (lambda c: lambda labels, g: sample_teacher(teacher, labels, g, c))(cfg)
     for name, student in students.items():
         for steps in report.student_steps:
-            mid = None if report.mid_times is None else report.mid_times[: steps - 1]
             gens[f"{name}@{steps}"] = (lambda s, n, m: lambda labels, g: sample_student(
-                s, labels, g, steps=n, sigma_max=report.sigma_max, mid_times=m))(student, steps, mid)
+                s, labels, g, steps=n, sigma_max=report.sigma_max, mid_times=m))(student, steps,
+                                                                                  report.student_mid_times(steps))
     return gens
 
 
@@ -296,8 +296,7 @@ def digits_report(teacher: nn.Module, students: dict[str, nn.Module], out_dir: P
         _write_rows(teacher_rows_cache(), measured)
     meta = {"eval_seconds": round(time.perf_counter() - start, 1), "eval": cfg.__dict__ | {"spec": str(cfg.spec)},
             "report": report.__dict__, "teacher_sampling": teacher_sampling.__dict__,
-            "student_mid_times": {s: report.mid_times[: s - 1] if report.mid_times is not None
-                                  else presets.student_mid_times(s) for s in report.student_steps}}
+            "student_mid_times": {s: report.student_mid_times(s) for s in report.student_steps}}
     (out_dir / "metrics.json").write_text(json.dumps({"rows": rows, **meta}, indent=2, default=str) + "\n")
     (out_dir / "metrics.md").write_text(markdown_table(rows))
     return rows

@@ -42,6 +42,14 @@ def _digits_kind(kind: str, meta: dict, path: Path) -> str:
                        "pass --kind student or --kind teacher")
 
 
+def check_labels(labels: list[int], num_samples: int | None) -> None:
+    """Digits 0..9, as many as ``num_samples`` when both are given (ConfigErrors naming the field)."""
+    if any(not 0 <= y < NUM_CLASSES for y in labels):
+        raise ConfigError("labels", f"must be digits 0..{NUM_CLASSES - 1}, got {labels}")
+    if labels and num_samples is not None and num_samples != len(labels):
+        raise ConfigError("num_samples", f"{num_samples} != the {len(labels)} labels given; pass one of them")
+
+
 class DigitsPipeline:
     """A digits teacher or student, loaded (``rcm.pipeline.load``): ``generate(labels)`` -> clips."""
 
@@ -90,14 +98,11 @@ class DigitsPipeline:
         teacher default 50); ``sigma_max`` and a student's ``mid_times`` default to the model card's, else
         the digits presets'. A teacher's ``sampler`` (unipc / euler), ``guidance`` and ``shift`` default to
         the presets'. The noise is drawn on the CPU from ``seed``. ``progress(i, n)`` after each step."""
-        from rcm.checkpoint.card import card_mid_times
         from rcm.digits import model as digits_model
+        from rcm.sample import card_student_mid_times
 
         labels = [] if labels is None else [int(y) for y in labels]
-        if any(not 0 <= y < NUM_CLASSES for y in labels):
-            raise ConfigError("labels", f"must be digits 0..{NUM_CLASSES - 1}, got {labels}")
-        if labels and num_samples is not None and num_samples != len(labels):
-            raise ConfigError("num_samples", f"{num_samples} != the {len(labels)} labels given; pass one of them")
+        check_labels(labels, num_samples)
         settings = SampleSettings(seed=seed, num_samples=num_samples, steps=steps, sigma_max=sigma_max,
                                   sampler=sampler, guidance=guidance, shift=shift)  # fmt: skip
         settings.check(self.kind)
@@ -109,8 +114,7 @@ class DigitsPipeline:
         if self.kind == "student":
             steps, sigma_max = self.sampling(steps, sigma_max)
             if mid_times is None:
-                mid_times = card_mid_times(self.card if self.card and self.card.get("kind", "student") == "student"
-                                           else None, steps)  # None: the digits presets' for this step count
+                mid_times = card_student_mid_times(self.card, steps)  # None: the digits presets' for this step count
             clips = digits_model.sample_student(self.model, labels, generator, steps=steps, sigma_max=sigma_max,
                                                 mid_times=mid_times, progress=progress)  # fmt: skip
         else:
@@ -136,10 +140,7 @@ def sample_digits(cfg: DigitsSampleConfig, console=None) -> SampleResult:
 
     console = console or Console()
     save_path = cfg.save_path_or("samples.png", SUFFIXES, "the digits demo")
-    if any(not 0 <= y < NUM_CLASSES for y in cfg.labels):  # before the model is read
-        raise ConfigError("labels", f"must be digits 0..{NUM_CLASSES - 1}, got {list(cfg.labels)}")
-    if cfg.labels and cfg.num_samples is not None and cfg.num_samples != len(cfg.labels):
-        raise ConfigError("num_samples", f"{cfg.num_samples} != the {len(cfg.labels)} --labels given; pass one of them")
+    check_labels(list(cfg.labels), cfg.num_samples)  # before the model is read
     if cfg.fps is not None and save_path.suffix.lower() in (".png", ".npz"):
         raise ConfigError("fps", f"applies to a .gif or .mp4; {save_path} is no video")
     use_threads("threads", cfg.threads)

@@ -115,8 +115,9 @@ class DistillConfig:
                                                       "log")
 
     @property
-    def model(self) -> str:
-        raise NotImplementedError
+    def model(self) -> str:  # each application's config sets it as a field (its run folder's name: runs/<model>-<method>)
+        raise NotImplementedError(f"{type(self).__name__} names no model: use an application's config "
+                                  f"(DigitsDistillConfig, WanDistillConfig), which extends DistillConfig")
 
     def __post_init__(self):
         check_count("batch_size", self.batch_size, 1, 2**31 - 1)  # an application checks it against memory

@@ -35,7 +35,8 @@ from rich.console import Console
 from rcm import ConfigError, check_memory, use_threads
 from rcm.media import write_video
 from rcm.models.text_encoder import WAN_NEGATIVE_PROMPT
-from rcm.sample import DEFAULT_STUDENT_STEPS, SampleResult, SampleSettings, existing_path, numbered
+from rcm.sample import (DEFAULT_STUDENT_STEPS, SampleResult, SampleSettings, card_student_mid_times, existing_path,
+                        numbered)
 from rcm.timing import progress_bar, sync
 from rcm.wan.config import WanSampleConfig, WanSampleModel
 from rcm.wan import presets
@@ -196,10 +197,7 @@ class WanPipeline:
         settings.check(self.kind)
         steps, sigma_max = self.sampling(steps, sigma_max)
         if self.kind == "student" and mid_times is None:
-            from rcm.checkpoint.card import card_mid_times
-            from rcm.sample import card_sampling
-
-            mid_times = card_mid_times({"sampling": card_sampling("student", self.card)}, steps)
+            mid_times = card_student_mid_times(self.card, steps)
         elif self.kind == "teacher" and mid_times is not None:
             raise ConfigError("mid_times", "applies to a student; this checkpoint is a teacher")
         # sizes against memory before minutes of loading: a decoded video (fp32 RGB) on the device, every
