@@ -72,3 +72,12 @@ def test_the_engine_config_alone_names_no_model():
 
     with pytest.raises(NotImplementedError, match="DigitsDistillConfig, WanDistillConfig"):
         DistillConfig().run_dir
+
+
+def test_the_card_gives_only_complete_mid_times(tmp_path, tiny_teacher):
+    """With --report-settings.mid-times of one time (enough for 2 steps), the student's card gives mid-times for
+    1 and 2 steps only, not a 1-time list for 3 or 4 steps that would mis-sample."""
+    run = tmp_path / "a"
+    _distill(run, tiny_teacher, "--report-settings.mid-times", "0.7", "--report-settings.student-steps", "1", "2")
+    card = json.loads((run / "student_ema.card.json").read_text())
+    assert card["sampling"]["mid_times"] == {"1": [], "2": [0.7]}

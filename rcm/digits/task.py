@@ -81,7 +81,8 @@ class DigitsTask:
         from rcm.digits.model import TEACHER_PATH
 
         rep, method = self.cfg.report_settings, self.cfg.method
-        mids = {n: rep.student_mid_times(n) for n in presets.STUDENT_MID_TIMES}
+        mids = {n: rep.student_mid_times(n) for n in presets.STUDENT_MID_TIMES  # only complete sets of given ones
+                if rep.mid_times is None or len(rep.mid_times) >= n - 1}
         metrics = {r["name"]: r for r in summary.get("rows", []) if str(r.get("name", "")).startswith(f"{method}@")}
         return {"family": "digits", "teacher": str(self.cfg.teacher or TEACHER_PATH), "metrics": metrics,
                 "sampling": {"steps": max(rep.student_steps, default=4), "sigma_max": rep.sigma_max,
