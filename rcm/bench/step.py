@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from rcm.bench.config import BenchStepConfig
 from rcm import ConfigError, PathArgumentError
+from rcm.bench.config import BenchStepConfig
 import torch.distributed as dist
 
 from rcm.bench.common import (

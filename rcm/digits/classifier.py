@@ -15,8 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from rcm.digits.config import TrainClassifierConfig
 from rcm import out_of_memory_as, use_threads
+from rcm.digits.config import TrainClassifierConfig
 from rcm.digits.data import NUM_CLASSES, ClipBatches, DigitClips
 from rcm.timing import progress_bar
 from rcm.checkpoint.atomic import atomic_write_with

@@ -25,7 +25,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from rcm.digits.config import ClipSpec, DIGIT_SIZE, NUM_CLASSES
+from rcm.digits.config import DIGIT_SIZE, NUM_CLASSES, ClipSpec
 
 TEST_FRACTION = 0.2
 SPLIT_SEED = 0  # fixed: the split is part of the dataset's definition, not of a run

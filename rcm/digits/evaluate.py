@@ -25,8 +25,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from rcm import ConfigError, PathArgumentError, use_threads
 from rcm.digits.config import DigitsReport, EvalConfig, EvalRunsConfig
-from rcm import (ConfigError, PathArgumentError, use_threads)
 from rcm.checkpoint.atomic import atomic_write_bytes
 import torch.nn as nn
 

@@ -23,8 +23,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from rcm.digits.config import DEMO_SPEC
 from rcm.digits import presets
+from rcm.digits.config import DEMO_SPEC
 from rcm.digits.data import NUM_CLASSES, ClipSpec
 from rcm.models.wan import WanConfig, WanDiT
 from rcm.checkpoint.atomic import atomic_write_with

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from rcm.digits.config import DigitsSampleConfig
 from rcm import ConfigError, check_memory, use_threads
+from rcm.digits.config import DigitsSampleConfig
 from rcm.digits import presets
 from rcm.digits.data import NUM_CLASSES, clip_grid, to_unit
 from rcm.digits.model import DEMO_SPEC

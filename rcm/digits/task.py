@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from rcm.digits.config import DigitsDistillConfig
 from rcm.digits import presets
+from rcm.digits.config import DigitsDistillConfig
 from rcm.digits.data import ClipBatches, clip_grid
 from rcm.digits.evaluate import digits_report
 from rcm.digits.model import (DEMO_SPEC, TeacherSampling, architecture_metadata, load_teacher, null_labels, sample_student,

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from rcm.digits.config import TrainTeacherConfig
 from rcm import ConfigError, out_of_memory_as
+from rcm.digits.config import TrainTeacherConfig
 from rcm.digits.data import ClipBatches
 from rcm.sample import resolve_device
 from rcm.timing import progress_bar

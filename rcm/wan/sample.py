@@ -38,8 +38,8 @@ from rcm.models.text_encoder import WAN_NEGATIVE_PROMPT
 from rcm.sample import (DEFAULT_STUDENT_STEPS, SampleResult, SampleSettings, card_student_mid_times, existing_path,
                         numbered)
 from rcm.timing import progress_bar, sync
-from rcm.wan.config import WanSampleConfig, WanSampleModel
 from rcm.wan import presets
+from rcm.wan.config import WanSampleConfig, WanSampleModel
 from rcm.wan.pipeline import decode_videos, image_mode, read_image, resolve_device, sample_wan_latent, video_size
 
 TWO_EXPERT_MODELS = ("wan2.2-t2v-a14b", "wan2.2-i2v-a14b")

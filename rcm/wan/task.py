@@ -22,8 +22,8 @@ from torch import Tensor, nn
 from rcm import ConfigError
 from rcm.checkpoint import atomic_write_bytes
 from rcm.train import distill, is_rank0, method_config, start_run
-from rcm.wan.config import WanDistillConfig
 from rcm.wan import presets
+from rcm.wan.config import WanDistillConfig
 from rcm.models.trigflow import FrameCondition
 from rcm.wan.data import LatentBatches, LatentDataset, pad_embeddings, trim_embedding
 from rcm import PathArgumentError
