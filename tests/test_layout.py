@@ -113,3 +113,13 @@ def test_one_implementation_of_each(idea, pattern, home):
     users = sorted(str(p.relative_to(ROOT.parent)) for p in ROOT.rglob("*.py")
                    if pattern in p.read_text() and not set(kernel_rooms) & {*p.parts, p.name})
     assert users == [home], (idea, users)
+
+
+@pytest.mark.parametrize("package", ["rcm.checkpoint", "rcm.losses", "rcm.models", "rcm.parallel", "rcm.train"])
+def test_every_lazily_exported_name_resolves(package):
+    """The packages that load their names on first use (``rcm.lazy_exports``) keep `__all__` and the map in step:
+    every public name resolves (a name left out of the map would fail `from package import *`)."""
+    module = importlib.import_module(package)
+    for name in module.__all__:
+        assert getattr(module, name) is not None, name
+    assert set(module.__all__) <= set(dir(module))
